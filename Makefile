@@ -1,0 +1,42 @@
+# `make demo` and `make test` set themselves up on a fresh machine: a .venv with Relay
+# and its CPU extras, and Debian's redis-server. Re-running is quick once set up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO := configs/demo.yaml
+
+.PHONY: setup demo test lint format clean
+
+setup: $(INSTALLED)
+	@deploy/setup/ensure_redis.sh
+
+# Reinstall when the dependencies change. vLLM's CPU build drags in PyPI's torchvision,
+# torchaudio and torchcodec, which do not match its CPU torch and break `transformers`.
+$(INSTALLED): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): install python3-venv" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[cpu,dev]"
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $@
+
+demo: setup
+	$(BIN)/relay model init -c $(DEMO)
+	$(BIN)/relay eval -c $(DEMO)
+	$(BIN)/relay warmstart -c $(DEMO)
+	$(BIN)/relay eval -c $(DEMO) --model models/tiny-warm
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs models .pytest_cache

@@ -1,0 +1,1 @@
+"""Rollout actors: vLLM engines that turn prompts into scored, version-tagged rollouts."""

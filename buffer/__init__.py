@@ -1,0 +1,1 @@
+"""The replay buffer and the rollout contract between actors and the learner."""

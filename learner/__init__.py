@@ -1,0 +1,1 @@
+"""The learner: importance-corrected policy gradients on stale batches from the buffer."""
