@@ -1,0 +1,102 @@
+"""Encoding round trips and rejection of corrupted bytes (property tests)."""
+
+from __future__ import annotations
+
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from buffer.codec import decode_group, encode_group
+from buffer.schema import SCHEMA_VERSION, MalformedRollout, RolloutGroup
+from tests.buffer.strategies import rollout_groups
+from tests.buffer.test_schema import make_completion, make_group
+
+settings.register_profile("relay", suppress_health_check=[HealthCheck.too_slow], deadline=None)
+settings.load_profile("relay")
+
+
+@given(rollout_groups())
+def test_round_trip(group: RolloutGroup) -> None:
+    assert decode_group(encode_group(group)) == group
+
+
+@given(rollout_groups())
+def test_arrays_are_little_endian_bytes(group: RolloutGroup) -> None:
+    payload = msgpack.unpackb(encode_group(group))
+    assert payload["schema"] == SCHEMA_VERSION
+    assert payload["prompt_token_ids"] == group.prompt_token_ids.astype("<i4").tobytes()
+    first = group.completions[0]
+    assert (
+        payload["completions"][0]["behaviour_logprobs"]
+        == first.behaviour_logprobs.astype("<f4").tobytes()
+    )
+
+
+@given(rollout_groups(), st.data())
+def test_truncated_bytes_are_rejected(group: RolloutGroup, data: st.DataObject) -> None:
+    raw = encode_group(group)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(MalformedRollout):
+        decode_group(raw[:cut])
+
+
+@given(rollout_groups(), st.data())
+def test_flipped_bytes_decode_or_raise_malformed(group: RolloutGroup, data: st.DataObject) -> None:
+    # A flip inside a payload value (a reward, a token id) can still be a valid group;
+    # anything else must be reported as MalformedRollout, never as another exception.
+    raw = bytearray(encode_group(group))
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(raw) - 1))
+        raw[position] ^= data.draw(st.integers(1, 255))
+    try:
+        decoded = decode_group(bytes(raw))
+    except MalformedRollout:
+        return
+    decoded.validate()
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_decoder(raw: bytes) -> None:
+    with pytest.raises(MalformedRollout):
+        decode_group(raw)
+
+
+def test_pickle_is_never_unpickled() -> None:
+    with pytest.raises(MalformedRollout):
+        decode_group(pickle.dumps(make_group()))
+
+
+def _reencode(mutate: object) -> bytes:
+    payload = msgpack.unpackb(encode_group(make_group()))
+    mutate(payload)
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p.update(schema=SCHEMA_VERSION + 1), "schema version"),
+        (lambda p: p.pop("run_id"), "run_id is missing"),
+        (lambda p: p.update(extra=1), "unknown fields"),
+        (lambda p: p.update(created_at="now"), "created_at is a str"),
+        (lambda p: p["completions"][0].update(reward=float("nan")), "reward is not finite"),
+        (lambda p: p["completions"][0].update(token_ids=b"\x00" * 7), "not a multiple of 4"),
+        (lambda p: p["completions"][0].update(loss_mask=b"\x02" * 4), "other than 0 or 1"),
+        (lambda p: p["completions"][0].update(finish_reason="exploded"), "unknown"),
+        (lambda p: p["completions"][0].update(verifier_details={"x": [1]}), "not a scalar"),
+        (lambda p: p["completions"][0].update(lengths=np.array([9], "<i4").tobytes()), "covers 9"),
+    ],
+)
+def test_decoder_names_what_is_wrong(mutate: object, message: str) -> None:
+    with pytest.raises(MalformedRollout, match=message):
+        decode_group(_reencode(mutate))
+
+
+def test_encode_refuses_an_invalid_group() -> None:
+    bad = make_group(make_completion(reward=float("inf")))
+    with pytest.raises(MalformedRollout, match="reward"):
+        encode_group(bad)
