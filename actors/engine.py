@@ -1,0 +1,113 @@
+"""The vLLM engine wrapper: one place that knows how vLLM is built and asked for samples.
+
+On CPU (tests, CI, laptops) vLLM's CPU build runs with its KV cache sized by
+`VLLM_CPU_KVCACHE_SPACE`; on GPU the same call uses CUDA with `gpu_memory_utilization`
+and tensor parallelism. Sampled log-probabilities are the raw model's (before any
+temperature), which is what importance weights need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    """How each actor's vLLM engine is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations; float32 on CPU keeps vLLM's log-probs equal to the learner's."""
+    max_model_len: int = Field(256, gt=0)
+    """Longest prompt + completion in tokens."""
+    max_num_seqs: int = Field(256, gt=0)
+    """Sequences the engine batches at once."""
+    kvcache_gib: int = Field(1, gt=0)
+    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """GPU only: share of GPU memory vLLM may take."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per engine (tensor parallelism)."""
+    enforce_eager: bool = True
+    """Skip CUDA graph capture (faster start; set False on GPU for throughput)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated completion: sampled tokens, their log-probs under the sampler, why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    """"stop" or "length", as vLLM reports it."""
+
+
+def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
+    """Start a vLLM engine for the Hugging Face model directory `model_path`."""
+    import torch
+    from vllm import LLM
+
+    if not torch.cuda.is_available():
+        # Read by vLLM's CPU worker when it sizes the KV cache.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kvcache_gib)
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(model_path),
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager,
+        seed=seed,
+    )
+    log.info("vLLM engine for %s ready in %.1fs", model_path, time.perf_counter() - started)
+    return llm
+
+
+def generate(
+    llm: LLM,
+    prompt_token_ids: Sequence[Sequence[int]],
+    max_tokens: Sequence[int],
+    *,
+    temperature: float,
+    n: int = 1,
+) -> list[list[Sample]]:
+    """Sample `n` completions per prompt, each prompt with its own token budget.
+
+    Randomness comes from the engine's seed: per-request seeds would make identical
+    prompts (a group) sample identical completions.
+    """
+    from vllm import SamplingParams, TokensPrompt
+
+    params = [
+        # logprobs=0: the sampled token's own log-prob and no alternatives.
+        SamplingParams(n=n, max_tokens=budget, temperature=temperature, logprobs=0)
+        for budget in max_tokens
+    ]
+    prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [[_to_sample(completion) for completion in output.outputs] for output in outputs]
+
+
+def _to_sample(completion: object) -> Sample:
+    token_ids = list(completion.token_ids)
+    logprobs = [
+        position[token].logprob
+        for position, token in zip(completion.logprobs, token_ids, strict=True)
+    ]
+    return Sample(token_ids, logprobs, completion.text, str(completion.finish_reason))

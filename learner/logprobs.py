@@ -1,0 +1,42 @@
+"""Log-probabilities of given tokens under a causal LM: what the learner recomputes as π."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position.
+
+    logits: [B, T, V] float; targets: [B, T] long -> [B, T] float32.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logprobs(
+    model: nn.Module, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Log-prob of every completion token given the prompt and the tokens before it.
+
+    Completions are right-padded into one batch; returns one [len(completion)] tensor each.
+    """
+    prompt_len = len(prompt_ids)
+    width = prompt_len + max(len(c) for c in completions)
+    input_ids = torch.zeros(len(completions), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, completion in enumerate(completions):
+        tokens = [*prompt_ids, *completion]
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        attention_mask[row, : len(tokens)] = 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Position t predicts token t + 1.
+    logprobs = gather_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return [
+        logprobs[row, prompt_len - 1 : prompt_len - 1 + len(completion)]
+        for row, completion in enumerate(completions)
+    ]

@@ -1,0 +1,156 @@
+"""The `relay` command line. Every failure a user can fix is one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from buffer.schema import MalformedRollout
+from envs.base import EnvError
+from relay.config import RunConfig, dump_config, load_config
+from relay.errors import ConfigError, RelayError
+
+log = logging.getLogger("relay")
+console = Console(stderr=True, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `relay` console script; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    try:
+        config = load_config(args.config, args.overrides)
+        return args.command(args, config) or 0
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] {error}", highlight=False, soft_wrap=True)
+        return 2
+    except (RelayError, EnvError, MalformedRollout) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="Asynchronous off-policy RL for language models."
+    )
+    commands = parser.add_subparsers(dest="name", required=True)
+
+    def command(
+        name: str, handler: object, help_text: str, parent: object = commands
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", type=Path, help="YAML run config (configs/*.yaml)")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. warmstart.lr=3e-4")
+        sub.set_defaults(command=handler)
+        return sub
+
+    config_group = commands.add_parser("config", help="inspect configuration").add_subparsers(
+        dest="action", required=True
+    )
+    command("show", _config_show, "print the resolved configuration", config_group)
+    model_group = commands.add_parser("model", help="build models").add_subparsers(
+        dest="action", required=True
+    )
+    init = command("init", _model_init, "build the tiny Qwen2 policy at model.path", model_group)
+    init.add_argument("--force", action="store_true", help="overwrite an existing model")
+    command("warmstart", _warmstart, "supervised warm start on the env's demonstrations")
+    evaluate = command("eval", _eval, "held-out accuracy of a policy, generated with vLLM")
+    evaluate.add_argument("--model", help="policy to evaluate (default: model.path)")
+    return parser
+
+
+def _config_show(args: argparse.Namespace, config: RunConfig) -> None:
+    sys.stdout.write(dump_config(config))
+
+
+def _model_init(args: argparse.Namespace, config: RunConfig) -> None:
+    from relay.tiny_model import build_tiny_model
+
+    out = Path(config.model.path)
+    if (out / "config.json").exists() and not args.force:
+        log.info("model already at %s (use --force to rebuild)", out)
+        return
+    build_tiny_model(out, config.model.tiny)
+
+
+def _warmstart(args: argparse.Namespace, config: RunConfig) -> None:
+    from envs.registry import make_env
+    from relay.warmstart import warmstart
+
+    _require_model(config.model.path)
+    env = make_env(config.env)
+    columns = [
+        TextColumn("warm start"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("warmstart", total=config.warmstart.steps, loss=float("nan"))
+        report = warmstart(
+            config.model.path,
+            env,
+            config.warmstart,
+            config.seed,
+            on_step=lambda step, loss: progress.update(task, completed=step, loss=loss),
+        )
+    _write_json(config.run_dir / "warmstart.json", asdict(report))
+    console.print(
+        f"warm start: {report.steps} steps on {report.examples} examples in {report.seconds:.0f}s, "
+        f"loss {report.first_loss:.3f} -> {report.final_loss:.3f}; saved to {report.out_path}"
+    )
+
+
+def _eval(args: argparse.Namespace, config: RunConfig) -> None:
+    from transformers import AutoTokenizer
+
+    from actors.engine import build_llm
+    from envs.registry import make_env
+    from relay.evaluate import evaluate
+
+    model_path = args.model or config.model.path
+    _require_model(model_path)
+    env = make_env(config.env)
+    llm = build_llm(model_path, config.engine, config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    report = evaluate(llm, tokenizer, env, config.eval, max_model_len=config.engine.max_model_len)
+    _write_json(config.run_dir / f"eval-{Path(model_path).name}.json", asdict(report))
+    for example in report.examples:
+        console.print(
+            f"  {example['prompt']!r} -> {example['reply']!r} (reference {example['reference']})",
+            highlight=False,
+        )
+    # The result goes to stdout so that scripts can read it; logs go to stderr.
+    print(
+        f"{model_path}: held-out accuracy {report.accuracy:.1%} on {report.n_prompts} "
+        f"{env.name} prompts ({report.seconds:.0f}s)"
+    )
+
+
+def _require_model(path: str) -> None:
+    local = Path(path)
+    if (local.parent.exists() or local.is_absolute()) and not (local / "config.json").exists():
+        raise RelayError(f"no model at {path}: run `relay model init` or set model.path")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    log.info("wrote %s", path)

@@ -1,0 +1,170 @@
+"""The run configuration: each component's pydantic model composed into `RunConfig`.
+
+Loaded from YAML, overridden with dotted `key=value` arguments, validated once before
+anything starts. Any mistake becomes a `ConfigError` whose message names the field and
+what is allowed, e.g. `warmstart.lr: must be greater than 0 (got -1)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from actors.engine import EngineConfig
+from envs.arithmetic import ArithmeticConfig
+from envs.registry import EnvConfig
+from relay.errors import ConfigError
+from relay.evaluate import EvalConfig
+from relay.tiny_model import TinyModelConfig
+from relay.warmstart import WarmstartConfig
+
+
+class ModelConfig(BaseModel):
+    """The policy: where it is loaded from, and the shape used when Relay builds one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = "models/tiny"
+    """A Hugging Face model directory or hub id, loaded with `from_pretrained` and by vLLM."""
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    """Shape of the model `relay model init` builds at `path` (no download needed)."""
+
+
+class RunConfig(BaseModel):
+    """Everything a Relay command needs, validated before it starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path = Path("runs/default")
+    """Where logs, metrics and results of this run are written."""
+    seed: int = 0
+    """Seeds prompts, sampling and initialisation."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    env: EnvConfig = Field(default_factory=ArithmeticConfig)
+    """The task; `type` selects it (arithmetic, math, code, calculator)."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """vLLM engine settings (actors and evaluation)."""
+    warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _default_env_type(cls, value: Any) -> Any:
+        # `env.digits=3` alone should tune the default task, not fail on a missing tag.
+        if isinstance(value, dict) and "type" not in value:
+            return {"type": ArithmeticConfig().type, **value}
+        return value
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read `path` (YAML), apply `key=value` overrides, and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(
+                f"{where}: not valid YAML ({getattr(error, 'problem', error)})"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        raw = loaded or {}
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, RunConfig)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
+    """One clause per problem, each naming the dotted field and what is allowed."""
+    clauses = []
+    for problem in error.errors(include_url=False):
+        names, node = _resolve(model, [str(part) for part in problem["loc"]])
+        field = ".".join(names) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            names, node = _resolve(model, [str(part) for part in problem["loc"][:-1]])
+            allowed = _field_names(node)
+            message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        else:
+            message = _lowercase_first(problem["msg"])
+            if problem["type"] not in ("missing", "union_tag_invalid"):
+                message += f" (got {problem['input']!r})"
+        clauses.append(f"{field}: {message}")
+    return "; ".join(clauses)
+
+
+def _resolve(model: type[BaseModel], location: list[str]) -> tuple[list[str], Any]:
+    """Follow pydantic's error location through the models.
+
+    Returns the user-facing dotted names (a discriminated union adds its tag to
+    pydantic's location, which the user never wrote) and the type found there.
+    """
+    names: list[str] = []
+    node: Any = model
+    for part in location:
+        members = _union_members(node)
+        tagged = next((m for m in members if _tag(m) == part), None)
+        if tagged is not None:
+            node = tagged
+            continue
+        names.append(part)
+        fields = getattr(node, "model_fields", None)
+        node = _unwrap(fields[part].annotation) if fields and part in fields else None
+    return names, node
+
+
+def _field_names(node: Any) -> list[str]:
+    if hasattr(node, "model_fields"):
+        return sorted(node.model_fields)
+    return sorted({name for member in _union_members(node) for name in member.model_fields})
+
+
+def _union_members(node: Any) -> list[Any]:
+    return [m for m in getattr(node, "__args__", ()) if hasattr(m, "model_fields")]
+
+
+def _unwrap(annotation: Any) -> Any:
+    # Annotated[Union[...], Field(discriminator=...)] -> Union[...]
+    return annotation.__origin__ if hasattr(annotation, "__metadata__") else annotation
+
+
+def _tag(model: Any) -> str | None:
+    field = getattr(model, "model_fields", {}).get("type")
+    return field.default if field is not None else None
+
+
+def _lowercase_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, in the order fields are declared."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,143 @@
+"""Supervised warm start: teach the policy the task's answer format so RL has signal.
+
+Trains on the environment's demonstrations (prompt rendered by the chat template, then
+the correct reply and the end-of-turn token); the loss counts only the reply tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.episodes import render_prompt
+from envs.base import Environment, Split
+from relay.errors import RelayError
+
+log = logging.getLogger(__name__)
+
+
+class WarmstartConfig(BaseModel):
+    """Supervised warm start on the environment's demonstrations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(800, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(64, gt=0)
+    """Examples per step."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW), reached after `warmup_steps` and decayed by cosine."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up steps."""
+    n_examples: int = Field(4000, gt=0)
+    """Distinct training prompts drawn from the environment's train split."""
+    out_path: Path = Path("models/tiny-warm")
+    """Where the warm-started policy is saved (Hugging Face format)."""
+
+
+@dataclass(frozen=True)
+class WarmstartReport:
+    """What a warm start did."""
+
+    steps: int
+    examples: int
+    seconds: float
+    first_loss: float
+    final_loss: float
+    out_path: Path
+
+
+def build_examples(
+    env: Environment, tokenizer: object, count: int, seed: int
+) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) of `count` solved training prompts."""
+    examples = []
+    for prompt in env.prompts(Split.TRAIN, count, seed):
+        reply = env.demonstration(prompt)
+        if reply is None:
+            raise RelayError(f"env {env.name} has no demonstrations, so it cannot be warm-started")
+        prompt_ids = render_prompt(tokenizer, prompt.messages)
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        examples.append((prompt_ids + reply_ids + [tokenizer.eos_token_id], len(prompt_ids)))
+    return examples
+
+
+def warmstart(
+    model_path: str,
+    env: Environment,
+    config: WarmstartConfig,
+    seed: int,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
+) -> WarmstartReport:
+    """Train `model_path` on demonstrations and save it to `config.out_path`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.train()
+    examples = build_examples(env, tokenizer, config.n_examples, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_scale(step, config))
+    started = time.perf_counter()
+    losses = []
+    for step in range(config.steps):
+        batch = [examples[i] for i in rng.integers(len(examples), size=config.batch_size)]
+        input_ids, labels = _collate(batch, tokenizer.pad_token_id)
+        loss = model(
+            input_ids=input_ids,
+            attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id),
+            labels=labels,
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        on_step(step + 1, losses[-1])
+    seconds = time.perf_counter() - started
+    config.out_path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(config.out_path)
+    tokenizer.save_pretrained(config.out_path)
+    log.info(
+        "warm start: %d steps in %.0fs, loss %.3f -> %.3f",
+        config.steps,
+        seconds,
+        losses[0],
+        losses[-1],
+    )
+    return WarmstartReport(
+        config.steps,
+        len(examples),
+        seconds,
+        losses[0],
+        float(np.mean(losses[-20:])),
+        config.out_path,
+    )
+
+
+def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch; labels are -100 (ignored) on the prompt and the padding."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+    return input_ids, labels
+
+
+def _lr_scale(step: int, config: WarmstartConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
