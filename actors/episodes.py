@@ -43,6 +43,7 @@ class Episode:
     finish_reason: FinishReason = FinishReason.ABORT
     verdict: Verdict | None = None
     generation_s: float = 0.0
+    """Seconds from the start of the batch until this episode's last turn came back."""
 
 
 def render_prompt(tokenizer: object, messages: Sequence[Message]) -> list[int]:
@@ -80,11 +81,11 @@ def run_episodes(
         for episode, (sample,) in zip(active, samples, strict=True):
             if _take_turn(episode, sample, env, tokenizer, last_turn=turn == env.max_turns - 1):
                 still_running.append(episode)
+            else:
+                episode.generation_s = time.perf_counter() - started
         active = still_running
-    elapsed = time.perf_counter() - started
     for episode in episodes:
         episode.verdict = env.verify(episode.prompt, episode.transcript)
-        episode.generation_s = elapsed
     return episodes
 
 

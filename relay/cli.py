@@ -145,8 +145,15 @@ def _eval(args: argparse.Namespace, config: RunConfig) -> None:
 
 
 def _require_model(path: str) -> None:
+    """Fail early on a local model path that holds no model; hub ids are left to vLLM."""
     local = Path(path)
-    if (local.parent.exists() or local.is_absolute()) and not (local / "config.json").exists():
+    looks_like_hub_id = (
+        not local.exists()
+        and path.count("/") <= 1
+        and not path.startswith((".", "/"))
+        and not (local.parent != Path(".") and local.parent.exists())
+    )
+    if not looks_like_hub_id and not (local / "config.json").is_file():
         raise RelayError(f"no model at {path}: run `relay model init` or set model.path")
 
 

@@ -91,12 +91,8 @@ def warmstart(
     losses = []
     for step in range(config.steps):
         batch = [examples[i] for i in rng.integers(len(examples), size=config.batch_size)]
-        input_ids, labels = _collate(batch, tokenizer.pad_token_id)
-        loss = model(
-            input_ids=input_ids,
-            attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id),
-            labels=labels,
-        ).loss
+        input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,15 +121,19 @@ def warmstart(
     )
 
 
-def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a batch; labels are -100 (ignored) on the prompt and the padding."""
+def _collate(
+    batch: list[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad a batch: input ids, attention mask, and labels (-100 on prompt and padding)."""
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     for row, (ids, prompt_len) in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
         labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-    return input_ids, labels
+    return input_ids, attention_mask, labels
 
 
 def _lr_scale(step: int, config: WarmstartConfig) -> float:

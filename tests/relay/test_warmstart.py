@@ -38,13 +38,15 @@ def test_examples_supervise_only_the_reply(tiny_model_dir: Path) -> None:
     ((ids, prompt_len),) = build_examples(ArithmeticEnv(ArithmeticConfig()), tokenizer, 1, seed=0)
     assert tokenizer.decode(ids[:prompt_len]).startswith("<|im_start|>u:")
     assert tokenizer.decode(ids[prompt_len:]).endswith("<|im_end|>")
-    input_ids, labels = _collate(
+    input_ids, attention_mask, labels = _collate(
         [(ids, prompt_len), (ids[:-1], prompt_len)], tokenizer.pad_token_id
     )
     assert (labels[0, :prompt_len] == -100).all()
     assert labels[0, prompt_len:].tolist() == ids[prompt_len:]
     assert labels[1, -1].item() == -100  # padding is not supervised
     assert input_ids[1, -1].item() == tokenizer.pad_token_id
+    assert attention_mask[0].all()
+    assert attention_mask[1].tolist() == [1] * (len(ids) - 1) + [0]
 
 
 def test_env_without_demonstrations_is_refused(tiny_model_dir: Path) -> None:
