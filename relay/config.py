@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.engine import EngineConfig
+from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
 from envs.registry import EnvConfig
 from relay.errors import ConfigError
@@ -47,6 +48,10 @@ class RunConfig(BaseModel):
     """The task; `type` selects it (arithmetic, math, code, calculator)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """vLLM engine settings (actors and evaluation)."""
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    """The Redis replay buffer between actors and learner."""
+    redis: RedisServerConfig = Field(default_factory=RedisServerConfig)
+    """The embedded redis-server, used when buffer.url is not set."""
     warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

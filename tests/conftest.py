@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from buffer.config import BufferConfig, RedisServerConfig
+from buffer.replay_buffer import ReplayBuffer
+from buffer.server import RedisServer
 from relay.tiny_model import TinyModelConfig, build_tiny_model
 
 
@@ -38,6 +41,25 @@ def vllm_engine(warm_model_dir: Path) -> Iterator[object]:
     llm = build_llm(warm_model_dir, EngineConfig(max_model_len=128, kvcache_gib=1), seed=0)
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server (AOF on, password) for the session; tests use their own keys."""
+    with RedisServer(tmp_path_factory.mktemp("redis"), RedisServerConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def make_buffer(redis_server: RedisServer, request: pytest.FixtureRequest) -> object:
+    """Build a ReplayBuffer on the session's Redis under a key prefix of this test's own."""
+    counter = iter(range(1_000_000))
+
+    def make(**config: object) -> ReplayBuffer:
+        prefix = f"test:{request.node.name}:{next(counter)}"
+        return ReplayBuffer(redis_server.client(), BufferConfig(key_prefix=prefix, **config))
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from buffer.codec import decode_group, encode_group
 from buffer.schema import SCHEMA_VERSION, MalformedRollout, RolloutGroup
+from tests.buffer.factories import make_completion, make_group
 from tests.buffer.strategies import rollout_groups
-from tests.buffer.test_schema import make_completion, make_group
 
 settings.register_profile("relay", suppress_health_check=[HealthCheck.too_slow], deadline=None)
 settings.load_profile("relay")

@@ -7,32 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from buffer.schema import Completion, FinishReason, MalformedRollout, RolloutGroup, VersionRuns
-
-
-def make_completion(n: int = 4, version: int = 3, **changes: object) -> Completion:
-    completion = Completion(
-        token_ids=np.arange(n, dtype=np.int32),
-        behaviour_logprobs=np.full(n, -0.5, np.float32),
-        loss_mask=np.ones(n, np.bool_),
-        policy_versions=VersionRuns.constant(version, n),
-        reward=1.0,
-        finish_reason=FinishReason.STOP,
-    )
-    return dataclasses.replace(completion, **changes)
-
-
-def make_group(*completions: Completion) -> RolloutGroup:
-    return RolloutGroup(
-        run_id="run",
-        group_id="g1",
-        env_name="arithmetic",
-        prompt_id="arithmetic:1+1=",
-        prompt_token_ids=np.array([2, 35, 82], np.int32),
-        completions=list(completions) or [make_completion()],
-        actor_id="actor-0",
-        created_at=1.7e9,
-    )
+from buffer.schema import MalformedRollout, VersionRuns
+from tests.buffer.factories import make_completion, make_group
 
 
 def test_version_runs_compress_and_expand() -> None:

@@ -1,0 +1,53 @@
+"""Configuration of the replay buffer and of the Redis server behind it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BufferConfig(BaseModel):
+    """The Redis replay buffer: where it lives, how stale and how full it may get."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    """redis:// or rediss:// (TLS) URL with password; None starts an embedded redis-server."""
+    key_prefix: str = Field("relay", min_length=1)
+    """Namespace of every key; actors and learner of one experiment must share it."""
+    max_staleness: int = Field(4, ge=0)
+    """Learner version minus the oldest token version a trained group may have."""
+    admission_control: bool = True
+    """Bound staleness by admission: admitted <= (version + max_staleness + 1) x groups/version."""
+    groups_per_version: int = Field(32, gt=0)
+    """Groups the learner consumes per policy version (batch groups x push_every_steps)."""
+    capacity_groups: int = Field(4096, gt=0)
+    """Most groups stored at once (ready + claimed)."""
+    capacity_mib: float = Field(1024, gt=0)
+    """Most encoded bytes stored at once, in MiB."""
+    overflow: Literal["block", "drop_oldest"] = "block"
+    """When full: producers wait (up to put_timeout_s), or the oldest ready groups are evicted."""
+    put_timeout_s: float = Field(60.0, gt=0)
+    """How long a blocked put waits for room before raising BufferFull."""
+    visibility_timeout_s: float = Field(300.0, gt=0)
+    """A claimed batch not acked within this time goes back to the buffer (its learner died)."""
+    lease_timeout_s: float = Field(600.0, gt=0)
+    """An admission lease not turned into a put within this time is released (its actor died)."""
+    max_reuse: int = Field(0, ge=0)
+    """Extra times a group may be trained on (deliberate off-policy replay); 0 = once."""
+    dedup_window_s: float = Field(3600.0, gt=0)
+    """A group id acked within this window is refused if put again (producer retries)."""
+
+
+class RedisServerConfig(BaseModel):
+    """The embedded redis-server Relay starts when `buffer.url` is not set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    """AOF fsync: everysec loses <= 1 s of writes on a machine crash, none if only Redis dies."""
+    maxmemory_mib: int = Field(0, ge=0)
+    """Redis memory limit in MiB (0: none; the buffer's own capacity applies)."""
+    start_timeout_s: float = Field(30.0, gt=0)
+    """How long to wait for the server to answer PING."""

@@ -1,0 +1,60 @@
+-- Shared by every script (prepended by replay_buffer.py). KEYS is always the same list:
+local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIM_TOKEN, K_REUSE, K_VCOUNT,
+      K_COUNTERS, K_SAMPLED, K_ACKED, K_LEASES, K_QUARANTINE, K_VERSION, K_PRODUCERS =
+      KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
+      KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function current_version()
+  return tonumber(redis.call('GET', K_VERSION) or '0')
+end
+
+-- Forget a stored group entirely: payload, indexes, byte and version counts.
+local function remove_entry(id)
+  local size = redis.call('HSTRLEN', K_PAYLOAD, id)
+  local version = redis.call('ZSCORE', K_LIVE, id)
+  redis.call('HDEL', K_PAYLOAD, id)
+  redis.call('ZREM', K_READY, id)
+  redis.call('ZREM', K_LIVE, id)
+  redis.call('HDEL', K_REUSE, id)
+  redis.call('HINCRBY', K_COUNTERS, 'bytes', -size)
+  if version then
+    if redis.call('HINCRBY', K_VCOUNT, version, -1) <= 0 then
+      redis.call('HDEL', K_VCOUNT, version)
+    end
+  end
+  return version
+end
+
+-- Claims whose visibility deadline passed go back to ready: their consumer died.
+local function requeue_expired_claims(now)
+  local expired = redis.call('ZRANGEBYSCORE', K_CLAIMED, '-inf', now)
+  for _, id in ipairs(expired) do
+    redis.call('ZREM', K_CLAIMED, id)
+    redis.call('HDEL', K_CLAIM_TOKEN, id)
+    local version = redis.call('ZSCORE', K_LIVE, id)
+    if version then redis.call('ZADD', K_READY, version, id) end
+  end
+  if #expired > 0 then redis.call('HINCRBY', K_COUNTERS, 'redelivered', #expired) end
+end
+
+-- An admitted slot that will never be trained (lease expired or released, group dropped,
+-- quarantined or a duplicate) is given back, or the learner would wait forever for groups
+-- that admission control no longer allows. Clamped at 0 for runs without admission control.
+local function release_admission(n)
+  if n <= 0 then return end
+  local admitted = tonumber(redis.call('HGET', K_COUNTERS, 'admitted') or '0')
+  redis.call('HSET', K_COUNTERS, 'admitted', math.max(0, admitted - n))
+end
+
+local function purge_expired_leases(now)
+  local expired = redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+  if expired > 0 then
+    redis.call('HINCRBY', K_COUNTERS, 'leases_expired', expired)
+    release_admission(expired)
+  end
+end

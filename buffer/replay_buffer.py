@@ -1,0 +1,309 @@
+"""The Redis replay buffer: staleness-tagged, exactly-once acknowledged, bounded, observable.
+
+Every state change is one Lua script, so concurrent actors and learner ranks see it as
+atomic (docs/buffer.md has the data layout and the guarantees):
+
+- `put` stores a validated, encoded group, once per group id;
+- `reserve` grants admission leases that keep staleness bounded without dropping work;
+- `sample` claims the oldest admissible groups for one consumer and drops the ones
+  beyond `max_staleness`, counted;
+- `ack` finishes a claim (or puts the group back for replay); claims not acked within
+  the visibility timeout return to the buffer;
+- entries that fail to decode are quarantined with the reason, never handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+
+import msgpack
+import redis
+
+from buffer.codec import decode_group, encode_group
+from buffer.config import BufferConfig
+from buffer.schema import MalformedRollout, RolloutGroup
+
+log = logging.getLogger(__name__)
+
+_KEY_NAMES = (
+    "payload", "ready", "live", "claimed", "claim_token", "reuse", "vcount",
+    "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
+)  # fmt: skip
+_POLL_S = (0.005, 0.25)  # first and longest wait between polls while blocked
+
+
+class BufferFull(RuntimeError):
+    """A blocking put found no room within `put_timeout_s`."""
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """How many groups were stored, and how many were already there (retries)."""
+
+    stored: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class SampledGroup:
+    """A claimed group with its buffer entry id and how stale it is."""
+
+    entry_id: str
+    group: RolloutGroup
+    staleness: int
+    reuse: int
+    """How many times this group was trained on before this delivery."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Groups claimed by one `sample` call; ack them with `ReplayBuffer.ack(batch)`."""
+
+    token: str
+    learner_version: int
+    groups: list[SampledGroup] = field(default_factory=list)
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return [g.entry_id for g in self.groups]
+
+
+@dataclass(frozen=True)
+class AckResult:
+    """Which claims were acked, how many had expired (not acked), how many went back for replay."""
+
+    acked_ids: list[str]
+    stale_claims: int
+    reused: int
+
+    @property
+    def acked(self) -> int:
+        return len(self.acked_ids)
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """An entry that failed to decode: its id, why, when, and its raw bytes."""
+
+    entry_id: str
+    reason: str
+    at_ms: int
+    payload: bytes
+
+
+class ReplayBuffer:
+    """Client of the replay buffer; many producers and consumers may share one Redis."""
+
+    def __init__(self, client: redis.Redis, config: BufferConfig) -> None:
+        self.client = client
+        self.config = config
+        self.keys = [f"{config.key_prefix}:{name}" for name in _KEY_NAMES]
+        self._key = dict(zip(_KEY_NAMES, self.keys, strict=True))
+        common = _lua("common.lua")
+        self._scripts = {
+            name: client.register_script(common + _lua(f"{name}.lua"))
+            for name in ("put", "sample", "ack", "quarantine", "reserve", "release")
+        }
+
+    # -- the policy version ------------------------------------------------------------
+    def version(self) -> int:
+        """The learner's current policy version (0 before the first push)."""
+        return int(self.client.get(self._key["version"]) or 0)
+
+    def bump_version(self) -> int:
+        """Publish a new policy version; returns it."""
+        return int(self.client.incr(self._key["version"]))
+
+    def set_version(self, version: int) -> None:
+        """Set the version, e.g. when a learner resumes from a checkpoint."""
+        self.client.set(self._key["version"], version)
+
+    # -- producers -----------------------------------------------------------------------
+    def reserve(self, producer_id: str, n_groups: int) -> tuple[int, list[str]]:
+        """Admission leases for up to `n_groups` new groups, and the version to generate with.
+
+        Without admission control every request is granted (leases are then empty strings).
+        """
+        if not self.config.admission_control:
+            return self.version(), [""] * n_groups
+        reply = self._run(
+            "reserve",
+            n_groups,
+            f"{producer_id}:",
+            int(self.config.lease_timeout_s * 1000),
+            self.config.groups_per_version,
+            self.config.max_staleness,
+        )
+        return int(reply[0]), [lease.decode() for lease in reply[1:]]
+
+    def release(self, leases: Sequence[str]) -> None:
+        """Give back leases whose groups will not be put (the actor stopped early)."""
+        leases = [lease for lease in leases if lease]
+        if leases:
+            self._run("release", *leases)
+
+    def put(
+        self, groups: Sequence[RolloutGroup], producer_id: str, leases: Sequence[str] = ()
+    ) -> PutResult:
+        """Store groups (validated and encoded here); blocks or evicts when full, per config.
+
+        A group whose id is stored, or was acked within `dedup_window_s`, is not stored
+        again, so a producer may safely retry a put whose reply it did not see.
+        """
+        encoded = [encode_group(group) for group in groups]
+        leases = list(leases) or [""] * len(groups)
+        pending = list(range(len(groups)))
+        stored = duplicates = 0
+        deadline = time.monotonic() + self.config.put_timeout_s
+        wait = _POLL_S[0]
+        while pending:
+            pipe = self.client.pipeline(transaction=False)
+            for i in pending:
+                self._put_args(pipe, groups[i], encoded[i], producer_id, leases[i])
+            replies = pipe.execute()
+            full = []
+            for i, reply in zip(pending, replies, strict=True):
+                if reply == b"ok":
+                    stored += 1
+                elif reply == b"duplicate":
+                    duplicates += 1
+                else:
+                    full.append(i)
+            pending = full
+            if pending:
+                if time.monotonic() > deadline:
+                    raise BufferFull(
+                        f"buffer full for {self.config.put_timeout_s:g}s "
+                        f"(capacity_groups={self.config.capacity_groups}, "
+                        f"capacity_mib={self.config.capacity_mib:g}); "
+                        f"{stored} of {len(groups)} stored"
+                    )
+                time.sleep(wait)
+                wait = min(wait * 2, _POLL_S[1])
+        return PutResult(stored, duplicates)
+
+    def _put_args(
+        self,
+        pipe: redis.client.Pipeline,
+        group: RolloutGroup,
+        encoded: bytes,
+        producer: str,
+        lease: str,
+    ) -> None:
+        self._scripts["put"](
+            keys=self.keys,
+            args=[
+                group.group_id,
+                group.min_version,
+                group.max_version,
+                encoded,
+                producer,
+                sum(c.n_tokens for c in group.completions),
+                self.config.capacity_groups,
+                int(self.config.capacity_mib * 1024 * 1024),
+                self.config.overflow,
+                int(self.config.dedup_window_s * 1000),
+                lease,
+                f"{self.config.key_prefix}:producer:{producer}",
+            ],
+            client=pipe,
+        )
+
+    # -- consumers -----------------------------------------------------------------------
+    def sample(self, n_groups: int, timeout_s: float = 0.0) -> Batch:
+        """Claim `n_groups` groups within `max_staleness`, waiting up to `timeout_s` for them.
+
+        Returns a batch of exactly `n_groups`, or an empty batch when they did not come in
+        time. Entries that fail to decode are quarantined and replaced.
+        """
+        token = uuid.uuid4().hex
+        claimed: list[SampledGroup] = []
+        version = self.version()
+        deadline = time.monotonic() + timeout_s
+        wait = _POLL_S[0]
+        while True:
+            missing = n_groups - len(claimed)
+            # The first claim is all or nothing; replacements of quarantined entries may be partial.
+            reply = self._run(
+                "sample",
+                missing,
+                missing if not claimed else 1,
+                self.config.max_staleness,
+                int(self.config.visibility_timeout_s * 1000),
+                token,
+            )
+            version = int(reply[0])
+            claimed += self._decode_claims(reply[1:], version, token)
+            if len(claimed) == n_groups:
+                return Batch(token, version, claimed)
+            if time.monotonic() >= deadline:
+                if claimed:
+                    # Give back a partial batch rather than holding it: expire it now.
+                    self._unclaim([g.entry_id for g in claimed], token)
+                return Batch(token, version, [])
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(wait * 2, _POLL_S[1])
+
+    def _decode_claims(self, flat: list, version: int, token: str) -> list[SampledGroup]:
+        groups = []
+        for i in range(0, len(flat), 4):
+            entry_id, payload = flat[i].decode(), flat[i + 1]
+            min_version, reuse = int(flat[i + 2]), int(flat[i + 3])
+            try:
+                group = decode_group(payload or b"")
+            except MalformedRollout as error:
+                self._run("quarantine", entry_id, token, str(error)[:500])
+                log.warning("quarantined buffer entry %s: %s", entry_id, error)
+                continue
+            groups.append(SampledGroup(entry_id, group, version - min_version, reuse))
+        return groups
+
+    def _unclaim(self, entry_ids: list[str], token: str) -> None:
+        # Setting the deadline to 0 makes the next sample requeue them.
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.zadd(self._key["claimed"], {entry_id: 0}, xx=True)
+        pipe.execute()
+
+    def ack(self, batch: Batch) -> AckResult:
+        """Finish the batch's claims after the learner step that used them."""
+        if not batch.groups:
+            return AckResult([], 0, 0)
+        stale, reused, *acked = self._run(
+            "ack", batch.token, self.config.max_reuse, *batch.entry_ids
+        )
+        if stale:
+            log.warning("%d claims expired before ack and were redelivered", stale)
+        return AckResult([entry_id.decode() for entry_id in acked], int(stale), int(reused))
+
+    # -- inspection ----------------------------------------------------------------------
+    def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
+        """The most recent quarantined entries (read back with msgpack, never unpickled)."""
+        records = []
+        for raw in self.client.lrange(self._key["quarantine"], -limit, -1):
+            record = msgpack.unpackb(raw, raw=True)
+            records.append(
+                QuarantineRecord(
+                    record[b"id"].decode(),
+                    record[b"reason"].decode(errors="replace"),
+                    int(record[b"at_ms"]),
+                    record[b"payload"],
+                )
+            )
+        return records
+
+    def key(self, name: str) -> str:
+        """The Redis key of one of the buffer's structures (for stats and tests)."""
+        return self._key[name]
+
+    def _run(self, script: str, *args: object) -> list:
+        return self._scripts[script](keys=self.keys, args=list(args))
+
+
+def _lua(name: str) -> str:
+    return resources.files("buffer").joinpath("lua", name).read_text()

@@ -1,0 +1,153 @@
+"""The embedded Redis: a `redis-server` Relay starts on loopback when no URL is configured.
+
+It runs in a directory of the run with append-only persistence and a generated
+password, on a free port, and is stopped (with a final AOF flush) when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from buffer.config import RedisServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class RedisServerError(RuntimeError):
+    """redis-server is missing, or did not start."""
+
+
+class RedisServer:
+    """A `redis-server` process owned by Relay; use as a context manager or start()/stop()."""
+
+    def __init__(self, data_dir: Path, config: RedisServerConfig, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.port = port
+        self.password = secrets.token_urlsafe(24)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start the server (reusing the AOF in `data_dir`) and wait until it answers."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisServerError(
+                "redis-server is not installed: run `make setup` (installs Debian's "
+                "redis-server) or `sudo apt-get install redis-server`, or set buffer.url"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or _free_port()
+        conf = self.data_dir / "redis.conf"
+        conf.write_text(self._config_text())
+        conf.chmod(0o600)  # it holds the password
+        self.process = subprocess.Popen(
+            [binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._wait_until_ready()
+        log.info("embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
+        return self
+
+    def stop(self) -> None:
+        """Shut down with a final AOF flush; kill if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        # The shutdown closes the connection before replying.
+        with contextlib.suppress(redis.ConnectionError):
+            self.client().shutdown(nosave=False)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (for failure tests)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType]) -> None:
+        self.stop()
+
+    def _config_text(self) -> str:
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            f"dir {self.data_dir.resolve()}",
+            f"requirepass {self.password}",
+            "appendonly yes",
+            f"appendfsync {self.config.appendfsync}",
+            "save ''",
+            "protected-mode yes",
+            "daemonize no",
+            "logfile ''",
+        ]
+        if self.config.maxmemory_mib:
+            lines += [f"maxmemory {self.config.maxmemory_mib}mb", "maxmemory-policy noeviction"]
+        return "\n".join(lines) + "\n"
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        client = self.client()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode(errors="replace").strip()
+                raise RedisServerError(f"redis-server exited at start: {error[-500:]}")
+            try:
+                if client.ping():
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                time.sleep(0.05)
+        self.kill()
+        raise RedisServerError(f"redis-server did not answer within {self.config.start_timeout_s}s")
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for an external Redis: redis:// or rediss:// (TLS), password in the URL."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise RedisServerError(f"buffer.url {url!r} must start with redis://, rediss:// or unix://")
+    return redis.Redis.from_url(url)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def open_redis(
+    url: str | None, server_config: RedisServerConfig, data_dir: Path
+) -> tuple[redis.Redis, RedisServer | None]:
+    """Connect to `url`, or start an embedded server in `data_dir` when it is None.
+
+    Returns the client and the server to stop at the end (None for an external Redis).
+    """
+    if url is not None:
+        client = connect(url)
+        try:
+            client.ping()
+        except redis.RedisError as error:
+            raise RedisServerError(f"cannot reach the buffer at buffer.url: {error}") from None
+        return client, None
+    server = RedisServer(data_dir, server_config).start()
+    return server.client(), server

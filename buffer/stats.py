@@ -1,0 +1,149 @@
+"""Buffer statistics for the dashboard, read without scanning stored groups.
+
+Everything comes from counters and small hashes the Lua scripts maintain: a count of
+stored groups per policy version, a histogram of sampled staleness, global counters and
+one hash per producer. A `stats()` call costs O(versions + producers), not O(groups).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from buffer.replay_buffer import ReplayBuffer
+
+
+@dataclass(frozen=True)
+class ProducerStats:
+    """One actor's view: what it wrote and how far behind the learner it is."""
+
+    producer_id: str
+    groups: int
+    tokens: int
+    last_version: int
+    version_lag: int
+    groups_per_s: float
+    """Average rate between its first and its latest put."""
+    last_put_age_s: float
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    """A snapshot of the buffer."""
+
+    learner_version: int
+    depth: int
+    """Groups ready to sample."""
+    claimed: int
+    """Groups handed to a learner and not yet acked."""
+    in_flight: int
+    """Admission leases held by actors generating groups."""
+    bytes: int
+    staleness_histogram: dict[int, int]
+    """Stored groups (ready and claimed) by staleness = learner version - oldest token version."""
+    sampled_staleness_histogram: dict[int, int]
+    """Everything sampled so far, by staleness at sampling time."""
+    counters: dict[str, int]
+    """put, sampled, acked, reused, duplicates, dropped_stale, dropped_capacity,
+    redelivered, stale_acks, quarantined, leases_granted, leases_expired, admitted,
+    put_tokens, put_bytes."""
+    producers: list[ProducerStats] = field(default_factory=list)
+    taken_at: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat, namespaced figures (`buffer/depth`, `buffer/staleness_p99`, ...)."""
+        out = {
+            "buffer/learner_version": self.learner_version,
+            "buffer/depth": self.depth,
+            "buffer/claimed": self.claimed,
+            "buffer/in_flight": self.in_flight,
+            "buffer/bytes": self.bytes,
+        }
+        for name, histogram in (
+            ("staleness", self.staleness_histogram),
+            ("sampled_staleness", self.sampled_staleness_histogram),
+        ):
+            out[f"buffer/{name}_p50"] = percentile(histogram, 0.50)
+            out[f"buffer/{name}_p99"] = percentile(histogram, 0.99)
+            out[f"buffer/{name}_max"] = max(histogram, default=0)
+        out.update({f"buffer/{name}": value for name, value in self.counters.items()})
+        return out
+
+
+COUNTER_NAMES = (
+    "put", "sampled", "acked", "reused", "duplicates", "dropped_stale", "dropped_capacity",
+    "redelivered", "stale_acks", "quarantined", "leases_granted", "leases_expired",
+    "admitted", "put_tokens", "put_bytes",
+)  # fmt: skip
+
+
+def read_stats(buffer: ReplayBuffer) -> BufferStats:
+    """Read a consistent-enough snapshot in two round trips."""
+    client = buffer.client
+    pipe = client.pipeline(transaction=True)
+    pipe.get(buffer.key("version"))
+    pipe.hgetall(buffer.key("counters"))
+    pipe.hgetall(buffer.key("vcount"))
+    pipe.hgetall(buffer.key("sampled_staleness"))
+    pipe.zcard(buffer.key("ready"))
+    pipe.zcard(buffer.key("claimed"))
+    pipe.zcard(buffer.key("leases"))
+    pipe.smembers(buffer.key("producers"))
+    pipe.time()
+    version, counters, vcount, sampled, depth, claimed, leases, producer_ids, now = pipe.execute()
+    version = int(version or 0)
+    now_s = now[0] + now[1] / 1e6
+    counters = {k.decode(): int(v) for k, v in counters.items()}
+    staleness: dict[int, int] = {}
+    for stored_version, count in vcount.items():
+        lag = version - int(float(stored_version))
+        staleness[lag] = staleness.get(lag, 0) + int(count)
+    ids = sorted(p.decode() for p in producer_ids)
+    pipe = client.pipeline(transaction=False)
+    for producer in ids:
+        pipe.hgetall(f"{buffer.config.key_prefix}:producer:{producer}")
+    producers = [
+        _producer(pid, raw, version, now_s) for pid, raw in zip(ids, pipe.execute(), strict=True)
+    ]
+    return BufferStats(
+        learner_version=version,
+        depth=int(depth),
+        claimed=int(claimed),
+        in_flight=int(leases),
+        bytes=counters.get("bytes", 0),
+        staleness_histogram=dict(sorted(staleness.items())),
+        sampled_staleness_histogram=dict(sorted((int(k), int(v)) for k, v in sampled.items())),
+        counters={name: counters.get(name, 0) for name in COUNTER_NAMES},
+        producers=producers,
+        taken_at=time.time(),
+    )
+
+
+def _producer(
+    producer_id: str, raw: dict[bytes, bytes], version: int, now_s: float
+) -> ProducerStats:
+    fields = {k.decode(): int(float(v)) for k, v in raw.items()}
+    first, last = fields.get("first_put_ms", 0) / 1000, fields.get("last_put_ms", 0) / 1000
+    groups = fields.get("groups", 0)
+    return ProducerStats(
+        producer_id=producer_id,
+        groups=groups,
+        tokens=fields.get("tokens", 0),
+        last_version=fields.get("last_version", 0),
+        version_lag=version - fields.get("last_version", 0),
+        groups_per_s=(groups - 1) / (last - first) if last > first else 0.0,
+        last_put_age_s=max(0.0, now_s - last),
+    )
+
+
+def percentile(histogram: dict[int, int], q: float) -> int:
+    """The smallest value with at least a fraction `q` of the counts at or below it."""
+    total = sum(histogram.values())
+    if total == 0:
+        return 0
+    running = 0
+    for value in sorted(histogram):
+        running += histogram[value]
+        if running >= q * total:
+            return value
+    return max(histogram)

@@ -1,0 +1,370 @@
+"""The replay buffer against a real redis-server: the guarantees in docs/buffer.md."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from buffer.codec import encode_group
+from buffer.config import RedisServerConfig
+from buffer.replay_buffer import BufferFull, ReplayBuffer
+from buffer.server import RedisServer, RedisServerError
+from buffer.stats import percentile, read_stats
+from tests.buffer import workers
+from tests.buffer.factories import make_completion, make_group, versioned_group
+
+
+def test_round_trip_and_ack(make_buffer: object) -> None:
+    buffer = make_buffer()
+    groups = [versioned_group(f"g{i}", version=0) for i in range(6)]
+    assert buffer.put(groups, "actor-0").stored == 6
+    batch = buffer.sample(6)
+    assert sorted(g.group.group_id for g in batch.groups) == [f"g{i}" for i in range(6)]
+    by_id = {g.group_id: g for g in groups}
+    assert all(s.group == by_id[s.group.group_id] for s in batch.groups)
+    assert buffer.ack(batch).acked == 6
+    stats = read_stats(buffer)
+    assert (stats.depth, stats.claimed, stats.bytes) == (0, 0, 0)
+    assert stats.counters["acked"] == 6
+
+
+def test_sample_waits_for_a_full_batch_and_holds_nothing_meanwhile(make_buffer: object) -> None:
+    buffer = make_buffer()
+    buffer.put([versioned_group("a", 0), versioned_group("b", 0)], "actor-0")
+    assert buffer.sample(3, timeout_s=0.2).groups == []
+    assert read_stats(buffer).claimed == 0
+    threading.Timer(0.2, lambda: buffer.put([versioned_group("c", 0)], "actor-0")).start()
+    assert len(buffer.sample(3, timeout_s=5).groups) == 3
+
+
+def test_staleness_filter_takes_oldest_admissible_and_drops_the_rest(make_buffer: object) -> None:
+    buffer = make_buffer(max_staleness=2)
+    buffer.put([versioned_group(f"v{v}", version=v) for v in range(6)], "actor-0")
+    buffer.set_version(5)
+    # Admissible: versions 3, 4, 5 (staleness <= 2); 0, 1, 2 are dropped and counted.
+    batch = buffer.sample(2)
+    assert [g.group.group_id for g in batch.groups] == ["v3", "v4"]
+    assert [g.staleness for g in batch.groups] == [2, 1]
+    stats = read_stats(buffer)
+    assert stats.counters["dropped_stale"] == 3
+    assert stats.sampled_staleness_histogram == {1: 1, 2: 1}
+    assert stats.depth == 1
+
+
+def test_retried_puts_are_not_duplicated(make_buffer: object) -> None:
+    buffer = make_buffer()
+    group = versioned_group("once", 0)
+    assert buffer.put([group], "actor-0").stored == 1
+    assert buffer.put([group], "actor-0").duplicates == 1
+    buffer.ack(buffer.sample(1))
+    # Acked already: a late retry is refused too, within the dedup window.
+    assert buffer.put([group], "actor-0").duplicates == 1
+    assert read_stats(buffer).depth == 0
+
+
+def test_visibility_timeout_redelivers_and_fences_the_late_owner(make_buffer: object) -> None:
+    buffer = make_buffer(visibility_timeout_s=0.3)
+    buffer.put([versioned_group("x", 0), versioned_group("y", 0)], "actor-0")
+    first = buffer.sample(2)
+    assert buffer.sample(2, timeout_s=0.1).groups == []  # still claimed
+    time.sleep(0.4)
+    second = buffer.sample(2, timeout_s=1)
+    assert sorted(second.entry_ids) == sorted(first.entry_ids)
+    late = buffer.ack(first)
+    assert (late.acked, late.stale_claims) == (0, 2)
+    assert buffer.ack(second).acked == 2
+    counters = read_stats(buffer).counters
+    assert (counters["redelivered"], counters["acked"], counters["stale_acks"]) == (2, 2, 2)
+
+
+def test_many_producers_and_crashing_consumers_deliver_each_group_exactly_once(
+    make_buffer: object, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    buffer = make_buffer()
+    prefix = buffer.config.key_prefix
+    spawn = multiprocessing.get_context("spawn")
+    producers = [
+        spawn.Process(target=workers.produce, args=(redis_server.url, prefix, p, 40))
+        for p in range(4)
+    ]
+    for process in producers:
+        process.start()
+    acked_log = tmp_path / "acked.log"
+    crashes = 0
+    consumers: list = []
+    deadline = time.monotonic() + 240
+    seed = 0
+    # Two consumers at a time; one that crashes is replaced, as a supervisor would.
+    while time.monotonic() < deadline:
+        alive = [c for c in consumers if c.is_alive()]
+        crashes += sum(1 for c in consumers if not c.is_alive() and c.exitcode == 3)
+        consumers = alive
+        if read_stats(buffer).counters["acked"] == 160:
+            break
+        while len(consumers) < 2:
+            seed += 1
+            consumer = spawn.Process(
+                target=workers.consume,
+                args=(redis_server.url, prefix, 1.0, 0.25, str(acked_log), seed),
+            )
+            consumer.start()
+            consumers.append(consumer)
+        time.sleep(0.2)
+    for process in producers + consumers:
+        process.join()
+    acked = acked_log.read_text().split()
+    expected = {f"p{p}-{i}" for p in range(4) for i in range(40)}
+    assert Counter(acked) == Counter(expected), "every group acked exactly once"
+    counters = read_stats(buffer).counters
+    assert counters["put"] == 160
+    assert counters["acked"] == 160
+    if crashes:
+        assert counters["redelivered"] >= 1
+
+
+def test_acknowledged_work_survives_a_redis_crash(tmp_path: Path) -> None:
+    from buffer.config import BufferConfig
+
+    server = RedisServer(tmp_path / "redis", RedisServerConfig(appendfsync="everysec")).start()
+    try:
+        buffer = ReplayBuffer(server.client(), BufferConfig(key_prefix="crash"))
+        buffer.put([versioned_group(f"g{i}", 0) for i in range(20)], "actor-0")
+        acked = buffer.ack(buffer.sample(8)).acked_ids
+        buffer.bump_version()
+        server.kill()  # SIGKILL: no shutdown, no final flush
+        server.start()  # same directory, port and password: replays the AOF
+        buffer = ReplayBuffer(server.client(), BufferConfig(key_prefix="crash"))
+        stats = read_stats(buffer)
+        assert (stats.depth, stats.learner_version, stats.counters["acked"]) == (12, 1, 8)
+        remaining = buffer.sample(12)
+        assert not set(remaining.entry_ids) & set(acked)
+        assert buffer.put([versioned_group(acked[0], 0)], "actor-0").duplicates == 1
+    finally:
+        server.stop()
+
+
+class _Exploit:
+    """Unpickling this would create a file: proof that nothing is ever unpickled."""
+
+    marker: Path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_garbage_pickle_and_nan_entries_are_quarantined_not_executed(
+    make_buffer: object, tmp_path: Path
+) -> None:
+    buffer = make_buffer()
+    _Exploit.marker = tmp_path / "pwned"
+    nan_reward = msgpack.unpackb(encode_group(versioned_group("nan", 0)))
+    nan_reward["completions"][0]["reward"] = float("nan")
+    planted = {
+        "garbage": os.urandom(64),
+        "pickle": pickle.dumps(_Exploit()),
+        "nan": msgpack.packb(nan_reward, use_bin_type=True),
+    }
+    for entry_id, payload in planted.items():  # written straight into the keys
+        buffer.client.hset(buffer.key("payload"), entry_id, payload)
+        buffer.client.zadd(buffer.key("ready"), {entry_id: 0})
+        buffer.client.zadd(buffer.key("live"), {entry_id: 0})
+    buffer.put([versioned_group("good", 0)], "actor-0")
+    delivered = buffer.sample(1, timeout_s=1).groups + buffer.sample(1, timeout_s=0.3).groups
+    assert [g.group.group_id for g in delivered] == ["good"]
+    records = {r.entry_id: r for r in buffer.quarantined()}
+    assert set(records) == set(planted)
+    assert records["pickle"].payload == planted["pickle"]
+    assert "reward is not finite" in records["nan"].reason
+    assert not _Exploit.marker.exists()
+    assert read_stats(buffer).counters["quarantined"] == 3
+
+
+def test_backpressure_blocks_until_room_then_times_out(make_buffer: object) -> None:
+    buffer = make_buffer(capacity_groups=3, put_timeout_s=5)
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(3)], "actor-0")
+    finished = threading.Event()
+
+    def put_one_more() -> None:
+        buffer.put([versioned_group("late", 0)], "actor-0")
+        finished.set()
+
+    threading.Thread(target=put_one_more, daemon=True).start()
+    assert not finished.wait(0.5), "a put into a full buffer must block"
+    buffer.ack(buffer.sample(1))
+    assert finished.wait(5), "acking made room: the blocked put must go through"
+    impatient = make_buffer(capacity_groups=1, put_timeout_s=0.3)
+    impatient.put([versioned_group("a", 0)], "actor-0")
+    with pytest.raises(BufferFull, match="capacity_groups=1"):
+        impatient.put([versioned_group("b", 0)], "actor-0")
+
+
+def test_byte_capacity_and_drop_oldest(make_buffer: object) -> None:
+    size = len(encode_group(versioned_group("g0", 0)))
+    buffer = make_buffer(capacity_mib=2.5 * size / 2**20, overflow="drop_oldest")
+    buffer.put(
+        [versioned_group("g0", 0), versioned_group("g1", 1), versioned_group("g2", 2)], "actor-0"
+    )
+    stats = read_stats(buffer)
+    assert stats.depth == 2
+    assert stats.counters["dropped_capacity"] == 1
+    assert [g.group.group_id for g in buffer.sample(2).groups] == ["g1", "g2"]
+
+
+def test_admission_control_bounds_staleness_under_a_slow_consumer(make_buffer: object) -> None:
+    max_staleness, per_version = 2, 4
+    buffer = make_buffer(
+        max_staleness=max_staleness, groups_per_version=per_version, admission_control=True
+    )
+    stop = threading.Event()
+
+    def actor(index: int) -> None:
+        serial = 0
+        while not stop.is_set():
+            version, leases = buffer.reserve(f"actor-{index}", 2)
+            if not leases:
+                time.sleep(0.01)
+                continue
+            groups = [
+                versioned_group(f"a{index}-{serial + i}", version) for i in range(len(leases))
+            ]
+            serial += len(leases)
+            buffer.put(groups, f"actor-{index}", leases)
+
+    threads = [threading.Thread(target=actor, args=(i,), daemon=True) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    trained = []
+    for _ in range(12):  # a slow learner: one batch per version, with a pause
+        batch = buffer.sample(per_version, timeout_s=10)
+        assert len(batch.groups) == per_version
+        time.sleep(0.05)
+        trained += [g.staleness for g in batch.groups]
+        buffer.ack(batch)
+        buffer.bump_version()
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    stats = read_stats(buffer)
+    assert max(trained) <= max_staleness
+    assert stats.counters["dropped_stale"] == 0, (
+        "admission control bounds staleness without dropping"
+    )
+    assert stats.depth + stats.claimed + stats.in_flight <= (max_staleness + 1) * per_version
+
+
+def test_reuse_replays_a_group_and_counts_it(make_buffer: object) -> None:
+    buffer = make_buffer(max_reuse=1)
+    buffer.put([versioned_group("r", 0)], "actor-0")
+    first = buffer.sample(1)
+    assert buffer.ack(first).reused == 1
+    second = buffer.sample(1, timeout_s=1)
+    assert second.groups[0].reuse == 1
+    assert buffer.ack(second).reused == 0
+    stats = read_stats(buffer)
+    assert (stats.depth, stats.counters["reused"], stats.counters["acked"]) == (0, 1, 2)
+
+
+def test_stats_of_known_groups(make_buffer: object) -> None:
+    buffer = make_buffer(max_staleness=10)
+    buffer.put([versioned_group("a", 1, tokens=5), versioned_group("b", 1)], "actor-0")
+    buffer.put([versioned_group("c", 3)], "actor-1")
+    buffer.put(
+        [make_group(make_completion(4, version=2), make_completion(4, version=4), group_id="d")],
+        "actor-1",
+    )
+    buffer.set_version(4)
+    stats = read_stats(buffer)
+    # Staleness uses each group's oldest token: a, b -> 3; c -> 1; d -> 4 - 2 = 2.
+    assert stats.staleness_histogram == {1: 1, 2: 1, 3: 2}
+    assert percentile(stats.staleness_histogram, 0.5) == 2
+    assert stats.metrics()["buffer/staleness_max"] == 3
+    assert stats.depth == 4
+    assert stats.counters["put_tokens"] == 2 * 5 + 2 * 4 + 2 * 4 + 2 * 4
+    lag = {p.producer_id: (p.groups, p.last_version, p.version_lag) for p in stats.producers}
+    # actor-1's latest group ends on version 4 tokens (d's second completion): lag 0.
+    assert lag == {"actor-0": (2, 1, 3), "actor-1": (2, 4, 0)}
+
+
+def test_embedded_server_requires_its_password(redis_server: RedisServer) -> None:
+    import redis
+
+    assert redis_server.client().ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=redis_server.port).ping()
+
+
+def test_missing_redis_server_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RedisServerError, match="apt-get install redis-server"):
+        RedisServer(tmp_path, RedisServerConfig()).start()
+
+
+def test_without_admission_control_a_slow_consumer_sees_stale_groups(make_buffer: object) -> None:
+    # The contrast to the test above: producers that run ahead fill the buffer with old
+    # versions, which the learner then has to drop.
+    buffer = make_buffer(max_staleness=1, groups_per_version=2, admission_control=False)
+    buffer.put([versioned_group(f"early{i}", 0) for i in range(8)], "actor-0")
+    for _ in range(3):
+        buffer.ack(buffer.sample(2))
+        buffer.bump_version()
+    assert read_stats(buffer).counters["dropped_stale"] > 0
+
+
+def test_unused_admissions_are_given_back(make_buffer: object) -> None:
+    buffer = make_buffer(max_staleness=0, groups_per_version=2, lease_timeout_s=0.2)
+    _, leases = buffer.reserve("actor-0", 5)
+    assert len(leases) == 2
+    assert buffer.reserve("actor-0", 1)[1] == []
+    buffer.release(leases[:1])  # the actor stopped before generating
+    _, again = buffer.reserve("actor-0", 5)
+    assert len(again) == 1
+    time.sleep(0.3)  # both outstanding leases expire: their actor died
+    assert len(buffer.reserve("actor-0", 5)[1]) == 2
+    counters = read_stats(buffer).counters
+    assert (counters["leases_expired"], counters["admitted"]) == (2, 2)
+
+
+def test_a_quarantined_group_frees_its_admission(make_buffer: object) -> None:
+    buffer = make_buffer(max_staleness=0, groups_per_version=1)
+    _, leases = buffer.reserve("actor-0", 1)
+    buffer.put([versioned_group("doomed", 0)], "actor-0", leases)
+    buffer.client.hset(buffer.key("payload"), "doomed", b"\x00garbage")  # corrupted at rest
+    assert buffer.reserve("actor-0", 1)[1] == []  # the budget for version 0 is spent
+    assert buffer.sample(1, timeout_s=0.2).groups == []  # quarantined, never trained...
+    _, leases = buffer.reserve("actor-0", 1)  # ...so its slot comes back
+    assert len(leases) == 1
+    buffer.put([versioned_group("good", 0)], "actor-0", leases)
+    assert [g.group.group_id for g in buffer.sample(1, timeout_s=1).groups] == ["good"]
+
+
+def test_open_redis_embeds_a_server_or_connects_to_a_url(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    from buffer.server import open_redis
+
+    client, server = open_redis(None, RedisServerConfig(), tmp_path / "embedded")
+    try:
+        assert client.ping()
+        assert (
+            tmp_path / "embedded" / "redis.conf"
+        ).stat().st_mode & 0o077 == 0  # holds the password
+    finally:
+        server.stop()
+    assert server.process.poll() is not None, "stopped: no orphan redis-server"
+    client, none = open_redis(redis_server.url, RedisServerConfig(), tmp_path)
+    assert none is None
+    assert client.ping()
+    with pytest.raises(RedisServerError, match="cannot reach the buffer"):
+        open_redis("redis://127.0.0.1:1/0", RedisServerConfig(), tmp_path)
+    with pytest.raises(RedisServerError, match="must start with redis://"):
+        open_redis("http://example", RedisServerConfig(), tmp_path)
