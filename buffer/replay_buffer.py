@@ -109,6 +109,11 @@ class ReplayBuffer:
             name: client.register_script(common + _lua(f"{name}.lua"))
             for name in ("put", "sample", "ack", "quarantine", "reserve", "release")
         }
+        self._load_scripts()
+
+    def _load_scripts(self) -> None:
+        for script in self._scripts.values():
+            script.sha = self.client.script_load(script.script)
 
     # -- the policy version ------------------------------------------------------------
     def version(self) -> int:
@@ -162,10 +167,9 @@ class ReplayBuffer:
         deadline = time.monotonic() + self.config.put_timeout_s
         wait = _POLL_S[0]
         while pending:
-            pipe = self.client.pipeline(transaction=False)
-            for i in pending:
-                self._put_args(pipe, groups[i], encoded[i], producer_id, leases[i])
-            replies = pipe.execute()
+            replies = self._put_pipeline(
+                [(groups[i], encoded[i], leases[i]) for i in pending], producer_id
+            )
             full = []
             for i, reply in zip(pending, replies, strict=True):
                 if reply == b"ok":
@@ -187,32 +191,43 @@ class ReplayBuffer:
                 wait = min(wait * 2, _POLL_S[1])
         return PutResult(stored, duplicates)
 
-    def _put_args(
-        self,
-        pipe: redis.client.Pipeline,
-        group: RolloutGroup,
-        encoded: bytes,
-        producer: str,
-        lease: str,
-    ) -> None:
-        self._scripts["put"](
-            keys=self.keys,
-            args=[
-                group.group_id,
-                group.min_version,
-                group.max_version,
-                encoded,
-                producer,
-                sum(c.n_tokens for c in group.completions),
-                self.config.capacity_groups,
-                int(self.config.capacity_mib * 1024 * 1024),
-                self.config.overflow,
-                int(self.config.dedup_window_s * 1000),
-                lease,
-                f"{self.config.key_prefix}:producer:{producer}",
-            ],
-            client=pipe,
-        )
+    def _put_pipeline(self, items: list[tuple[RolloutGroup, bytes, str]], producer: str) -> list:
+        """One round trip of put scripts; safe to redo, since put is idempotent per group id."""
+        sha = self._scripts["put"].sha
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for group, encoded, lease in items:
+                # EVALSHA directly: redis-py's Script in a pipeline adds a SCRIPT EXISTS round trip.
+                pipe.evalsha(
+                    sha,
+                    len(self.keys),
+                    *self.keys,
+                    *self._put_args(group, encoded, producer, lease),
+                )
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self._load_scripts()  # Redis restarted and forgot them
+                sha = self._scripts["put"].sha
+        raise AssertionError("unreachable")
+
+    def _put_args(self, group: RolloutGroup, encoded: bytes, producer: str, lease: str) -> list:
+        return [
+            group.group_id,
+            group.min_version,
+            group.max_version,
+            encoded,
+            producer,
+            sum(c.n_tokens for c in group.completions),
+            self.config.capacity_groups,
+            int(self.config.capacity_mib * 1024 * 1024),
+            self.config.overflow,
+            int(self.config.dedup_window_s * 1000),
+            lease,
+            f"{self.config.key_prefix}:producer:{producer}",
+        ]
 
     # -- consumers -----------------------------------------------------------------------
     def sample(self, n_groups: int, timeout_s: float = 0.0) -> Batch:
@@ -223,7 +238,6 @@ class ReplayBuffer:
         """
         token = uuid.uuid4().hex
         claimed: list[SampledGroup] = []
-        version = self.version()
         deadline = time.monotonic() + timeout_s
         wait = _POLL_S[0]
         while True:

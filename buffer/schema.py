@@ -171,56 +171,176 @@ class RolloutGroup:
 
     def validate(self) -> None:
         """Raise `MalformedRollout` naming the first field that breaks the contract."""
+        self.columns().validate()
+
+    def columns(self) -> GroupColumns:
+        """The completions' arrays concatenated: the layout that is encoded and validated."""
         for name in ("run_id", "group_id", "env_name", "prompt_id", "actor_id"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise MalformedRollout(f"{name} must be a non-empty string")
-        _check_array("prompt_token_ids", self.prompt_token_ids, np.int32)
-        if self.prompt_token_ids.size == 0:
-            raise MalformedRollout("prompt_token_ids is empty")
-        _check_token_range("prompt_token_ids", self.prompt_token_ids)
         if not math.isfinite(self.created_at):
             raise MalformedRollout("created_at is not finite")
         if not self.completions:
             raise MalformedRollout("a group needs at least one completion")
-        for i, completion in enumerate(self.completions):
-            _validate_completion(f"completions[{i}]", completion)
-
-
-def _validate_completion(where: str, c: Completion) -> None:
-    _check_array(f"{where}.token_ids", c.token_ids, np.int32)
-    _check_array(f"{where}.behaviour_logprobs", c.behaviour_logprobs, np.float32)
-    _check_array(f"{where}.loss_mask", c.loss_mask, np.bool_)
-    n = c.token_ids.size
-    if n == 0:
-        raise MalformedRollout(f"{where}.token_ids is empty")
-    for name in ("behaviour_logprobs", "loss_mask"):
-        if getattr(c, name).size != n:
-            raise MalformedRollout(
-                f"{where}.{name} has {getattr(c, name).size} entries for {n} tokens"
-            )
-    _check_token_range(f"{where}.token_ids", c.token_ids)
-    sampled = c.behaviour_logprobs[c.loss_mask]
-    if not np.all(np.isfinite(sampled)):
-        raise MalformedRollout(f"{where}.behaviour_logprobs has NaN or inf on sampled tokens")
-    if sampled.size and sampled.max() > LOGPROB_TOLERANCE:
-        raise MalformedRollout(
-            f"{where}.behaviour_logprobs has a positive log-probability ({sampled.max():.3g})"
+        for i, c in enumerate(self.completions):
+            where = f"completions[{i}]"
+            for name, dtype in _COMPLETION_DTYPES.items():
+                _check_array(f"{where}.{name}", getattr(c, name), dtype)
+            _check_array(f"{where}.policy_versions.versions", c.policy_versions.versions, np.int64)
+            _check_array(f"{where}.policy_versions.lengths", c.policy_versions.lengths, np.int32)
+            for name in ("behaviour_logprobs", "loss_mask"):
+                if getattr(c, name).size != c.token_ids.size:
+                    raise MalformedRollout(
+                        f"{where}.{name} has {getattr(c, name).size} entries "
+                        f"for {c.token_ids.size} tokens"
+                    )
+            if not isinstance(c.finish_reason, FinishReason):
+                raise MalformedRollout(f"{where}.finish_reason is not a FinishReason")
+        _check_array("prompt_token_ids", self.prompt_token_ids, np.int32)
+        cs = self.completions
+        return GroupColumns(
+            prompt_token_ids=self.prompt_token_ids,
+            completion_lengths=np.array([c.token_ids.size for c in cs], np.int32),
+            token_ids=np.concatenate([c.token_ids for c in cs]),
+            behaviour_logprobs=np.concatenate([c.behaviour_logprobs for c in cs]),
+            loss_mask=np.concatenate([c.loss_mask for c in cs]),
+            version_values=np.concatenate([c.policy_versions.versions for c in cs]),
+            version_lengths=np.concatenate([c.policy_versions.lengths for c in cs]),
+            runs_per_completion=np.array([c.policy_versions.versions.size for c in cs], np.int32),
+            rewards=np.array([c.reward for c in cs], np.float64),
+            generation_s=np.array([c.generation_s for c in cs], np.float64),
+            finish_reasons=[c.finish_reason for c in cs],
+            verifier_details=[c.verifier_details for c in cs],
         )
-    runs = c.policy_versions
-    _check_array(f"{where}.policy_versions.versions", runs.versions, np.int64)
-    _check_array(f"{where}.policy_versions.lengths", runs.lengths, np.int32)
-    if runs.versions.size != runs.lengths.size or runs.versions.size == 0:
-        raise MalformedRollout(f"{where}.policy_versions has mismatched or empty runs")
-    if runs.versions.min() < 0 or runs.lengths.min() <= 0:
-        raise MalformedRollout(f"{where}.policy_versions has a negative version or empty run")
-    if runs.n_tokens != n:
-        raise MalformedRollout(f"{where}.policy_versions covers {runs.n_tokens} tokens, not {n}")
-    if not math.isfinite(c.reward):
-        raise MalformedRollout(f"{where}.reward is not finite ({c.reward})")
-    if not isinstance(c.finish_reason, FinishReason):
-        raise MalformedRollout(f"{where}.finish_reason is not a FinishReason")
-    if not math.isfinite(c.generation_s) or c.generation_s < 0:
-        raise MalformedRollout(f"{where}.generation_s must be a finite non-negative number")
+
+
+_COMPLETION_DTYPES = {
+    "token_ids": np.int32,
+    "behaviour_logprobs": np.float32,
+    "loss_mask": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class GroupColumns:
+    """A group's completions as concatenated arrays (one entry per token, run or completion).
+
+    Checking a group column by column costs a few numpy calls whatever the group size,
+    instead of a few per completion; failures are traced back to the completion.
+    """
+
+    prompt_token_ids: np.ndarray
+    completion_lengths: np.ndarray
+    token_ids: np.ndarray
+    behaviour_logprobs: np.ndarray
+    loss_mask: np.ndarray
+    version_values: np.ndarray
+    version_lengths: np.ndarray
+    runs_per_completion: np.ndarray
+    rewards: np.ndarray
+    generation_s: np.ndarray
+    finish_reasons: list[FinishReason]
+    verifier_details: list[VerifierDetails]
+
+    def validate(self) -> None:
+        """Raise `MalformedRollout` naming the first completion and field that is wrong."""
+        if self.prompt_token_ids.size == 0:
+            raise MalformedRollout("prompt_token_ids is empty")
+        if self.prompt_token_ids.min() < 0:
+            raise MalformedRollout("prompt_token_ids has a negative token id")
+        lengths = self.completion_lengths
+        n_completions = lengths.size
+        if n_completions == 0:
+            raise MalformedRollout("a group needs at least one completion")
+        for name in ("runs_per_completion", "rewards", "generation_s"):
+            if getattr(self, name).size != n_completions:
+                raise MalformedRollout(
+                    f"{name} has {getattr(self, name).size} entries for {n_completions} completions"
+                )
+        if len(self.finish_reasons) != n_completions or len(self.verifier_details) != n_completions:
+            raise MalformedRollout(
+                "finish_reasons or verifier_details do not match the completions"
+            )
+        if lengths.min() <= 0:
+            raise MalformedRollout(f"completions[{int(np.argmin(lengths))}].token_ids is empty")
+        total = int(lengths.sum())
+        for name in ("token_ids", "behaviour_logprobs", "loss_mask"):
+            if getattr(self, name).size != total:
+                raise MalformedRollout(
+                    f"{name} holds {getattr(self, name).size} entries for {total} tokens"
+                )
+        if self.token_ids.min() < 0:
+            self._fail(lengths, self.token_ids < 0, "token_ids has a negative token id")
+        sampled = self.behaviour_logprobs[self.loss_mask]
+        if sampled.size and not np.isfinite(sampled.sum()):
+            bad = self.loss_mask & ~np.isfinite(self.behaviour_logprobs)
+            self._fail(lengths, bad, "behaviour_logprobs has NaN or inf on sampled tokens")
+        if sampled.size and sampled.max() > LOGPROB_TOLERANCE:
+            bad = self.loss_mask & (self.behaviour_logprobs > LOGPROB_TOLERANCE)
+            self._fail(
+                lengths,
+                bad,
+                f"behaviour_logprobs has a positive log-probability ({sampled.max():.3g})",
+            )
+        runs = self.runs_per_completion
+        n_runs = int(runs.sum())
+        if (
+            runs.min() <= 0
+            or self.version_values.size != n_runs
+            or self.version_lengths.size != n_runs
+        ):
+            i = int(np.argmin(runs)) if runs.min() <= 0 else 0
+            raise MalformedRollout(f"completions[{i}].policy_versions has mismatched or empty runs")
+        if self.version_values.min() < 0 or self.version_lengths.min() <= 0:
+            bad = (self.version_values < 0) | (self.version_lengths <= 0)
+            self._fail(runs, bad, "policy_versions has a negative version or empty run")
+        run_starts = np.cumsum(runs) - runs
+        covered = np.add.reduceat(self.version_lengths.astype(np.int64), run_starts)
+        if not np.array_equal(covered, lengths):
+            i = int(np.flatnonzero(covered != lengths)[0])
+            raise MalformedRollout(
+                f"completions[{i}].policy_versions covers {covered[i]} tokens, not {lengths[i]}"
+            )
+        if not np.isfinite(self.rewards).all():
+            i = int(np.flatnonzero(~np.isfinite(self.rewards))[0])
+            raise MalformedRollout(f"completions[{i}].reward is not finite ({self.rewards[i]})")
+        if not (np.isfinite(self.generation_s).all() and self.generation_s.min() >= 0):
+            i = int(np.flatnonzero(~(np.isfinite(self.generation_s) & (self.generation_s >= 0)))[0])
+            raise MalformedRollout(
+                f"completions[{i}].generation_s must be a finite non-negative number"
+            )
+
+    @staticmethod
+    def _fail(sizes: np.ndarray, bad: np.ndarray, message: str) -> None:
+        """Raise for the completion holding the first bad element; `sizes`: its elements each."""
+        i = int(np.searchsorted(np.cumsum(sizes), int(np.flatnonzero(bad)[0]), side="right"))
+        raise MalformedRollout(f"completions[{i}].{message}")
+
+    def completions(self) -> list[Completion]:
+        """Per-completion objects whose arrays are views into these columns (no copies)."""
+        token_ends = np.cumsum(self.completion_lengths).tolist()
+        run_ends = np.cumsum(self.runs_per_completion).tolist()
+        out = []
+        token_start = run_start = 0
+        for i, (token_end, run_end) in enumerate(zip(token_ends, run_ends, strict=True)):
+            tokens = slice(token_start, token_end)
+            runs = slice(run_start, run_end)
+            out.append(
+                Completion(
+                    token_ids=self.token_ids[tokens],
+                    behaviour_logprobs=self.behaviour_logprobs[tokens],
+                    loss_mask=self.loss_mask[tokens],
+                    policy_versions=VersionRuns(
+                        self.version_values[runs], self.version_lengths[runs]
+                    ),
+                    reward=float(self.rewards[i]),
+                    finish_reason=self.finish_reasons[i],
+                    verifier_details=self.verifier_details[i],
+                    generation_s=float(self.generation_s[i]),
+                )
+            )
+            token_start, run_start = token_end, run_end
+        return out
 
 
 def _check_array(name: str, array: object, dtype: type) -> None:
@@ -228,8 +348,3 @@ def _check_array(name: str, array: object, dtype: type) -> None:
         raise MalformedRollout(f"{name} must be a 1-D numpy array")
     if array.dtype != np.dtype(dtype):
         raise MalformedRollout(f"{name} has dtype {array.dtype}, expected {np.dtype(dtype)}")
-
-
-def _check_token_range(name: str, token_ids: np.ndarray) -> None:
-    if token_ids.size and token_ids.min() < 0:
-        raise MalformedRollout(f"{name} has a negative token id")

@@ -25,15 +25,14 @@ def test_round_trip(group: RolloutGroup) -> None:
 
 
 @given(rollout_groups())
-def test_arrays_are_little_endian_bytes(group: RolloutGroup) -> None:
+def test_arrays_are_little_endian_columns(group: RolloutGroup) -> None:
     payload = msgpack.unpackb(encode_group(group))
     assert payload["schema"] == SCHEMA_VERSION
     assert payload["prompt_token_ids"] == group.prompt_token_ids.astype("<i4").tobytes()
-    first = group.completions[0]
-    assert (
-        payload["completions"][0]["behaviour_logprobs"]
-        == first.behaviour_logprobs.astype("<f4").tobytes()
-    )
+    logprobs = np.concatenate([c.behaviour_logprobs for c in group.completions])
+    assert payload["behaviour_logprobs"] == logprobs.astype("<f4").tobytes()
+    lengths = [c.n_tokens for c in group.completions]
+    assert payload["completion_lengths"] == np.array(lengths, "<i4").tobytes()
 
 
 @given(rollout_groups(), st.data())
@@ -76,19 +75,34 @@ def _reencode(mutate: object) -> bytes:
     return msgpack.packb(payload, use_bin_type=True)
 
 
+def _i4(*values: int) -> bytes:
+    return np.array(values, "<i4").tobytes()
+
+
+# make_group(): one completion of 4 tokens, one version run.
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
         (lambda p: p.update(schema=SCHEMA_VERSION + 1), "schema version"),
         (lambda p: p.pop("run_id"), "run_id is missing"),
+        (lambda p: p.update(run_id=""), "run_id must be a non-empty string"),
         (lambda p: p.update(extra=1), "unknown fields"),
         (lambda p: p.update(created_at="now"), "created_at is a str"),
-        (lambda p: p["completions"][0].update(reward=float("nan")), "reward is not finite"),
-        (lambda p: p["completions"][0].update(token_ids=b"\x00" * 7), "not a multiple of 4"),
-        (lambda p: p["completions"][0].update(loss_mask=b"\x02" * 4), "other than 0 or 1"),
-        (lambda p: p["completions"][0].update(finish_reason="exploded"), "unknown"),
-        (lambda p: p["completions"][0].update(verifier_details={"x": [1]}), "not a scalar"),
-        (lambda p: p["completions"][0].update(lengths=np.array([9], "<i4").tobytes()), "covers 9"),
+        (
+            lambda p: p.update(rewards=np.array([np.nan]).tobytes()),
+            r"completions\[0\].reward is not finite",
+        ),
+        (lambda p: p.update(token_ids=b"\x00" * 7), "not a multiple of 4"),
+        (
+            lambda p: p.update(token_ids=_i4(0, 1, -5, 3)),
+            r"completions\[0\].token_ids has a negative",
+        ),
+        (lambda p: p.update(loss_mask=b"\x02" * 4), "other than 0 or 1"),
+        (lambda p: p.update(completion_lengths=_i4(5)), "holds 4 entries for 5 tokens"),
+        (lambda p: p.update(finish_reasons=["exploded"]), "unknown reason"),
+        (lambda p: p.update(verifier_details=[{"x": [1]}]), "not a scalar"),
+        (lambda p: p.update(version_lengths=_i4(9)), r"completions\[0\].policy_versions covers 9"),
+        (lambda p: p.update(runs_per_completion=_i4(2)), "mismatched or empty runs"),
     ],
 )
 def test_decoder_names_what_is_wrong(mutate: object, message: str) -> None:

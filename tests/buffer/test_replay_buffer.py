@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 
 from buffer.codec import encode_group
@@ -166,7 +167,7 @@ def test_garbage_pickle_and_nan_entries_are_quarantined_not_executed(
     buffer = make_buffer()
     _Exploit.marker = tmp_path / "pwned"
     nan_reward = msgpack.unpackb(encode_group(versioned_group("nan", 0)))
-    nan_reward["completions"][0]["reward"] = float("nan")
+    nan_reward["rewards"] = np.array([float("nan"), 1.0]).tobytes()
     planted = {
         "garbage": os.urandom(64),
         "pickle": pickle.dumps(_Exploit()),

@@ -63,3 +63,16 @@ def test_group_needs_completions_and_ids() -> None:
         dataclasses.replace(make_group(), completions=[]).validate()
     with pytest.raises(MalformedRollout, match="group_id"):
         dataclasses.replace(make_group(), group_id="").validate()
+
+
+def test_errors_name_the_completion_that_is_wrong() -> None:
+    # Columns are checked for the whole group at once; the message still points at
+    # the second completion, whose third token is negative.
+    bad = make_completion(token_ids=np.array([0, 1, -2, 3], np.int32))
+    with pytest.raises(MalformedRollout, match=r"completions\[1\]\.token_ids has a negative"):
+        make_group(make_completion(), bad, make_completion()).validate()
+    runs = VersionRuns(np.array([1, -1]), np.array([2, 2], np.int32))
+    with pytest.raises(MalformedRollout, match=r"completions\[2\]\.policy_versions has a negative"):
+        make_group(
+            make_completion(), make_completion(), make_completion(policy_versions=runs)
+        ).validate()

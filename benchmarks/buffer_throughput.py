@@ -1,0 +1,239 @@
+"""Replay buffer throughput against the raw ceiling of the same Redis server.
+
+For groups of 8 completions x {64, 512, 4096} tokens, on a fresh embedded redis-server
+(AOF on, appendfsync everysec), this measures:
+
+- put: `ReplayBuffer.put` of batches of groups (validation and encoding included);
+- sample+ack: `sample` (Lua claim, decoding and validation included) then `ack`;
+- raw ceiling: a redis-py pipeline of SET (resp. GET + DEL) of the same encoded bytes,
+  same batch size, same client;
+- Redis memory per stored token and relative to the encoded payload.
+
+    python benchmarks/buffer_throughput.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from buffer.codec import decode_group, encode_group
+from buffer.config import BufferConfig, RedisServerConfig
+from buffer.replay_buffer import ReplayBuffer
+from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
+from buffer.server import RedisServer
+
+SIZES = {"small": 64, "standard": 512, "large": 4096}
+GROUP_SIZE = 8
+BATCH = 16
+
+
+def make_groups(n_groups: int, tokens: int, seed: int) -> list[RolloutGroup]:
+    rng = np.random.default_rng(seed)
+
+    def completion() -> Completion:
+        return Completion(
+            token_ids=rng.integers(0, 150_000, tokens, dtype=np.int32),
+            behaviour_logprobs=-rng.exponential(1.0, tokens).astype(np.float32),
+            loss_mask=np.ones(tokens, np.bool_),
+            policy_versions=VersionRuns.constant(0, tokens),
+            reward=float(rng.integers(0, 2)),
+            finish_reason=FinishReason.STOP,
+            verifier_details={"extracted": "42"},
+            generation_s=1.0,
+        )
+
+    return [
+        RolloutGroup(
+            run_id="bench",
+            group_id=f"g{seed}-{i}",
+            env_name="arithmetic",
+            prompt_id=f"p{i}",
+            prompt_token_ids=rng.integers(0, 150_000, 128, dtype=np.int32),
+            completions=[completion() for _ in range(GROUP_SIZE)],
+            actor_id="bench",
+            created_at=time.time(),
+        )
+        for i in range(n_groups)
+    ]
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def timed_batches(batches: list, run: object) -> tuple[float, list[float]]:
+    latencies = []
+    started = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        run(batch)
+        latencies.append(time.perf_counter() - t0)
+    return time.perf_counter() - started, latencies
+
+
+def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> dict:
+    client = server.client()
+    client.flushall()
+    groups = make_groups(n_groups, tokens, seed=tokens)
+    encoded = [encode_group(g) for g in groups]
+    payload_bytes = sum(len(e) for e in encoded)
+    stored_tokens = sum(128 + GROUP_SIZE * tokens for _ in groups)
+    config = BufferConfig(
+        key_prefix=f"bench-{name}",
+        admission_control=False,
+        capacity_groups=10**7,
+        capacity_mib=10**6,
+    )
+    buffer = ReplayBuffer(client, config)
+
+    # Relay: put, memory, sample+ack.
+    before = used_memory(client)
+    put_s, put_lat = timed_batches(
+        [groups[i : i + BATCH] for i in range(0, n_groups, BATCH)],
+        lambda batch: buffer.put(batch, "bench"),
+    )
+    memory = used_memory(client) - before
+    sample_lat = []
+    started = time.perf_counter()
+    taken = 0
+    while taken < n_groups:
+        t0 = time.perf_counter()
+        batch = buffer.sample(min(BATCH, n_groups - taken))
+        buffer.ack(batch)
+        sample_lat.append(time.perf_counter() - t0)
+        taken += len(batch.groups)
+    sample_s = time.perf_counter() - started
+
+    # Where sample+ack time goes: decoding and validating alone, and the buffer's Lua
+    # transport alone (claim + fetch bytes + ack, through the same scripts, no decode).
+    started = time.perf_counter()
+    for raw in encoded:
+        decode_group(raw)
+    decode_us = 1e6 * (time.perf_counter() - started) / n_groups
+    # A fresh prefix: the first pass's acks would refuse these group ids as retries.
+    transport = ReplayBuffer(client, config.model_copy(update={"key_prefix": f"transport-{name}"}))
+    transport.put(groups, "bench")
+    visibility_ms = int(config.visibility_timeout_s * 1000)
+    started = time.perf_counter()
+    taken = 0
+    while taken < n_groups:
+        reply = transport._run("sample", BATCH, 1, config.max_staleness, visibility_ms, "bench")
+        ids = reply[1::4]
+        transport._run("ack", "bench", 0, *ids)
+        taken += len(ids)
+    transport_s = time.perf_counter() - started
+
+    # Raw ceiling: the same bytes, SET then GET+DEL, pipelined in batches of the same size.
+    keys = [f"raw:{i}" for i in range(n_groups)]
+
+    def raw_set(indices: range) -> None:
+        pipe = client.pipeline(transaction=False)
+        for i in indices:
+            pipe.set(keys[i], encoded[i])
+        pipe.execute()
+
+    def raw_get(indices: range) -> None:
+        pipe = client.pipeline(transaction=False)
+        for i in indices:
+            pipe.get(keys[i])
+            pipe.delete(keys[i])
+        pipe.execute()
+
+    ranges = [range(i, min(i + BATCH, n_groups)) for i in range(0, n_groups, BATCH)]
+    raw_set_s, _ = timed_batches(ranges, raw_set)
+    raw_get_s, _ = timed_batches(ranges, raw_get)
+
+    mb = payload_bytes / 1e6
+    return {
+        "tokens_per_completion": tokens,
+        "group_size": GROUP_SIZE,
+        "groups": n_groups,
+        "batch_groups": BATCH,
+        "encoded_bytes_per_group": payload_bytes // n_groups,
+        "put_groups_per_s": n_groups / put_s,
+        "put_mb_per_s": mb / put_s,
+        "put_latency_p50_ms": 1e3 * float(np.percentile(put_lat, 50)),
+        "put_latency_p99_ms": 1e3 * float(np.percentile(put_lat, 99)),
+        "sample_ack_groups_per_s": n_groups / sample_s,
+        "sample_ack_mb_per_s": mb / sample_s,
+        "sample_ack_latency_p50_ms": 1e3 * float(np.percentile(sample_lat, 50)),
+        "sample_ack_latency_p99_ms": 1e3 * float(np.percentile(sample_lat, 99)),
+        "decode_validate_us_per_group": decode_us,
+        "sample_ack_transport_only_groups_per_s": n_groups / transport_s,
+        "raw_set_groups_per_s": n_groups / raw_set_s,
+        "raw_get_del_groups_per_s": n_groups / raw_get_s,
+        "ratio_put_vs_raw": raw_set_s / put_s,
+        "ratio_sample_vs_raw": raw_get_s / sample_s,
+        "ratio_sample_transport_only_vs_raw": raw_get_s / transport_s,
+        "redis_bytes_per_stored_token": memory / stored_tokens,
+        "redis_memory_vs_payload": memory / payload_bytes,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (relay_key, raw_key, title) in zip(
+        axes,
+        [
+            ("put_mb_per_s", "raw_set_groups_per_s", "put vs raw SET"),
+            ("sample_ack_mb_per_s", "raw_get_del_groups_per_s", "sample+ack vs raw GET+DEL"),
+        ],
+        strict=True,
+    ):
+        relay_mb = [results[n][relay_key] for n in names]
+        raw_mb = [results[n][raw_key] * results[n]["encoded_bytes_per_group"] / 1e6 for n in names]
+        ax.bar(x - 0.2, relay_mb, 0.4, label="Relay buffer")
+        ax.bar(x + 0.2, raw_mb, 0.4, label="raw redis-py pipeline")
+        ax.set_xticks(x, [f"{n}\n8x{results[n]['tokens_per_completion']} tok" for n in names])
+        ax.set_ylabel("MB/s")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--megabytes", type=float, default=150.0, help="payload per size")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        RedisServer(Path(data_dir), RedisServerConfig()) as server,
+    ):
+        version = server.client().info("server")["redis_version"]
+        for name, tokens in SIZES.items():
+            per_group = len(encode_group(make_groups(1, tokens, seed=0)[0]))
+            n_groups = max(BATCH * 4, int(args.megabytes * 1e6 / per_group) // BATCH * BATCH)
+            results[name] = measure_size(server, name, tokens, n_groups)
+            print(name, json.dumps(results[name], indent=1))
+    report = {
+        "benchmark": "buffer_throughput",
+        "redis": f"redis-server {version}, embedded, appendonly yes, appendfsync everysec",
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "client": "redis-py, one connection, batches of 16 groups",
+        "sizes": results,
+    }
+    (args.out / "buffer.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, args.out / "buffer.png")
+
+
+if __name__ == "__main__":
+    main()
