@@ -4,7 +4,8 @@ For groups of 8 completions x {64, 512, 4096} tokens, on a fresh embedded redis-
 (AOF on, appendfsync everysec), this measures:
 
 - put: `ReplayBuffer.put` of batches of groups (validation and encoding included);
-- sample+ack: `sample` (Lua claim, decoding and validation included) then `ack`;
+- sample+ack: `sample(ack=previous_batch)`, a learner's loop: one round trip claims the
+  next batch and acks the last (decoding and validation included);
 - raw ceiling: a redis-py pipeline of SET (resp. GET + DEL) of the same encoded bytes,
   same batch size, same client;
 - Redis memory per stored token and relative to the encoded payload.
@@ -101,19 +102,21 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
         lambda batch: buffer.put(batch, "bench"),
     )
     memory = used_memory(client) - before
+    # A learner's loop: each sample acks the previous batch in the same round trip.
     sample_lat = []
     started = time.perf_counter()
     taken = 0
+    batch = None
     while taken < n_groups:
         t0 = time.perf_counter()
-        batch = buffer.sample(min(BATCH, n_groups - taken))
-        buffer.ack(batch)
+        batch = buffer.sample(min(BATCH, n_groups - taken), ack=batch)
         sample_lat.append(time.perf_counter() - t0)
         taken += len(batch.groups)
+    buffer.ack(batch)
     sample_s = time.perf_counter() - started
 
     # Where sample+ack time goes: decoding and validating alone, and the buffer's Lua
-    # transport alone (claim + fetch bytes + ack, through the same scripts, no decode).
+    # transport alone (claim + HMGET of the bytes + ack, as `sample` does, no decoding).
     started = time.perf_counter()
     for raw in encoded:
         decode_group(raw)
@@ -124,11 +127,14 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
     visibility_ms = int(config.visibility_timeout_s * 1000)
     started = time.perf_counter()
     taken = 0
+    ids: list = []
     while taken < n_groups:
-        reply = transport._run("sample", BATCH, 1, config.max_staleness, visibility_ms, "bench")
-        ids = reply[1::4]
-        transport._run("ack", "bench", 0, *ids)
+        claim = ("sample", [BATCH, 1, config.max_staleness, visibility_ms, "bench"])
+        *_, reply = transport._eval_many([("ack", ["bench", 0, *ids]), claim] if ids else [claim])
+        ids = reply[1::3]
+        transport.client.hmget(transport.key("payload"), ids)
         taken += len(ids)
+    transport._run("ack", "bench", 0, *ids)
     transport_s = time.perf_counter() - started
 
     # Raw ceiling: the same bytes, SET then GET+DEL, pipelined in batches of the same size.

@@ -67,6 +67,8 @@ class Batch:
     token: str
     learner_version: int
     groups: list[SampledGroup] = field(default_factory=list)
+    previous_ack: AckResult | None = None
+    """The result of acking the batch passed as `sample(ack=...)`."""
 
     @property
     def entry_ids(self) -> list[str]:
@@ -167,14 +169,15 @@ class ReplayBuffer:
         deadline = time.monotonic() + self.config.put_timeout_s
         wait = _POLL_S[0]
         while pending:
-            replies = self._put_pipeline(
-                [(groups[i], encoded[i], leases[i]) for i in pending], producer_id
+            # One script call for the whole batch; safe to redo (put is idempotent per id).
+            (statuses,) = self._eval_many(
+                [("put", self._put_args(groups, encoded, leases, pending, producer_id))]
             )
             full = []
-            for i, reply in zip(pending, replies, strict=True):
-                if reply == b"ok":
+            for i, status in zip(pending, statuses, strict=True):
+                if status == b"ok":
                     stored += 1
-                elif reply == b"duplicate":
+                elif status == b"duplicate":
                     duplicates += 1
                 else:
                     full.append(i)
@@ -191,90 +194,100 @@ class ReplayBuffer:
                 wait = min(wait * 2, _POLL_S[1])
         return PutResult(stored, duplicates)
 
-    def _put_pipeline(self, items: list[tuple[RolloutGroup, bytes, str]], producer: str) -> list:
-        """One round trip of put scripts; safe to redo, since put is idempotent per group id."""
-        sha = self._scripts["put"].sha
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for group, encoded, lease in items:
-                # EVALSHA directly: redis-py's Script in a pipeline adds a SCRIPT EXISTS round trip.
-                pipe.evalsha(
-                    sha,
-                    len(self.keys),
-                    *self.keys,
-                    *self._put_args(group, encoded, producer, lease),
-                )
-            try:
-                return pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                self._load_scripts()  # Redis restarted and forgot them
-                sha = self._scripts["put"].sha
-        raise AssertionError("unreachable")
-
-    def _put_args(self, group: RolloutGroup, encoded: bytes, producer: str, lease: str) -> list:
-        return [
-            group.group_id,
-            group.min_version,
-            group.max_version,
-            encoded,
+    def _put_args(
+        self,
+        groups: Sequence[RolloutGroup],
+        encoded: list[bytes],
+        leases: list[str],
+        indices: list[int],
+        producer: str,
+    ) -> list:
+        args: list = [
             producer,
-            sum(c.n_tokens for c in group.completions),
             self.config.capacity_groups,
             int(self.config.capacity_mib * 1024 * 1024),
             self.config.overflow,
             int(self.config.dedup_window_s * 1000),
-            lease,
             f"{self.config.key_prefix}:producer:{producer}",
         ]
+        for i in indices:
+            group = groups[i]
+            args += [
+                group.group_id,
+                group.min_version,
+                group.max_version,
+                encoded[i],
+                sum(c.n_tokens for c in group.completions),
+                leases[i],
+            ]
+        return args
 
     # -- consumers -----------------------------------------------------------------------
-    def sample(self, n_groups: int, timeout_s: float = 0.0) -> Batch:
+    def sample(self, n_groups: int, timeout_s: float = 0.0, ack: Batch | None = None) -> Batch:
         """Claim `n_groups` groups within `max_staleness`, waiting up to `timeout_s` for them.
 
         Returns a batch of exactly `n_groups`, or an empty batch when they did not come in
-        time. Entries that fail to decode are quarantined and replaced.
+        time. Entries that fail to decode are quarantined and replaced. `ack` acks the
+        previous batch in the same round trip (its result is `batch.previous_ack`).
         """
         token = uuid.uuid4().hex
         claimed: list[SampledGroup] = []
         deadline = time.monotonic() + timeout_s
         wait = _POLL_S[0]
+        previous_ack = None
         while True:
             missing = n_groups - len(claimed)
             # The first claim is all or nothing; replacements of quarantined entries may be partial.
-            reply = self._run(
-                "sample",
-                missing,
-                missing if not claimed else 1,
-                self.config.max_staleness,
-                int(self.config.visibility_timeout_s * 1000),
-                token,
-            )
+            calls = [
+                (
+                    "sample",
+                    [
+                        missing,
+                        missing if not claimed else 1,
+                        self.config.max_staleness,
+                        int(self.config.visibility_timeout_s * 1000),
+                        token,
+                    ],
+                )
+            ]
+            if ack is not None and previous_ack is None and ack.groups:
+                calls.insert(0, ("ack", [ack.token, self.config.max_reuse, *ack.entry_ids]))
+                ack_reply, reply = self._eval_many(calls)
+                previous_ack = self._ack_result(ack_reply)
+            else:
+                (reply,) = self._eval_many(calls)
             version = int(reply[0])
             claimed += self._decode_claims(reply[1:], version, token)
             if len(claimed) == n_groups:
-                return Batch(token, version, claimed)
+                return Batch(token, version, claimed, previous_ack)
             if time.monotonic() >= deadline:
                 if claimed:
                     # Give back a partial batch rather than holding it: expire it now.
                     self._unclaim([g.entry_id for g in claimed], token)
-                return Batch(token, version, [])
+                return Batch(token, version, [], previous_ack)
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             wait = min(wait * 2, _POLL_S[1])
 
     def _decode_claims(self, flat: list, version: int, token: str) -> list[SampledGroup]:
+        entry_ids = [entry_id.decode() for entry_id in flat[0::3]]
+        if not entry_ids:
+            return []
+        payloads = self.client.hmget(self._key["payload"], entry_ids)
         groups = []
-        for i in range(0, len(flat), 4):
-            entry_id, payload = flat[i].decode(), flat[i + 1]
-            min_version, reuse = int(flat[i + 2]), int(flat[i + 3])
+        for entry_id, payload, min_version, reuse in zip(
+            entry_ids, payloads, flat[1::3], flat[2::3], strict=True
+        ):
+            if payload is None:
+                # Only a claim that outlived its visibility timeout can lose its entry.
+                log.warning("claimed entry %s vanished before it was read", entry_id)
+                continue
             try:
-                group = decode_group(payload or b"")
+                group = decode_group(payload)
             except MalformedRollout as error:
                 self._run("quarantine", entry_id, token, str(error)[:500])
                 log.warning("quarantined buffer entry %s: %s", entry_id, error)
                 continue
-            groups.append(SampledGroup(entry_id, group, version - min_version, reuse))
+            groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
 
     def _unclaim(self, entry_ids: list[str], token: str) -> None:
@@ -288,9 +301,13 @@ class ReplayBuffer:
         """Finish the batch's claims after the learner step that used them."""
         if not batch.groups:
             return AckResult([], 0, 0)
-        stale, reused, *acked = self._run(
-            "ack", batch.token, self.config.max_reuse, *batch.entry_ids
+        return self._ack_result(
+            self._run("ack", batch.token, self.config.max_reuse, *batch.entry_ids)
         )
+
+    @staticmethod
+    def _ack_result(reply: list) -> AckResult:
+        stale, reused, *acked = reply
         if stale:
             log.warning("%d claims expired before ack and were redelivered", stale)
         return AckResult([entry_id.decode() for entry_id in acked], int(stale), int(reused))
@@ -316,7 +333,37 @@ class ReplayBuffer:
         return self._key[name]
 
     def _run(self, script: str, *args: object) -> list:
-        return self._scripts[script](keys=self.keys, args=list(args))
+        (reply,) = self._eval_many([(script, list(args))])
+        return reply
+
+    def _eval_many(self, calls: list[tuple[str, list]]) -> list:
+        """Run scripts in one round trip with EVALSHA.
+
+        redis-py's Script in a pipeline adds a SCRIPT EXISTS round trip, so scripts are
+        loaded once; after a Redis restart (NOSCRIPT) they are reloaded and only the
+        calls that did not run are sent again.
+        """
+        replies: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for i in todo:
+                name, args = calls[i]
+                pipe.evalsha(self._scripts[name].sha, len(self.keys), *self.keys, *args)
+            results = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, result in zip(todo, results, strict=True):
+                if isinstance(result, redis.exceptions.NoScriptError) and not attempt:
+                    missing.append(i)
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    replies[i] = result
+            if not missing:
+                return replies
+            self._load_scripts()
+            todo = missing
+        raise AssertionError("unreachable: scripts were reloaded")
 
 
 def _lua(name: str) -> str:

@@ -13,21 +13,34 @@ local function current_version()
   return tonumber(redis.call('GET', K_VERSION) or '0')
 end
 
--- Forget a stored group entirely: payload, indexes, byte and version counts.
-local function remove_entry(id)
-  local size = redis.call('HSTRLEN', K_PAYLOAD, id)
-  local version = redis.call('ZSCORE', K_LIVE, id)
-  redis.call('HDEL', K_PAYLOAD, id)
-  redis.call('ZREM', K_READY, id)
-  redis.call('ZREM', K_LIVE, id)
-  redis.call('HDEL', K_REUSE, id)
-  redis.call('HINCRBY', K_COUNTERS, 'bytes', -size)
-  if version then
-    if redis.call('HINCRBY', K_VCOUNT, version, -1) <= 0 then
+-- redis.call(command, key, ...) over a long argument list, in chunks that fit Lua's stack.
+local function call_chunked(command, key, items)
+  for i = 1, #items, 512 do
+    redis.call(command, key, unpack(items, i, math.min(i + 511, #items)))
+  end
+end
+
+-- Forget stored groups entirely: payloads, indexes, byte and version counts.
+local function remove_entries(ids)
+  if #ids == 0 then return end
+  local versions = redis.call('ZMSCORE', K_LIVE, unpack(ids))
+  local freed = 0
+  local per_version = {}
+  for i, id in ipairs(ids) do
+    freed = freed + redis.call('HSTRLEN', K_PAYLOAD, id)
+    if versions[i] then per_version[versions[i]] = (per_version[versions[i]] or 0) + 1 end
+  end
+  call_chunked('HDEL', K_PAYLOAD, ids)
+  call_chunked('ZREM', K_READY, ids)
+  call_chunked('ZREM', K_LIVE, ids)
+  call_chunked('HDEL', K_REUSE, ids)
+  redis.call('HINCRBY', K_COUNTERS, 'bytes', -freed)
+  for version, count in pairs(per_version) do
+    if redis.call('HINCRBY', K_VCOUNT, version, -count) <= 0 then
       redis.call('HDEL', K_VCOUNT, version)
     end
   end
-  return version
+  return freed
 end
 
 -- Claims whose visibility deadline passed go back to ready: their consumer died.

@@ -1,50 +1,71 @@
--- Store one encoded group. ARGV: id, min_version, max_version, payload, producer,
--- n_tokens, capacity_groups, capacity_bytes, overflow ('block'|'drop_oldest'),
--- dedup_window_ms, lease ('' when admission control is off), producer_key.
--- Returns 'ok', 'duplicate' or 'full' (nothing written).
-local id, min_version, max_version, payload = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local producer, n_tokens = ARGV[5], tonumber(ARGV[6])
-local capacity_groups, capacity_bytes, overflow = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
-local dedup_window_ms, lease, producer_key = tonumber(ARGV[10]), ARGV[11], ARGV[12]
+-- Store a batch of encoded groups. ARGV: producer, capacity_groups, capacity_bytes,
+-- overflow ('block'|'drop_oldest'), dedup_window_ms, producer_key, then six values per
+-- group: id, min_version, max_version, payload, n_tokens, lease ('' without admission).
+-- Returns one status per group: 'ok', 'duplicate' or 'full' (that group not written).
+local producer, capacity_groups, capacity_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local overflow, dedup_window_ms, producer_key = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
-
--- A retried put of a group that is stored, or was acked recently, is not stored twice.
 redis.call('ZREMRANGEBYSCORE', K_ACKED, '-inf', now - dedup_window_ms)
-if redis.call('HEXISTS', K_PAYLOAD, id) == 1 or redis.call('ZSCORE', K_ACKED, id) then
-  redis.call('HINCRBY', K_COUNTERS, 'duplicates', 1)
-  if lease ~= '' and redis.call('ZREM', K_LEASES, lease) == 1 then release_admission(1) end
-  return 'duplicate'
+
+local stored_groups = redis.call('ZCARD', K_LIVE)
+local stored_bytes = tonumber(redis.call('HGET', K_COUNTERS, 'bytes') or '0')
+local added_bytes, added_tokens, added, duplicates, max_version = 0, 0, 0, 0, nil
+local used_leases, returned_leases, statuses = {}, 0, {}
+
+local function fits(size)
+  return stored_groups + 1 <= capacity_groups and stored_bytes + size <= capacity_bytes
 end
 
-local size = #payload
-local function fits()
-  local bytes = tonumber(redis.call('HGET', K_COUNTERS, 'bytes') or '0')
-  return redis.call('ZCARD', K_LIVE) + 1 <= capacity_groups and bytes + size <= capacity_bytes
-end
-if not fits() then
-  if overflow ~= 'drop_oldest' then return 'full' end
-  -- Evict the oldest ready groups (never claimed ones: a learner is training on them).
-  while not fits() do
-    local oldest = redis.call('ZRANGE', K_READY, 0, 0)
-    if #oldest == 0 then return 'full' end
-    remove_entry(oldest[1])
-    redis.call('HINCRBY', K_COUNTERS, 'dropped_capacity', 1)
-    release_admission(1)
+for i = 7, #ARGV, 6 do
+  local id, min_version, version, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local n_tokens, lease = tonumber(ARGV[i + 4]), ARGV[i + 5]
+  local size = #payload
+  local status = 'ok'
+  -- A retried put of a group that is stored, or was acked recently, is not stored twice.
+  if redis.call('HEXISTS', K_PAYLOAD, id) == 1 or redis.call('ZSCORE', K_ACKED, id) then
+    status = 'duplicate'
+    duplicates = duplicates + 1
+    if lease ~= '' and redis.call('ZREM', K_LEASES, lease) == 1 then
+      returned_leases = returned_leases + 1
+    end
+  else
+    -- Evict the oldest ready groups when allowed (never claimed ones: a learner has them).
+    while not fits(size) and overflow == 'drop_oldest' do
+      local oldest = redis.call('ZRANGE', K_READY, 0, 0)
+      if #oldest == 0 then break end
+      stored_bytes = stored_bytes - remove_entries(oldest)
+      stored_groups = stored_groups - 1
+      redis.call('HINCRBY', K_COUNTERS, 'dropped_capacity', 1)
+      returned_leases = returned_leases + 1
+    end
+    if not fits(size) then
+      status = 'full'
+    else
+      redis.call('HSET', K_PAYLOAD, id, payload)
+      redis.call('ZADD', K_READY, min_version, id)
+      redis.call('ZADD', K_LIVE, min_version, id)
+      redis.call('HINCRBY', K_VCOUNT, min_version, 1)
+      stored_groups, stored_bytes = stored_groups + 1, stored_bytes + size
+      added, added_bytes, added_tokens = added + 1, added_bytes + size, added_tokens + n_tokens
+      max_version = math.max(max_version or version, version)
+      if lease ~= '' then table.insert(used_leases, lease) end
+    end
   end
+  table.insert(statuses, status)
 end
 
-redis.call('HSET', K_PAYLOAD, id, payload)
-redis.call('ZADD', K_READY, min_version, id)
-redis.call('ZADD', K_LIVE, min_version, id)
-redis.call('HINCRBY', K_VCOUNT, min_version, 1)
-redis.call('HINCRBY', K_COUNTERS, 'bytes', size)
-redis.call('HINCRBY', K_COUNTERS, 'put', 1)
-redis.call('HINCRBY', K_COUNTERS, 'put_tokens', n_tokens)
-redis.call('HINCRBY', K_COUNTERS, 'put_bytes', size)
-if lease ~= '' then redis.call('ZREM', K_LEASES, lease) end
-redis.call('SADD', K_PRODUCERS, producer)
-redis.call('HINCRBY', producer_key, 'groups', 1)
-redis.call('HINCRBY', producer_key, 'tokens', n_tokens)
-redis.call('HSETNX', producer_key, 'first_put_ms', now)
-redis.call('HSET', producer_key, 'last_put_ms', now, 'last_version', max_version)
-return 'ok'
+if #used_leases > 0 then call_chunked('ZREM', K_LEASES, used_leases) end
+release_admission(returned_leases)
+if duplicates > 0 then redis.call('HINCRBY', K_COUNTERS, 'duplicates', duplicates) end
+if added > 0 then
+  redis.call('HINCRBY', K_COUNTERS, 'bytes', added_bytes)
+  redis.call('HINCRBY', K_COUNTERS, 'put', added)
+  redis.call('HINCRBY', K_COUNTERS, 'put_tokens', added_tokens)
+  redis.call('HINCRBY', K_COUNTERS, 'put_bytes', added_bytes)
+  redis.call('SADD', K_PRODUCERS, producer)
+  redis.call('HINCRBY', producer_key, 'groups', added)
+  redis.call('HINCRBY', producer_key, 'tokens', added_tokens)
+  redis.call('HSETNX', producer_key, 'first_put_ms', now)
+  redis.call('HSET', producer_key, 'last_put_ms', now, 'last_version', max_version)
+end
+return statuses

@@ -5,7 +5,7 @@ if redis.call('HGET', K_CLAIM_TOKEN, id) ~= token then return 0 end
 local payload = redis.call('HGET', K_PAYLOAD, id) or ''
 redis.call('ZREM', K_CLAIMED, id)
 redis.call('HDEL', K_CLAIM_TOKEN, id)
-remove_entry(id)
+remove_entries({id})
 redis.call('RPUSH', K_QUARANTINE, cmsgpack.pack({id = id, reason = reason, at_ms = now_ms(), payload = payload}))
 redis.call('HINCRBY', K_COUNTERS, 'quarantined', 1)
 release_admission(1)

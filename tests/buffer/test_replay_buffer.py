@@ -369,3 +369,22 @@ def test_open_redis_embeds_a_server_or_connects_to_a_url(
         open_redis("redis://127.0.0.1:1/0", RedisServerConfig(), tmp_path)
     with pytest.raises(RedisServerError, match="must start with redis://"):
         open_redis("http://example", RedisServerConfig(), tmp_path)
+
+
+def test_sample_can_ack_the_previous_batch_in_the_same_round_trip(make_buffer: object) -> None:
+    buffer = make_buffer()
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(4)], "actor-0")
+    first = buffer.sample(2)
+    second = buffer.sample(2, ack=first)
+    assert sorted(second.previous_ack.acked_ids) == sorted(first.entry_ids)
+    assert not set(first.entry_ids) & set(second.entry_ids)
+    assert buffer.ack(second).acked == 2
+    assert read_stats(buffer).counters["acked"] == 4
+
+
+def test_scripts_are_reloaded_when_redis_forgets_them(make_buffer: object) -> None:
+    buffer = make_buffer()
+    buffer.client.script_flush()  # what a restart without the script cache looks like
+    assert buffer.put([versioned_group("a", 0)], "actor-0").stored == 1
+    buffer.client.script_flush()
+    assert buffer.ack(buffer.sample(1)).acked == 1
