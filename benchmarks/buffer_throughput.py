@@ -184,6 +184,18 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
     }
 
 
+def median_of(runs: list[dict]) -> dict:
+    """Median of every figure over repeated runs; each run's ratios are kept too.
+
+    Client and redis-server share two cores here, so single runs vary by up to ~1.5x.
+    """
+    merged = {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+    for key in runs[0]:
+        if key.startswith("ratio_"):
+            merged[f"{key}_runs"] = [round(run[key], 3) for run in runs]
+    return merged
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -205,7 +217,7 @@ def plot(results: dict, path: Path) -> None:
         raw_mb = [results[n][raw_key] * results[n]["encoded_bytes_per_group"] / 1e6 for n in names]
         ax.bar(x - 0.2, relay_mb, 0.4, label="Relay buffer")
         ax.bar(x + 0.2, raw_mb, 0.4, label="raw redis-py pipeline")
-        ax.set_xticks(x, [f"{n}\n8x{results[n]['tokens_per_completion']} tok" for n in names])
+        ax.set_xticks(x, [f"{n}\n8x{int(results[n]['tokens_per_completion'])} tok" for n in names])
         ax.set_ylabel("MB/s")
         ax.set_title(title)
         ax.legend(fontsize=8)
@@ -217,6 +229,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--megabytes", type=float, default=150.0, help="payload per size")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per size; medians are reported"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -228,13 +243,18 @@ def main() -> None:
         for name, tokens in SIZES.items():
             per_group = len(encode_group(make_groups(1, tokens, seed=0)[0]))
             n_groups = max(BATCH * 4, int(args.megabytes * 1e6 / per_group) // BATCH * BATCH)
-            results[name] = measure_size(server, name, tokens, n_groups)
+            runs = [
+                measure_size(server, f"{name}{r}", tokens, n_groups) for r in range(args.repeats)
+            ]
+            results[name] = median_of(runs)
             print(name, json.dumps(results[name], indent=1))
     report = {
         "benchmark": "buffer_throughput",
         "redis": f"redis-server {version}, embedded, appendonly yes, appendfsync everysec",
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "client": "redis-py, one connection, batches of 16 groups",
+        "repeats": args.repeats,
+        "statistic": "median over repeats (each ratio's runs listed beside it)",
         "sizes": results,
     }
     (args.out / "buffer.json").write_text(json.dumps(report, indent=2) + "\n")
