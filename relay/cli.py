@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `relay` console script; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # Results go to stdout for scripts; vLLM (and its engine processes, which inherit
+    # this) logs to stdout unless told otherwise.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     logging.basicConfig(
         level=logging.INFO,
         format="%(message)s",
