@@ -7,7 +7,6 @@ one hash per producer. A `stats()` call costs O(versions + producers), not O(gro
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from buffer.replay_buffer import ReplayBuffer
@@ -48,7 +47,10 @@ class BufferStats:
     redelivered, stale_acks, quarantined, leases_granted, leases_expired, admitted,
     put_tokens, put_bytes."""
     producers: list[ProducerStats] = field(default_factory=list)
+    rates: dict[str, float] = field(default_factory=dict)
+    """put/sampled/acked groups and put tokens per second since the previous snapshot."""
     taken_at: float = 0.0
+    """Redis server time (s) of the snapshot, so rates do not depend on the reader's clock."""
 
     def metrics(self) -> dict[str, float]:
         """Flat, namespaced figures (`buffer/depth`, `buffer/staleness_p99`, ...)."""
@@ -67,6 +69,7 @@ class BufferStats:
             out[f"buffer/{name}_p99"] = percentile(histogram, 0.99)
             out[f"buffer/{name}_max"] = max(histogram, default=0)
         out.update({f"buffer/{name}": value for name, value in self.counters.items()})
+        out.update({f"buffer/{name}": value for name, value in self.rates.items()})
         return out
 
 
@@ -77,8 +80,16 @@ COUNTER_NAMES = (
 )  # fmt: skip
 
 
-def read_stats(buffer: ReplayBuffer) -> BufferStats:
-    """Read a consistent-enough snapshot in two round trips."""
+_RATES = {
+    "put_per_s": "put",
+    "sampled_per_s": "sampled",
+    "acked_per_s": "acked",
+    "put_tokens_per_s": "put_tokens",
+}
+
+
+def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> BufferStats:
+    """Read a snapshot in two round trips; with `previous`, rates over the time between them."""
     client = buffer.client
     pipe = client.pipeline(transaction=True)
     pipe.get(buffer.key("version"))
@@ -105,6 +116,14 @@ def read_stats(buffer: ReplayBuffer) -> BufferStats:
     producers = [
         _producer(pid, raw, version, now_s) for pid, raw in zip(ids, pipe.execute(), strict=True)
     ]
+    counters_now = {name: counters.get(name, 0) for name in COUNTER_NAMES}
+    rates = {}
+    if previous is not None and now_s > previous.taken_at:
+        elapsed = now_s - previous.taken_at
+        rates = {
+            rate: (counters_now[name] - previous.counters.get(name, 0)) / elapsed
+            for rate, name in _RATES.items()
+        }
     return BufferStats(
         learner_version=version,
         depth=int(depth),
@@ -113,9 +132,10 @@ def read_stats(buffer: ReplayBuffer) -> BufferStats:
         bytes=counters.get("bytes", 0),
         staleness_histogram=dict(sorted(staleness.items())),
         sampled_staleness_histogram=dict(sorted((int(k), int(v)) for k, v in sampled.items())),
-        counters={name: counters.get(name, 0) for name in COUNTER_NAMES},
+        counters=counters_now,
         producers=producers,
-        taken_at=time.time(),
+        rates=rates,
+        taken_at=now_s,
     )
 
 

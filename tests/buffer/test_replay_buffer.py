@@ -388,3 +388,21 @@ def test_scripts_are_reloaded_when_redis_forgets_them(make_buffer: object) -> No
     assert buffer.put([versioned_group("a", 0)], "actor-0").stored == 1
     buffer.client.script_flush()
     assert buffer.ack(buffer.sample(1)).acked == 1
+
+
+def test_rates_between_two_snapshots(make_buffer: object) -> None:
+    buffer = make_buffer()
+    before = read_stats(buffer)
+    assert before.rates == {}
+    buffer.put([versioned_group(f"g{i}", 0, tokens=5) for i in range(6)], "actor-0")
+    buffer.ack(buffer.sample(4))
+    time.sleep(0.2)
+    after = read_stats(buffer, previous=before)
+    elapsed = after.taken_at - before.taken_at
+    assert elapsed >= 0.2
+    # 6 puts, 4 sampled, 4 acked and 6 x 2 x 5 = 60 tokens over `elapsed` seconds.
+    assert after.rates["put_per_s"] == pytest.approx(6 / elapsed)
+    assert after.rates["sampled_per_s"] == pytest.approx(4 / elapsed)
+    assert after.rates["acked_per_s"] == pytest.approx(4 / elapsed)
+    assert after.rates["put_tokens_per_s"] == pytest.approx(60 / elapsed)
+    assert after.metrics()["buffer/acked_per_s"] == pytest.approx(4 / elapsed)
