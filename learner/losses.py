@@ -1,0 +1,223 @@
+"""Policy-gradient losses with off-policy corrections: small pure functions of tensors.
+
+Shapes: B sequences x T tokens. `logprobs` is log π_θ of the sampled tokens under the
+policy being trained (with gradient); `behaviour_logprobs` is log μ, recorded by the
+actor that sampled them; `loss_mask` is False on prompt, padding and environment tokens.
+Every loss returns `LossOutputs(loss, metrics)`; none of them logs or touches a device,
+a process group or the buffer. The choice is a config value, a discriminated union on
+`type`; an unknown name fails listing the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What every loss may use ([B, T] unless stated)."""
+
+    logprobs: torch.Tensor
+    """log π_θ(a_t), with gradient."""
+    behaviour_logprobs: torch.Tensor
+    """log μ(a_t) of the policy version that sampled each token."""
+    advantages: torch.Tensor
+    """Per token (a sequence's advantage broadcast over its tokens)."""
+    loss_mask: torch.Tensor
+    """bool: tokens the policy sampled and that count in the loss."""
+    proximal_logprobs: torch.Tensor | None = None
+    """log π_prox: the policy at the start of this step (decoupled PPO's trust region)."""
+    staleness: torch.Tensor | None = None
+    """[B]: learner version minus the sequence's oldest token version (metrics only)."""
+    entropy: torch.Tensor | None = None
+    """Per-token entropy of π_θ, when the caller computed it (metrics only)."""
+
+
+@dataclass(frozen=True)
+class LossOutputs:
+    """The scalar to backpropagate and figures about the batch."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class NoCorrection(BaseModel):
+    """`none`: on-policy policy gradient applied to stale data (the naive baseline)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["none"] = "none"
+
+
+class TruncatedIS(BaseModel):
+    """`tis`: token-level truncated importance sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tis"] = "tis"
+    clip_c: float = Field(2.0, gt=0)
+    """Weights π/μ are truncated at this value."""
+
+
+class DecoupledPPO(BaseModel):
+    """`decoupled_ppo`: AReaL's decoupled PPO objective."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["decoupled_ppo"] = "decoupled_ppo"
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Trust region around the proximal policy: ratio clipped to [1 - eps, 1 + eps]."""
+    behaviour_weight_cap: float | None = Field(None, gt=0)
+    """Optional cap on the behaviour weight π_prox/μ (None: uncapped)."""
+
+
+class SequenceIS(BaseModel):
+    """`seq_is`: sequence-level, length-normalised ratio with clipping (GSPO)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["seq_is"] = "seq_is"
+    clip_low: float = Field(3e-4, gt=0, lt=1)
+    """Sequence ratio clipped below at 1 - clip_low (GSPO uses 3e-4)."""
+    clip_high: float = Field(4e-4, gt=0)
+    """Sequence ratio clipped above at 1 + clip_high (GSPO uses 4e-4)."""
+
+
+LossConfig = Annotated[
+    NoCorrection | TruncatedIS | DecoupledPPO | SequenceIS, Field(discriminator="type")
+]
+
+
+def no_correction(inputs: LossInputs, config: NoCorrection) -> LossOutputs:
+    """L = -Σ_t m_t A_t log π_θ(a_t) / Σ_t m_t  (REINFORCE with group advantages).
+
+    Ignores that the tokens came from μ ≠ π_θ: the gradient is biased by staleness.
+    """
+    mask = inputs.loss_mask
+    loss = -_masked_mean(inputs.advantages * inputs.logprobs, mask)
+    return LossOutputs(loss, _importance_metrics(inputs))
+
+
+def truncated_is(inputs: LossInputs, config: TruncatedIS) -> LossOutputs:
+    """L = -Σ_t m_t sg(min(ρ_t, c)) A_t log π_θ(a_t) / Σ_t m_t,  ρ_t = π_θ(a_t) / μ(a_t).
+
+    Truncated importance sampling as in IMPALA's V-trace (Espeholt et al. 2018), used for
+    LLM RL by prime-rl (AIPO) and OpenRLHF: unbiased up to the truncation, with variance
+    bounded by c. sg is stop-gradient.
+    """
+    mask = inputs.loss_mask
+    ratio = torch.exp(inputs.logprobs.detach() - inputs.behaviour_logprobs)
+    weight = torch.clamp(ratio, max=config.clip_c)
+    loss = -_masked_mean(weight * inputs.advantages * inputs.logprobs, mask)
+    metrics = _importance_metrics(inputs)
+    metrics["clip_fraction"] = _masked_mean((ratio > config.clip_c).float(), mask).item()
+    return LossOutputs(loss, metrics)
+
+
+def decoupled_ppo(inputs: LossInputs, config: DecoupledPPO) -> LossOutputs:
+    """L = -Σ_t m_t w_t min(r_t A_t, clip(r_t, 1-ε, 1+ε) A_t) / Σ_t m_t.
+
+    r_t = π_θ(a_t) / π_prox(a_t) keeps the update in a trust region around the proximal
+    policy (the policy at the start of this step), and the behaviour weight
+    w_t = sg(π_prox(a_t) / μ(a_t)) corrects for the tokens having come from μ.
+    Decoupled PPO (Hilton et al. 2021), as used by AReaL (Fu et al. 2025).
+    """
+    if inputs.proximal_logprobs is None:
+        raise ValueError("decoupled_ppo needs proximal_logprobs (log π at the start of the step)")
+    mask = inputs.loss_mask
+    ratio = torch.exp(inputs.logprobs - inputs.proximal_logprobs)
+    behaviour_weight = torch.exp(inputs.proximal_logprobs - inputs.behaviour_logprobs).detach()
+    if config.behaviour_weight_cap is not None:
+        behaviour_weight = torch.clamp(behaviour_weight, max=config.behaviour_weight_cap)
+    advantages = inputs.advantages
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * advantages
+    loss = -_masked_mean(behaviour_weight * torch.minimum(unclipped, clipped), mask)
+    metrics = _importance_metrics(inputs)
+    metrics["clip_fraction"] = _masked_mean((clipped < unclipped).float(), mask).item()
+    metrics["behaviour_weight_max"] = _masked_max(behaviour_weight, mask)
+    return LossOutputs(loss, metrics)
+
+
+def sequence_is(inputs: LossInputs, config: SequenceIS) -> LossOutputs:
+    """L = -mean_i min(s_i A_i, clip(s_i, 1-ε_low, 1+ε_high) A_i).
+
+    s_i = exp(Σ_t m_t (log π_θ - log μ) / Σ_t m_t) is the length-normalised sequence
+    ratio and A_i the sequence's advantage: GSPO (Zheng et al. 2025). Sequences are
+    averaged, not tokens, so on-policy it equals token-mean policy gradient only when all
+    sequences have the same length.
+    """
+    mask = inputs.loss_mask.float()
+    lengths = mask.sum(dim=1)
+    present = lengths > 0
+    safe_lengths = lengths.clamp(min=1)
+    log_ratio = ((inputs.logprobs - inputs.behaviour_logprobs) * mask).sum(dim=1) / safe_lengths
+    ratio = torch.exp(log_ratio)
+    advantages = (inputs.advantages * mask).sum(dim=1) / safe_lengths
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - config.clip_low, 1 + config.clip_high) * advantages
+    per_sequence = torch.minimum(unclipped, clipped)
+    loss = -per_sequence[present].mean() if present.any() else per_sequence.sum() * 0
+    metrics = _importance_metrics(inputs)
+    metrics["clip_fraction"] = (
+        (clipped < unclipped)[present].float().mean().item() if present.any() else 0.0
+    )
+    metrics["sequence_ratio_max"] = ratio[present].max().item() if present.any() else 1.0
+    return LossOutputs(loss, metrics)
+
+
+LOSSES: dict[str, Callable[[LossInputs, BaseModel], LossOutputs]] = {
+    "none": no_correction,
+    "tis": truncated_is,
+    "decoupled_ppo": decoupled_ppo,
+    "seq_is": sequence_is,
+}
+
+
+def get_loss(name: str) -> Callable[[LossInputs, BaseModel], LossOutputs]:
+    """The loss called `name`; an unknown name fails listing the valid ones."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def compute_loss(config: LossConfig, inputs: LossInputs) -> LossOutputs:
+    """Dispatch on `config.type`."""
+    return get_loss(config.type)(inputs, config)
+
+
+def _importance_metrics(inputs: LossInputs) -> dict[str, float]:
+    """How far the sampling policy is from the current one, over loss tokens.
+
+    ρ = π_θ/μ: mean, max, effective sample size (Σρ)² / (n Σρ²) in (0, 1], and the k3
+    estimate of KL(μ || π_θ): mean(ρ - 1 - log ρ) (Schulman 2020).
+    """
+    mask = inputs.loss_mask
+    log_ratio = (inputs.logprobs.detach() - inputs.behaviour_logprobs)[mask]
+    if log_ratio.numel() == 0:
+        return {"tokens": 0.0}
+    ratio = torch.exp(log_ratio)
+    metrics = {
+        "tokens": float(log_ratio.numel()),
+        "is_weight_mean": ratio.mean().item(),
+        "is_weight_max": ratio.max().item(),
+        "is_ess": (ratio.sum() ** 2 / (ratio.numel() * (ratio**2).sum())).item(),
+        "kl_behaviour": (ratio - 1 - log_ratio).mean().item(),
+    }
+    if inputs.staleness is not None:
+        metrics["staleness_mean"] = inputs.staleness.float().mean().item()
+        metrics["staleness_max"] = inputs.staleness.max().item()
+    if inputs.entropy is not None:
+        metrics["entropy"] = _masked_mean(inputs.entropy.detach(), mask).item()
+    return metrics
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_max(values: torch.Tensor, mask: torch.Tensor) -> float:
+    selected = values[mask]
+    return selected.max().item() if selected.numel() else 0.0

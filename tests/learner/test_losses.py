@@ -1,0 +1,187 @@
+"""Losses against numbers computed by hand, and their on-policy consistency."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import TypeAdapter
+
+from learner.losses import (
+    DecoupledPPO,
+    LossConfig,
+    LossInputs,
+    NoCorrection,
+    SequenceIS,
+    TruncatedIS,
+    compute_loss,
+    get_loss,
+)
+
+LN = math.log
+
+
+def inputs(
+    logprobs: list, behaviour: list, advantages: list, mask: list | None = None, **extra: object
+) -> tuple[LossInputs, torch.Tensor]:
+    current = torch.tensor(logprobs, requires_grad=True)
+    mask_tensor = (
+        torch.tensor(mask) if mask is not None else torch.ones_like(current, dtype=torch.bool)
+    )
+    tensors = {k: torch.tensor(v) for k, v in extra.items()}
+    return (
+        LossInputs(
+            current, torch.tensor(behaviour), torch.tensor(advantages), mask_tensor, **tensors
+        ),
+        current,
+    )
+
+
+# Two tokens: π = [0.5, 0.25], μ = [0.25, 0.5] -> ρ = π/μ = [2, 0.5]; A = [1, 1].
+PI, MU, ONES = [[LN(0.5), LN(0.25)]], [[LN(0.25), LN(0.5)]], [[1.0, 1.0]]
+
+
+def test_none_by_hand() -> None:
+    batch, current = inputs(PI, MU, ONES)
+    out = compute_loss(NoCorrection(), batch)
+    # L = -(ln 0.5 + ln 0.25) / 2 = -(-0.693147 - 1.386294) / 2 = 1.039721
+    assert out.loss.item() == pytest.approx(1.039721, abs=1e-6)
+    out.loss.backward()
+    # dL/dlog π_t = -A_t / N = -0.5 each
+    assert torch.allclose(current.grad, torch.tensor([[-0.5, -0.5]]))
+
+
+def test_tis_by_hand() -> None:
+    batch, current = inputs(PI, MU, ONES)
+    out = compute_loss(TruncatedIS(clip_c=1.5), batch)
+    # w = min(ρ, 1.5) = [1.5, 0.5]
+    # L = -(1.5 x ln 0.5 + 0.5 x ln 0.25) / 2 = -(-1.039721 - 0.693147) / 2 = 0.866434
+    assert out.loss.item() == pytest.approx(0.866434, abs=1e-6)
+    out.loss.backward()
+    # dL/dlog π_t = -w_t A_t / N = [-0.75, -0.25]: the weight is not differentiated.
+    assert torch.allclose(current.grad, torch.tensor([[-0.75, -0.25]]))
+    m = out.metrics
+    assert m["clip_fraction"] == 0.5  # one of two ratios above 1.5
+    assert m["is_weight_mean"] == pytest.approx(1.25)  # (2 + 0.5) / 2
+    assert m["is_weight_max"] == pytest.approx(2.0)
+    assert m["is_ess"] == pytest.approx(6.25 / 8.5)  # (2.5)^2 / (2 x (4 + 0.25)) = 0.735294
+    # k3: (2 - 1 - ln 2) = 0.306853 and (0.5 - 1 + ln 2) = 0.193147 -> mean 0.25
+    assert m["kl_behaviour"] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_tis_bounds_the_weights() -> None:
+    # ρ = e^10 on the first token: its gradient weight is c = 2, not 22026.
+    batch, current = inputs([[0.0, LN(0.5)]], [[-10.0, LN(0.5)]], ONES)
+    compute_loss(TruncatedIS(clip_c=2.0), batch).loss.backward()
+    assert torch.allclose(current.grad, torch.tensor([[-1.0, -0.5]]))  # -[2, 1] x 1 / 2
+
+
+def test_decoupled_ppo_by_hand() -> None:
+    # π_θ = [0.5, 0.25], π_prox = [0.4, 0.25], μ = [0.2, 0.5], A = [1, -1], ε = 0.2
+    # r = π_θ/π_prox = [1.25, 1.0]; w = π_prox/μ = [2, 0.5]
+    # token 1: min(1.25 x 1, clip(1.25) = 1.2 x 1) = 1.2 (clipped); x w = 2.4
+    # token 2: min(1.0 x -1, 1.0 x -1) = -1;                          x w = -0.5
+    # L = -(2.4 - 0.5) / 2 = -0.95
+    batch, current = inputs(
+        [[LN(0.5), LN(0.25)]], [[LN(0.2), LN(0.5)]], [[1.0, -1.0]],
+        proximal_logprobs=[[LN(0.4), LN(0.25)]],
+    )  # fmt: skip
+    out = compute_loss(DecoupledPPO(clip_eps=0.2), batch)
+    assert out.loss.item() == pytest.approx(-0.95, abs=1e-6)
+    out.loss.backward()
+    # Clipped token: no gradient. Token 2: d(w r A)/dlog π = w r A = 0.5 x 1 x -1 = -0.5;
+    # dL = -(-0.5) / 2 = 0.25
+    assert torch.allclose(current.grad, torch.tensor([[0.0, 0.25]]), atol=1e-6)
+    assert out.metrics["clip_fraction"] == 0.5
+    assert out.metrics["behaviour_weight_max"] == pytest.approx(2.0)
+
+
+def test_decoupled_ppo_caps_the_behaviour_weight() -> None:
+    # Same as above with the weight capped at 1: token 1 -> 1.2 x 1 = 1.2; token 2 -> -0.5
+    # L = -(1.2 - 0.5) / 2 = -0.35
+    batch, _ = inputs(
+        [[LN(0.5), LN(0.25)]], [[LN(0.2), LN(0.5)]], [[1.0, -1.0]],
+        proximal_logprobs=[[LN(0.4), LN(0.25)]],
+    )  # fmt: skip
+    assert compute_loss(DecoupledPPO(behaviour_weight_cap=1.0), batch).loss.item() == pytest.approx(
+        -0.35, abs=1e-6
+    )
+
+
+def test_decoupled_ppo_needs_the_proximal_policy() -> None:
+    batch, _ = inputs(PI, MU, ONES)
+    with pytest.raises(ValueError, match="proximal_logprobs"):
+        compute_loss(DecoupledPPO(), batch)
+
+
+def test_seq_is_by_hand() -> None:
+    # Sequence 1: log π - log μ = [ln 2, 0] -> mean ln 2 / 2 -> s = sqrt(2) = 1.414214, A = 1
+    # Sequence 2: one token, log ratio ln 0.5 -> s = 0.5, A = -1 (second token masked)
+    # ε = 0.2: seq 1 min(1.414, 1.2) = 1.2; seq 2 min(-0.5, clip(0.5) = 0.8 x -1) = -0.8
+    # L = -(1.2 - 0.8) / 2 = -0.2; both clipped, so no gradient.
+    batch, current = inputs(
+        [[LN(0.5), LN(0.5)], [LN(0.25), 0.0]],
+        [[LN(0.25), LN(0.5)], [LN(0.5), 0.0]],
+        [[1.0, 1.0], [-1.0, -1.0]],
+        mask=[[True, True], [True, False]],
+    )
+    out = compute_loss(SequenceIS(clip_low=0.2, clip_high=0.2), batch)
+    assert out.loss.item() == pytest.approx(-0.2, abs=1e-6)
+    assert out.metrics["sequence_ratio_max"] == pytest.approx(math.sqrt(2), abs=1e-6)
+    assert out.metrics["clip_fraction"] == 1.0
+    out.loss.backward()
+    assert torch.count_nonzero(current.grad) == 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TruncatedIS(), DecoupledPPO(), SequenceIS(), DecoupledPPO(behaviour_weight_cap=1.0)],
+    ids=lambda c: c.type,
+)
+def test_on_policy_every_correction_is_policy_gradient(config: LossConfig) -> None:
+    # With μ = π_prox = π_θ every weight and ratio is 1 (and inside the clip range), so
+    # each corrected loss has the gradient of plain policy gradient. Sequences have
+    # equal lengths, where seq_is's sequence mean equals the token mean.
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (3, 5))
+    advantages = torch.randn(3, 1).expand(3, 5).contiguous()
+    mask = torch.ones(3, 5, dtype=torch.bool)
+
+    def gradient(config: LossConfig) -> torch.Tensor:
+        logits.grad = None
+        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        frozen = logprobs.detach()
+        batch = LossInputs(logprobs, frozen, advantages, mask, proximal_logprobs=frozen)
+        compute_loss(config, batch).loss.backward()
+        return logits.grad.clone()
+
+    assert torch.allclose(gradient(config), gradient(NoCorrection()), atol=1e-6)
+
+
+def test_metrics_include_staleness_and_entropy() -> None:
+    batch, _ = inputs(PI, MU, ONES, staleness=[3], entropy=[[1.0, 2.0]])
+    metrics = compute_loss(NoCorrection(), batch).metrics
+    assert (metrics["staleness_mean"], metrics["staleness_max"], metrics["entropy"]) == (
+        3.0,
+        3.0,
+        1.5,
+    )
+
+
+def test_masked_tokens_do_not_count() -> None:
+    # The masked second token has a huge ratio and advantage; nothing changes.
+    batch, _ = inputs([[LN(0.5), 0.0]], [[LN(0.5), -20.0]], [[1.0, 100.0]], mask=[[True, False]])
+    out = compute_loss(TruncatedIS(), batch)
+    assert out.loss.item() == pytest.approx(-LN(0.5))
+    assert out.metrics["is_weight_max"] == pytest.approx(1.0)
+
+
+def test_loss_config_is_a_discriminated_union() -> None:
+    adapter = TypeAdapter(LossConfig)
+    assert adapter.validate_python({"type": "tis", "clip_c": 3}).clip_c == 3
+    with pytest.raises(ValueError, match="'none', 'tis', 'decoupled_ppo', 'seq_is'"):
+        adapter.validate_python({"type": "ppo"})
+    with pytest.raises(ValueError, match="valid: decoupled_ppo, none, seq_is, tis"):
+        get_loss("ppo")
