@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.weight_sync import WORKER_EXTENSION
+
 if TYPE_CHECKING:
     from vllm import LLM
 
@@ -74,6 +76,8 @@ def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
         tensor_parallel_size=config.tensor_parallel_size,
         enforce_eager=config.enforce_eager,
         seed=seed,
+        # Adds relay_load_weights & co. to the workers, for weight updates in flight.
+        worker_extension_cls=WORKER_EXTENSION,
     )
     log.info("vLLM engine for %s ready in %.1fs", model_path, time.perf_counter() - started)
     return llm
