@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
+
+from buffer.weights import PackedTensor, chunks, pack_state_dict, unpack_tensors
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "actors.weight_sync.RelayWorkerExtension"
 """What `build_llm` passes as vLLM's `worker_extension_cls`."""
-
-PackedTensor = tuple[str, str, list[int], bytes]
-"""(name, dtype name, shape, raw bytes in the host's byte order)."""
 
 
 class RelayWorkerExtension:
@@ -39,7 +38,7 @@ class RelayWorkerExtension:
         """Load a chunk of named tensors into the model; returns how many were loaded."""
         model = self.model_runner.model
         _restore_dropped_linear_weights(model)
-        model.load_weights(_unpack(tensors))
+        model.load_weights(unpack_tensors(tensors))
         return len(tensors)
 
     def relay_finish_weight_update(self) -> int:
@@ -52,33 +51,6 @@ class RelayWorkerExtension:
         return repacked
 
 
-def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[PackedTensor]:
-    """The wire form of a state dict (CPU copies, contiguous, raw bytes)."""
-    packed = []
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        packed.append((name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), raw))
-    return packed
-
-
-def chunks(packed: list[PackedTensor], max_bytes: int) -> Iterator[list[PackedTensor]]:
-    """Group tensors into chunks of at most `max_bytes` (a larger tensor travels alone).
-
-    Chunking bounds what the worker must hold at once besides the model itself.
-    """
-    chunk: list[PackedTensor] = []
-    size = 0
-    for item in packed:
-        if chunk and size + len(item[3]) > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += len(item[3])
-    if chunk:
-        yield chunk
-
-
 def update_engine_weights(
     llm: object,
     state_dict: Mapping[str, torch.Tensor],
@@ -86,30 +58,30 @@ def update_engine_weights(
     chunk_mib: float = 64,
     timeout_s: float = 300,
 ) -> float:
-    """Push `state_dict` into the running engine `llm`; returns the seconds it took.
+    """Push `state_dict` into the running engine `llm`; returns the seconds it took."""
+    return load_chunks(
+        llm, chunks(pack_state_dict(state_dict), int(chunk_mib * 1024 * 1024)), timeout_s
+    )
+
+
+def load_chunks(
+    llm: object, tensor_chunks: Iterable[list[PackedTensor]], timeout_s: float = 300
+) -> float:
+    """Stream chunks of packed tensors (from the learner or a weight store) into `llm`.
 
     Each RPC has a time limit, so a stuck worker raises instead of hanging the actor.
     The prefix cache is reset: cached prompt KV computed by the old weights is stale.
     """
     started = time.perf_counter()
-    packed = pack_state_dict(state_dict)
-    for chunk in chunks(packed, int(chunk_mib * 1024 * 1024)):
+    loaded = 0
+    for chunk in tensor_chunks:
         llm.collective_rpc("relay_load_weights", args=(chunk,), timeout=timeout_s)
+        loaded += len(chunk)
     llm.collective_rpc("relay_finish_weight_update", timeout=timeout_s)
     llm.reset_prefix_cache()
     seconds = time.perf_counter() - started
-    log.info("loaded %d tensors into vLLM in %.2fs", len(packed), seconds)
+    log.info("loaded %d tensors into vLLM in %.2fs", loaded, seconds)
     return seconds
-
-
-def _unpack(tensors: list[PackedTensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, dtype, shape, raw in tensors:
-        flat = (
-            torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            if raw
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        yield name, flat.view(getattr(torch, dtype)).reshape(shape)
 
 
 def _restore_dropped_linear_weights(model: torch.nn.Module) -> None:

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine import generate
 from actors.episodes import render_prompt
-from actors.weight_sync import chunks, pack_state_dict, update_engine_weights
+from actors.weight_sync import load_chunks, update_engine_weights
+from buffer.weights import RedisWeightStore
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Split
 from learner.logprobs import completion_logprobs
@@ -32,7 +33,7 @@ def worst_difference(llm: object, model: torch.nn.Module, prompts: list[list[int
 
 @pytest.mark.slow
 def test_running_engine_takes_new_weights_and_gives_them_back(
-    vllm_engine: object, warm_model_dir: Path
+    vllm_engine: object, warm_model_dir: Path, redis_server: object
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
     original = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32).eval()
@@ -49,30 +50,9 @@ def test_running_engine_takes_new_weights_and_gives_them_back(
     # ...and the old weights no longer explain the samples (>10 nats was the stale-LM-head bug).
     assert worst_difference(vllm_engine, original, prompts) > 0.05
 
-    update_engine_weights(vllm_engine, dict(original.named_parameters()))
+    # Back to the original weights, this time the way a remote actor gets them: from the
+    # weight store in the buffer's Redis, streamed in small chunks.
+    store = RedisWeightStore(redis_server.client(), "test-weight-sync", part_mib=0.1)
+    store.publish(7, dict(original.named_parameters()))
+    load_chunks(vllm_engine, store.stream(store.latest_version(), max_bytes=256 * 1024))
     assert worst_difference(vllm_engine, original, prompts) < LOGPROB_TOLERANCE
-
-
-def test_state_dict_round_trips_through_the_wire_form() -> None:
-    from actors.weight_sync import _unpack
-
-    state = {
-        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
-        "b": torch.tensor([1, 2], dtype=torch.int64),
-    }
-    packed = pack_state_dict(state)
-    assert [(name, dtype, shape) for name, dtype, shape, _ in packed] == [
-        ("a", "float32", [2, 3]),
-        ("b", "int64", [2]),
-    ]
-    for name, tensor in _unpack(packed):
-        assert torch.equal(tensor, state[name])
-
-
-def test_chunks_respect_the_byte_budget() -> None:
-    packed = [
-        (f"t{i}", "uint8", [size], bytes(size)) for i, size in enumerate([40, 40, 30, 100, 10])
-    ]
-    sizes = [[len(item[3]) for item in chunk] for chunk in chunks(packed, max_bytes=80)]
-    # 40 + 40 = 80 fits; 30 starts a new chunk; 100 exceeds the budget alone; 10 follows.
-    assert sizes == [[40, 40], [30], [100], [10]]

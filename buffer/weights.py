@@ -1,0 +1,182 @@
+"""Policy weights between learner and actors: the wire form, and a store in Redis.
+
+Weights travel as a named-tensor stream: (name, dtype, shape, raw bytes) per tensor,
+plus the policy version they belong to. `RedisWeightStore` keeps the latest versions
+in the buffer's Redis, so an actor anywhere (another cluster included) can follow the
+learner with nothing but the buffer's address. Tensors are stored in parts of at most
+`part_mib`, each tensor with a SHA-256. A version becomes visible (`latest`) only once
+all of it is written, and readers stream it in bounded chunks, never holding a second
+full copy of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import redis
+import torch
+
+log = logging.getLogger(__name__)
+
+PackedTensor = tuple[str, str, list[int], bytes]
+"""(name, dtype name, shape, raw bytes in the host's byte order)."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """The asked-for version is not (or no longer) in the store, or arrived corrupted."""
+
+
+def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Iterator[PackedTensor]:
+    """The wire form of a state dict, one tensor at a time (CPU copies, raw bytes)."""
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        yield name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), raw
+
+
+def unpack_tensors(tensors: list[PackedTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Back from the wire form to (name, tensor)."""
+    for name, dtype, shape, raw in tensors:
+        flat = (
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            if raw
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        yield name, flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+def chunks(
+    packed: Iterator[PackedTensor] | list[PackedTensor], max_bytes: int
+) -> Iterator[list[PackedTensor]]:
+    """Group tensors into chunks of at most `max_bytes` (a larger tensor travels alone)."""
+    chunk: list[PackedTensor] = []
+    size = 0
+    for item in packed:
+        if chunk and size + len(item[3]) > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[3])
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """What one publish wrote."""
+
+    version: int
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+class RedisWeightStore:
+    """The latest policy versions, in the buffer's Redis, readable from anywhere."""
+
+    def __init__(
+        self, client: redis.Redis, key_prefix: str, *, part_mib: float = 64, keep_versions: int = 2
+    ) -> None:
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1")
+        self.client = client
+        self.prefix = f"{key_prefix}:weights"
+        self.part_bytes = int(part_mib * 1024 * 1024)
+        self.keep_versions = keep_versions
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> PublishReport:
+        """Write `state_dict` as `version`, then make it the latest and drop old versions."""
+        started = time.perf_counter()
+        manifest = []
+        total = 0
+        for name, dtype, shape, raw in pack_state_dict(state_dict):
+            parts = max(1, -(-len(raw) // self.part_bytes))
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(parts):
+                part = raw[i * self.part_bytes : (i + 1) * self.part_bytes]
+                pipe.hset(self._tensors_key(version), f"{name}#{i}", part)
+            pipe.execute()
+            digest = hashlib.sha256(raw).hexdigest()
+            manifest.append(
+                {"name": name, "dtype": dtype, "shape": shape, "parts": parts, "sha256": digest}
+            )
+            total += len(raw)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self._manifest_key(version), json.dumps(manifest))
+        pipe.zadd(f"{self.prefix}:versions", {str(version): version})
+        pipe.set(f"{self.prefix}:latest", version)
+        pipe.execute()
+        self._drop_old_versions()
+        report = PublishReport(version, len(manifest), total, time.perf_counter() - started)
+        log.info(
+            "published weights v%d: %d tensors, %.1f MB in %.2fs",
+            version,
+            report.tensors,
+            total / 1e6,
+            report.seconds,
+        )
+        return report
+
+    def latest_version(self) -> int | None:
+        """The newest complete version, or None before the first publish."""
+        latest = self.client.get(f"{self.prefix}:latest")
+        return int(latest) if latest is not None else None
+
+    def wait_for_newer(self, than: int | None, timeout_s: float, poll_s: float = 0.2) -> int | None:
+        """Block until a version newer than `than` is published; None on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            latest = self.latest_version()
+            if latest is not None and (than is None or latest > than):
+                return latest
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(poll_s)
+
+    def stream(
+        self, version: int, max_bytes: int = 64 * 1024 * 1024
+    ) -> Iterator[list[PackedTensor]]:
+        """`version`'s tensors in chunks of at most `max_bytes`, each checked against its hash."""
+        raw_manifest = self.client.get(self._manifest_key(version))
+        if raw_manifest is None:
+            raise WeightsUnavailable(
+                f"weights v{version} are not in the store (latest: {self.latest_version()})"
+            )
+
+        def tensors() -> Iterator[PackedTensor]:
+            for entry in json.loads(raw_manifest):
+                fields = [f"{entry['name']}#{i}" for i in range(entry["parts"])]
+                parts = self.client.hmget(self._tensors_key(version), fields)
+                if any(part is None for part in parts):
+                    raise WeightsUnavailable(f"weights v{version} were dropped while being read")
+                raw = b"".join(parts)
+                if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+                    raise WeightsUnavailable(
+                        f"weights v{version}: tensor {entry['name']} is corrupted"
+                    )
+                yield entry["name"], entry["dtype"], entry["shape"], raw
+
+        yield from chunks(tensors(), max_bytes)
+
+    def fetch(self, version: int) -> dict[str, torch.Tensor]:
+        """A whole version as a state dict (for loading into a transformers model)."""
+        return {
+            name: tensor for chunk in self.stream(version) for name, tensor in unpack_tensors(chunk)
+        }
+
+    def _drop_old_versions(self) -> None:
+        old = self.client.zrange(f"{self.prefix}:versions", 0, -self.keep_versions - 1)
+        for version in (int(v) for v in old):
+            self.client.delete(self._manifest_key(version), self._tensors_key(version))
+            self.client.zrem(f"{self.prefix}:versions", str(version))
+
+    def _manifest_key(self, version: int) -> str:
+        return f"{self.prefix}:{version}:manifest"
+
+    def _tensors_key(self, version: int) -> str:
+        return f"{self.prefix}:{version}:tensors"
