@@ -1,0 +1,120 @@
+"""The learner step: batch alignment by hand, and real DeepSpeed (CPU, gloo) learning."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
+from learner.advantages import grpo_no_std
+from learner.batching import build_batch
+from learner.logprobs import completion_logprobs
+
+
+def completion(
+    tokens: list[int],
+    logprobs: list[float],
+    reward: float,
+    mask: list[bool] | None = None,
+    version: int = 0,
+) -> Completion:
+    return Completion(
+        token_ids=np.array(tokens, np.int32),
+        behaviour_logprobs=np.array(logprobs, np.float32),
+        loss_mask=np.array(mask if mask is not None else [True] * len(tokens)),
+        policy_versions=VersionRuns.constant(version, len(tokens)),
+        reward=reward,
+        finish_reason=FinishReason.STOP,
+    )
+
+
+def group(prompt: list[int], *completions: Completion) -> RolloutGroup:
+    return RolloutGroup(
+        "run", "g", "arithmetic", "p", np.array(prompt, np.int32), list(completions), "a", 0.0
+    )
+
+
+def test_batch_alignment_by_hand() -> None:
+    # Prompt [2, 35, 82] (3 tokens); completion 1: [5, 6, 3], reward 1; completion 2: [7, 3]
+    # with its first token from the environment (masked), reward 0.
+    # Advantages (grpo_no_std): mean 0.5 -> [+0.5, -0.5].
+    # Token j of a completion is predicted at position prompt_len - 1 + j = 2 + j.
+    first = completion([5, 6, 3], [-0.1, -0.2, -0.3], 1.0)
+    second = completion([7, 3], [0.0, -0.4], 0.0, mask=[False, True], version=2)
+    batch = build_batch([group([2, 35, 82], first, second)], grpo_no_std, 0, learner_version=5)
+    assert batch.input_ids.tolist() == [[2, 35, 82, 5, 6, 3], [2, 35, 82, 7, 3, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+    assert batch.loss_mask.tolist() == [
+        [False, False, True, True, True],
+        [False, False, False, True, False],
+    ]
+    assert torch.allclose(batch.behaviour_logprobs[0], torch.tensor([0, 0, -0.1, -0.2, -0.3]))
+    assert torch.allclose(batch.behaviour_logprobs[1], torch.tensor([0, 0, 0.0, -0.4, 0]))
+    assert batch.advantages.tolist() == [[0, 0, 0.5, 0.5, 0.5], [0, 0, 0, -0.5, 0]]
+    assert batch.staleness.tolist() == [5, 3]  # learner version 5 minus versions 0 and 2
+
+
+@pytest.fixture(scope="module")
+def learner(warm_model_dir: Path) -> Iterator[object]:
+    import torch.distributed as dist
+
+    from learner.losses import TruncatedIS
+    from learner.trainer import Learner, LearnerConfig
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The learner sets the launcher's variables (RANK, MASTER_PORT, ...); later tests
+    # spawn vLLM processes, which must not inherit them.
+    saved = dict(os.environ)
+    config = LearnerConfig(lr=2e-4, loss=TruncatedIS())
+    learner = Learner(str(warm_model_dir), config, master_port=port)
+    yield learner
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.slow
+def test_deepspeed_step_raises_the_logprob_of_rewarded_completions(learner: object) -> None:
+    tokenizer = learner.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "12+34="}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    right = tokenizer("46", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    wrong = tokenizer("13", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    model = learner.engine.module
+
+    def logprob_sums() -> tuple[float, float]:
+        with torch.no_grad():
+            a, b = completion_logprobs(model, prompt_ids, [right, wrong])
+        return a.sum().item(), b.sum().item(), a.tolist(), b.tolist()
+
+    right_before, wrong_before, right_lp, wrong_lp = logprob_sums()
+    # Fresh data (behaviour = current policy): a fixed buffer replayed for 12 steps.
+    batch = [
+        group(
+            prompt_ids,
+            completion(right, right_lp, 1.0),
+            completion(wrong, wrong_lp, 0.0),
+            completion(right, right_lp, 1.0),
+            completion(wrong, wrong_lp, 0.0),
+        )
+    ]
+    metrics = [learner.step(batch, learner_version=0) for _ in range(12)]
+    right_after, wrong_after, *_ = logprob_sums()
+    # Measured here: right -4.53 -> about -4.0 (it dips first: both replies end with the
+    # same end-of-turn token, pushed down after the wrong one); wrong -4.49 -> below -14.
+    assert right_after > right_before + 0.25
+    assert wrong_after < wrong_before - 3.0
+    # The replayed buffer goes off-policy as the policy moves: weights leave 1.
+    assert metrics[0]["learner/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics[-1]["learner/is_weight_max"] > 1.0
+    assert all(np.isfinite(m["learner/loss"]) for m in metrics)
