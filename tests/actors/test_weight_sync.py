@@ -9,26 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.engine import generate
 from actors.episodes import render_prompt
 from actors.weight_sync import load_chunks, update_engine_weights
 from buffer.weights import RedisWeightStore
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Split
-from learner.logprobs import completion_logprobs
-from tests.actors.test_engine import LOGPROB_TOLERANCE
-
-
-def worst_difference(llm: object, model: torch.nn.Module, prompts: list[list[int]]) -> float:
-    """Largest |vLLM sampled log-prob - transformers log-prob| over fresh samples."""
-    samples = generate(llm, prompts, [16] * len(prompts), temperature=1.0, n=4)
-    worst = 0.0
-    with torch.no_grad():
-        for prompt_ids, group in zip(prompts, samples, strict=True):
-            recomputed = completion_logprobs(model, prompt_ids, [s.token_ids for s in group])
-            for sample, expected in zip(group, recomputed, strict=True):
-                worst = max(worst, (torch.tensor(sample.logprobs) - expected).abs().max().item())
-    return worst
+from tests.actors.logprob_check import LOGPROB_TOLERANCE, worst_difference
 
 
 @pytest.mark.slow
