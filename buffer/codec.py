@@ -8,7 +8,6 @@ can quarantine the entry instead of crashing the learner.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgpack
@@ -89,11 +88,7 @@ def decode_group(raw: bytes) -> RolloutGroup:
         completions=columns.completions(),
         created_at=created_at,
     )
-    for name in _STRINGS:
-        if not getattr(group, name):
-            raise MalformedRollout(f"{name} must be a non-empty string")
-    if not math.isfinite(created_at):
-        raise MalformedRollout("created_at is not finite")
+    group.validate_header()
     return group
 
 

@@ -107,15 +107,16 @@ class ReplayBuffer:
         self.keys = [f"{config.key_prefix}:{name}" for name in _KEY_NAMES]
         self._key = dict(zip(_KEY_NAMES, self.keys, strict=True))
         common = _lua("common.lua")
-        self._scripts = {
-            name: client.register_script(common + _lua(f"{name}.lua"))
+        self._sources = {
+            name: common + _lua(f"{name}.lua")
             for name in ("put", "sample", "ack", "quarantine", "reserve", "release")
         }
         self._load_scripts()
 
     def _load_scripts(self) -> None:
-        for script in self._scripts.values():
-            script.sha = self.client.script_load(script.script)
+        self._shas = {
+            name: self.client.script_load(source) for name, source in self._sources.items()
+        }
 
     # -- the policy version ------------------------------------------------------------
     def version(self) -> int:
@@ -251,7 +252,7 @@ class ReplayBuffer:
                 )
             ]
             if ack is not None and previous_ack is None and ack.groups:
-                calls.insert(0, ("ack", [ack.token, self.config.max_reuse, *ack.entry_ids]))
+                calls.insert(0, self._ack_call(ack))
                 ack_reply, reply = self._eval_many(calls)
                 previous_ack = self._ack_result(ack_reply)
             else:
@@ -263,7 +264,7 @@ class ReplayBuffer:
             if time.monotonic() >= deadline:
                 if claimed:
                     # Give back a partial batch rather than holding it: expire it now.
-                    self._unclaim([g.entry_id for g in claimed], token)
+                    self._unclaim([g.entry_id for g in claimed])
                 return Batch(token, version, [], previous_ack)
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             wait = min(wait * 2, _POLL_S[1])
@@ -290,7 +291,7 @@ class ReplayBuffer:
             groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
 
-    def _unclaim(self, entry_ids: list[str], token: str) -> None:
+    def _unclaim(self, entry_ids: list[str]) -> None:
         # Setting the deadline to 0 makes the next sample requeue them.
         pipe = self.client.pipeline(transaction=False)
         for entry_id in entry_ids:
@@ -301,9 +302,11 @@ class ReplayBuffer:
         """Finish the batch's claims after the learner step that used them."""
         if not batch.groups:
             return AckResult([], 0, 0)
-        return self._ack_result(
-            self._run("ack", batch.token, self.config.max_reuse, *batch.entry_ids)
-        )
+        (reply,) = self._eval_many([self._ack_call(batch)])
+        return self._ack_result(reply)
+
+    def _ack_call(self, batch: Batch) -> tuple[str, list]:
+        return "ack", [batch.token, self.config.max_reuse, *batch.entry_ids]
 
     @staticmethod
     def _ack_result(reply: list) -> AckResult:
@@ -349,7 +352,7 @@ class ReplayBuffer:
             pipe = self.client.pipeline(transaction=False)
             for i in todo:
                 name, args = calls[i]
-                pipe.evalsha(self._scripts[name].sha, len(self.keys), *self.keys, *args)
+                pipe.evalsha(self._shas[name], len(self.keys), *self.keys, *args)
             results = pipe.execute(raise_on_error=False)
             missing = []
             for i, result in zip(todo, results, strict=True):

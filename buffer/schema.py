@@ -173,13 +173,17 @@ class RolloutGroup:
         """Raise `MalformedRollout` naming the first field that breaks the contract."""
         self.columns().validate()
 
-    def columns(self) -> GroupColumns:
-        """The completions' arrays concatenated: the layout that is encoded and validated."""
+    def validate_header(self) -> None:
+        """Check the group's ids and timestamp (the completions are checked as columns)."""
         for name in ("run_id", "group_id", "env_name", "prompt_id", "actor_id"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise MalformedRollout(f"{name} must be a non-empty string")
         if not math.isfinite(self.created_at):
             raise MalformedRollout("created_at is not finite")
+
+    def columns(self) -> GroupColumns:
+        """The completions' arrays concatenated: the layout that is encoded and validated."""
+        self.validate_header()
         if not self.completions:
             raise MalformedRollout("a group needs at least one completion")
         for i, c in enumerate(self.completions):
