@@ -34,6 +34,17 @@ class TrainBatch:
     """[N] long: learner version minus the completion's oldest token version."""
 
 
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest: input ids [N, L] and attention mask [N, L]."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
 def build_batch(
     groups: Sequence[RolloutGroup],
     advantage: Callable[[torch.Tensor], torch.Tensor],
@@ -46,19 +57,16 @@ def build_batch(
         for g in groups
         for c, adv in zip(g.completions, _group_advantages(g, advantage), strict=True)
     ]
-    width = max(len(g.prompt_token_ids) + c.n_tokens for g, c, _ in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    input_ids, attention_mask = pad_right(
+        [np.concatenate([g.prompt_token_ids, c.token_ids]) for g, c, _ in rows], pad_id
+    )
+    n, width = input_ids.shape
     behaviour = torch.zeros((n, width - 1), dtype=torch.float32)
     advantages = torch.zeros((n, width - 1), dtype=torch.float32)
     loss_mask = torch.zeros((n, width - 1), dtype=torch.bool)
     staleness = torch.zeros(n, dtype=torch.long)
     for i, (group, completion, adv) in enumerate(rows):
         prompt_len, length = len(group.prompt_token_ids), completion.n_tokens
-        tokens = np.concatenate([group.prompt_token_ids, completion.token_ids])
-        input_ids[i, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
-        attention_mask[i, : len(tokens)] = 1
         span = slice(prompt_len - 1, prompt_len - 1 + length)
         mask = torch.from_numpy(np.array(completion.loss_mask))
         loss_mask[i, span] = mask

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from learner.batching import pad_right
+
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per position.
@@ -26,13 +28,8 @@ def completion_logprobs(
     Completions are right-padded into one batch; returns one [len(completion)] tensor each.
     """
     prompt_len = len(prompt_ids)
-    width = prompt_len + max(len(c) for c in completions)
-    input_ids = torch.zeros(len(completions), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, completion in enumerate(completions):
-        tokens = [*prompt_ids, *completion]
-        input_ids[row, : len(tokens)] = torch.tensor(tokens)
-        attention_mask[row, : len(tokens)] = 1
+    # Padding is masked out of attention and never scored, so its id does not matter.
+    input_ids, attention_mask = pad_right([[*prompt_ids, *c] for c in completions], pad_id=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # Position t predicts token t + 1.
     logprobs = gather_logprobs(logits[:, :-1], input_ids[:, 1:])

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.episodes import render_prompt
 from envs.base import Environment, Split
+from learner.batching import pad_right
 from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,9 @@ def _collate(
     batch: list[tuple[list[int], int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad a batch: input ids, attention mask, and labels (-100 on prompt and padding)."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    input_ids, attention_mask = pad_right([ids for ids, _ in batch], pad_id)
+    labels = torch.full_like(input_ids, -100)
     for row, (ids, prompt_len) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
         labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
     return input_ids, attention_mask, labels
 
