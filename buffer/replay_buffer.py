@@ -14,6 +14,7 @@ atomic (docs/buffer.md has the data layout and the guarantees):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -76,6 +77,14 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class HeldBatch:
+    """A claimed batch as recorded in the journal of held claims (no payloads)."""
+
+    token: str
+    entry_ids: list[str]
+
+
+@dataclass(frozen=True)
 class AckResult:
     """Which claims were acked, how many had expired (not acked), how many went back for replay."""
 
@@ -109,7 +118,7 @@ class ReplayBuffer:
         common = _lua("common.lua")
         self._sources = {
             name: common + _lua(f"{name}.lua")
-            for name in ("put", "sample", "ack", "quarantine", "reserve", "release")
+            for name in ("put", "sample", "ack", "quarantine", "reserve", "release", "extend")
         }
         self._load_scripts()
 
@@ -264,7 +273,7 @@ class ReplayBuffer:
             if time.monotonic() >= deadline:
                 if claimed:
                     # Give back a partial batch rather than holding it: expire it now.
-                    self._unclaim([g.entry_id for g in claimed])
+                    self.unclaim([g.entry_id for g in claimed])
                 return Batch(token, version, [], previous_ack)
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             wait = min(wait * 2, _POLL_S[1])
@@ -291,7 +300,10 @@ class ReplayBuffer:
             groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
 
-    def _unclaim(self, entry_ids: list[str]) -> None:
+    def unclaim(self, entry_ids: Sequence[str]) -> None:
+        """Return claims to the buffer now instead of at their visibility timeout."""
+        if not entry_ids:
+            return
         # Setting the deadline to 0 makes the next sample requeue them.
         pipe = self.client.pipeline(transaction=False)
         for entry_id in entry_ids:
@@ -305,8 +317,54 @@ class ReplayBuffer:
         (reply,) = self._eval_many([self._ack_call(batch)])
         return self._ack_result(reply)
 
-    def _ack_call(self, batch: Batch) -> tuple[str, list]:
+    def _ack_call(self, batch: Batch | HeldBatch) -> tuple[str, list]:
         return "ack", [batch.token, self.config.max_reuse, *batch.entry_ids]
+
+    # -- claims held across steps ------------------------------------------------------------
+    # A learner that checkpoints every N steps keeps its batches claimed until the
+    # checkpoint that contains their update is saved, then acks them ("commits"). The
+    # journal of held batches lives in Redis, so a restarted learner can give back what
+    # its predecessor held but never committed.
+    def hold(self, consumer: str, batch: Batch) -> None:
+        """Record `batch` as held by `consumer` until `commit`."""
+        self.client.hset(self._held_key(consumer), batch.token, json.dumps(batch.entry_ids))
+
+    def held(self, consumer: str) -> list[HeldBatch]:
+        """Batches `consumer` holds, uncommitted."""
+        return [
+            HeldBatch(token.decode(), json.loads(ids))
+            for token, ids in self.client.hgetall(self._held_key(consumer)).items()
+        ]
+
+    def extend(self, batches: Sequence[Batch | HeldBatch]) -> int:
+        """Renew the visibility timeout of held claims; returns how many were still held."""
+        visibility_ms = int(self.config.visibility_timeout_s * 1000)
+        calls = [("extend", [b.token, visibility_ms, *b.entry_ids]) for b in batches]
+        return sum(self._eval_many(calls)) if calls else 0
+
+    def commit(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> AckResult:
+        """Ack held batches and drop them from the journal."""
+        if not batches:
+            return AckResult([], 0, 0)
+        replies = self._eval_many([self._ack_call(b) for b in batches])
+        results = [self._ack_result(reply) for reply in replies]
+        self.client.hdel(self._held_key(consumer), *[b.token for b in batches])
+        return AckResult(
+            [i for r in results for i in r.acked_ids],
+            sum(r.stale_claims for r in results),
+            sum(r.reused for r in results),
+        )
+
+    def abandon(self, consumer: str, batches: Sequence[HeldBatch]) -> None:
+        """Give held batches back to the buffer (their update was lost) and forget them."""
+        if batches:
+            # Only claims still held by these tokens: a claim that expired may be another
+            # consumer's by now.
+            self._eval_many([("extend", [b.token, -1, *b.entry_ids]) for b in batches])
+            self.client.hdel(self._held_key(consumer), *[b.token for b in batches])
+
+    def _held_key(self, consumer: str) -> str:
+        return f"{self.config.key_prefix}:held:{consumer}"
 
     @staticmethod
     def _ack_result(reply: list) -> AckResult:

@@ -50,7 +50,7 @@ class RedisServer:
                 "redis-server) or `sudo apt-get install redis-server`, or set buffer.url"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         conf = self.data_dir / "redis.conf"
         conf.write_text(self._config_text())
         conf.chmod(0o600)  # it holds the password
@@ -129,7 +129,7 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

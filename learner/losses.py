@@ -12,10 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
+
+from learner.config import (
+    DecoupledPPO,
+    LossConfig,
+    NoCorrection,
+    SequenceIS,
+    TruncatedIS,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class LossInputs:
     """[B]: learner version minus the sequence's oldest token version (metrics only)."""
     entropy: torch.Tensor | None = None
     """Per-token entropy of π_θ, when the caller computed it (metrics only)."""
+    normaliser: float | None = None
+    """Divide token sums by this instead of this batch's loss-token count. A data-parallel
+    learner passes (global loss tokens / world size), so that averaging the ranks'
+    gradients gives the token mean over the global batch, however tokens are split."""
 
 
 @dataclass(frozen=True)
@@ -46,56 +57,12 @@ class LossOutputs:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class NoCorrection(BaseModel):
-    """`none`: on-policy policy gradient applied to stale data (the naive baseline)."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["none"] = "none"
-
-
-class TruncatedIS(BaseModel):
-    """`tis`: token-level truncated importance sampling."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["tis"] = "tis"
-    clip_c: float = Field(2.0, gt=0)
-    """Weights π/μ are truncated at this value."""
-
-
-class DecoupledPPO(BaseModel):
-    """`decoupled_ppo`: AReaL's decoupled PPO objective."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["decoupled_ppo"] = "decoupled_ppo"
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    """Trust region around the proximal policy: ratio clipped to [1 - eps, 1 + eps]."""
-    behaviour_weight_cap: float | None = Field(None, gt=0)
-    """Optional cap on the behaviour weight π_prox/μ (None: uncapped)."""
-
-
-class SequenceIS(BaseModel):
-    """`seq_is`: sequence-level, length-normalised ratio with clipping (GSPO)."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["seq_is"] = "seq_is"
-    clip_low: float = Field(3e-4, gt=0, lt=1)
-    """Sequence ratio clipped below at 1 - clip_low (GSPO uses 3e-4)."""
-    clip_high: float = Field(4e-4, gt=0)
-    """Sequence ratio clipped above at 1 + clip_high (GSPO uses 4e-4)."""
-
-
-LossConfig = Annotated[
-    NoCorrection | TruncatedIS | DecoupledPPO | SequenceIS, Field(discriminator="type")
-]
-
-
 def no_correction(inputs: LossInputs, config: NoCorrection) -> LossOutputs:
     """L = -Σ_t m_t A_t log π_θ(a_t) / Σ_t m_t  (REINFORCE with group advantages).
 
     Ignores that the tokens came from μ ≠ π_θ: the gradient is biased by staleness.
     """
-    mask = inputs.loss_mask
-    loss = -_masked_mean(inputs.advantages * inputs.logprobs, mask)
+    loss = -_token_mean(inputs.advantages * inputs.logprobs, inputs)
     return LossOutputs(loss, _importance_metrics(inputs))
 
 
@@ -109,7 +76,7 @@ def truncated_is(inputs: LossInputs, config: TruncatedIS) -> LossOutputs:
     mask = inputs.loss_mask
     ratio = torch.exp(inputs.logprobs.detach() - inputs.behaviour_logprobs)
     weight = torch.clamp(ratio, max=config.clip_c)
-    loss = -_masked_mean(weight * inputs.advantages * inputs.logprobs, mask)
+    loss = -_token_mean(weight * inputs.advantages * inputs.logprobs, inputs)
     metrics = _importance_metrics(inputs)
     metrics["clip_fraction"] = _masked_mean((ratio > config.clip_c).float(), mask).item()
     return LossOutputs(loss, metrics)
@@ -133,7 +100,7 @@ def decoupled_ppo(inputs: LossInputs, config: DecoupledPPO) -> LossOutputs:
     advantages = inputs.advantages
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * advantages
-    loss = -_masked_mean(behaviour_weight * torch.minimum(unclipped, clipped), mask)
+    loss = -_token_mean(behaviour_weight * torch.minimum(unclipped, clipped), inputs)
     metrics = _importance_metrics(inputs)
     metrics["clip_fraction"] = _masked_mean((clipped < unclipped).float(), mask).item()
     metrics["behaviour_weight_max"] = _masked_max(behaviour_weight, mask)
@@ -213,6 +180,13 @@ def _importance_metrics(inputs: LossInputs) -> dict[str, float]:
     return metrics
 
 
+def _token_mean(values: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+    """Σ over loss tokens, divided by their count (or by `inputs.normaliser`)."""
+    if inputs.normaliser is None:
+        return _masked_mean(values, inputs.loss_mask)
+    return (values * inputs.loss_mask.to(values.dtype)).sum() / max(inputs.normaliser, 1e-9)
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -221,3 +195,13 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _masked_max(values: torch.Tensor, mask: torch.Tensor) -> float:
     selected = values[mask]
     return selected.max().item() if selected.numel() else 0.0
+
+
+def reference_kl(inputs: LossInputs, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(π_θ || π_ref) per loss token, k3 estimator: exp(r) - r - 1 with r = log π_ref - log π_θ.
+
+    Unbiased for samples from π_θ and always >= 0 (Schulman 2020); the penalty GRPO
+    (Shao et al. 2024) adds as β·KL. Averaged like the policy loss (`_token_mean`).
+    """
+    log_ratio = reference_logprobs - inputs.logprobs
+    return _token_mean(torch.exp(log_ratio) - log_ratio - 1, inputs)

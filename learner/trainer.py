@@ -1,48 +1,34 @@
-"""The DeepSpeed learner's step: recompute log π, advantages, an importance-corrected loss.
+"""The DeepSpeed learner: recompute log π, advantages, an importance-corrected loss, step.
 
-CPU (tests, laptops): fp32, gloo, ZeRO stage from config; on GPU the same engine runs
-bf16 over NCCL. Weight publishing, checkpoints and the loop around `step` come next.
+CPU (tests, laptops): fp32 over gloo; on GPU the same engine runs bf16 over NCCL. Any
+number of data-parallel ranks: each rank trains on its own groups, the loss is normalised
+by the global count of loss tokens, so N ranks give the update one rank would give on
+the whole batch. Checkpoints and the Hugging Face export live here too; the loop around
+`step` (sampling, publishing, committing) is learner/loop.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+import torch.distributed as dist
 
 from buffer.schema import RolloutGroup
 from learner.advantages import get_advantage
-from learner.batching import build_batch
+from learner.batching import TrainBatch, build_batch
+from learner.config import LearnerConfig
 from learner.logprobs import gather_logprobs
-from learner.losses import LossConfig, LossInputs, TruncatedIS, compute_loss
+from learner.losses import LossInputs, compute_loss, reference_kl
 
 log = logging.getLogger(__name__)
-
-
-class LearnerConfig(BaseModel):
-    """The learner: optimizer, DeepSpeed settings, and the objective."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float = Field(3e-4, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    max_grad_norm: float = Field(1.0, gt=0)
-    """Gradient clipping."""
-    zero_stage: Literal[0, 1, 2] = 1
-    """DeepSpeed ZeRO stage."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32 on CPU (log-probs must match the actors'); bf16 on GPU."""
-    advantage: Literal["grpo", "grpo_no_std", "rloo"] = "grpo"
-    """Advantage estimator (learner/advantages.py)."""
-    loss: LossConfig = Field(default_factory=TruncatedIS)
-    """Off-policy correction (learner/losses.py); `type` selects it."""
 
 
 class Learner:
@@ -50,7 +36,7 @@ class Learner:
 
     def __init__(
         self, model_path: str, config: LearnerConfig, *, rank: int = 0, world_size: int = 1,
-        master_addr: str = "127.0.0.1", master_port: int = 29500,
+        master_addr: str = "127.0.0.1", master_port: int = 29500, seed: int = 0,
     ) -> None:  # fmt: skip
         # DeepSpeed picks its accelerator when imported; without a GPU it must be told.
         if not torch.cuda.is_available():
@@ -64,27 +50,55 @@ class Learner:
             WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         )  # fmt: skip
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        seed_everything(seed + rank)
         self.config = config
+        self.rank = rank
+        self.world_size = world_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.reference = None
+        if config.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            self.reference.requires_grad_(False).eval()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": config.micro_batches,
             "gradient_clipping": config.max_grad_norm,
             "zero_optimization": {"stage": config.zero_stage},
             "bf16": {"enabled": config.precision == "bf16"},
+            "steps_per_print": 10**9,
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.advantage = get_advantage(config.advantage)
 
     def step(self, groups: Sequence[RolloutGroup], learner_version: int) -> dict[str, float]:
-        """One optimizer step on `groups`; returns namespaced metrics."""
+        """One optimizer step on this rank's `groups`; returns namespaced metrics."""
         started = time.perf_counter()
         batch = build_batch(groups, self.advantage, self.tokenizer.pad_token_id, learner_version)
+        local_tokens = float(batch.loss_mask.sum())
+        # Every rank divides by the same number, so the ranks' averaged gradients are the
+        # token mean over the global batch.
+        normaliser = self.all_reduce_sum(local_tokens) / self.world_size
+        parts = []
+        for rows in np.array_split(np.arange(batch.input_ids.shape[0]), self.config.micro_batches):
+            parts.append(self._backward(_rows(batch, rows), normaliser))
+        backward_s = time.perf_counter() - started
+        self.engine.step()
+        metrics = {f"learner/{k}": v for k, v in _combine(parts).items()}
+        metrics["learner/forward_backward_s"] = backward_s
+        metrics["learner/step_s"] = time.perf_counter() - started
+        return metrics
+
+    def _backward(self, batch: TrainBatch | None, normaliser: float) -> dict[str, float]:
+        """Forward and backward of one micro-batch; its loss is its share of the global mean."""
+        if batch is None:
+            # More micro-batches than rows: DeepSpeed still counts one backward per slot.
+            self.engine.backward(_zero_loss(self.engine.module), scale_wrt_gas=False)
+            return {}
         logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logprobs = gather_logprobs(logits[:, :-1], batch.input_ids[:, 1:])
         inputs = LossInputs(
@@ -95,15 +109,121 @@ class Learner:
             # One optimizer step per batch: the proximal policy is the current one.
             proximal_logprobs=logprobs.detach(),
             staleness=batch.staleness,
+            normaliser=normaliser,
         )
         out = compute_loss(self.config.loss, inputs)
-        self.engine.backward(out.loss)
-        self.engine.step()
-        metrics = {f"learner/{name}": value for name, value in out.metrics.items()}
-        metrics["learner/loss"] = out.loss.item()
-        metrics["learner/step_s"] = time.perf_counter() - started
+        loss = out.loss
+        metrics = dict(out.metrics)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                ).logits
+            ref_logprobs = gather_logprobs(ref_logits[:, :-1], batch.input_ids[:, 1:])
+            kl = reference_kl(inputs, ref_logprobs)
+            loss = loss + self.config.kl_coef * kl
+            metrics["kl_reference"] = kl.item() * normaliser / max(metrics["tokens"], 1.0)
+        # The loss is already normalised over the whole batch: no division by the GAS.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        metrics["loss"] = loss.item()
         return metrics
+
+    def all_reduce_sum(self, value: float) -> float:
+        """Sum of `value` over the data-parallel ranks."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def any_rank(self, flag: bool) -> bool:
+        """True if `flag` is true on any rank (e.g. a stop request), so all ranks agree."""
+        return self.all_reduce_sum(float(flag)) > 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's parameters (tied ones once), for publishing to actors."""
-        return dict(self.engine.module.named_parameters())
+        return {name: p.detach() for name, p in self.engine.module.named_parameters()}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint (model, optimizer, ZeRO shards) plus our state and RNGs.
+
+        Every rank must call this (each saves its own optimizer shard).
+        """
+        state = {**client_state, "rng": rng_state()}
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=state)
+
+    def load_checkpoint(self, directory: Path) -> dict[str, Any] | None:
+        """Load the latest checkpoint under `directory`; its client state, or None if none."""
+        if not (directory / "latest").is_file():
+            return None
+        path, state = self.engine.load_checkpoint(str(directory))
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        return state
+
+    def export(self, out_dir: Path) -> Path:
+        """Save the policy in Hugging Face format (what `from_pretrained` and `vllm serve` load)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.engine.module.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        return out_dir
+
+
+def _rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch | None:
+    """The given rows of a batch, with padding columns nobody in them needs cut off."""
+    if len(rows) == 0:
+        return None
+    index = torch.from_numpy(rows)
+    width = int(batch.attention_mask[index].sum(dim=1).max())
+    return TrainBatch(
+        input_ids=batch.input_ids[index, :width],
+        attention_mask=batch.attention_mask[index, :width],
+        behaviour_logprobs=batch.behaviour_logprobs[index, : width - 1],
+        advantages=batch.advantages[index, : width - 1],
+        loss_mask=batch.loss_mask[index, : width - 1],
+        staleness=batch.staleness[index],
+    )
+
+
+def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    return sum(p.sum() for p in module.parameters()) * 0.0
+
+
+def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Micro-batch metrics -> batch metrics: sums for loss and tokens, maxima for *_max,
+    token-weighted means otherwise."""
+    parts = [p for p in parts if p]
+    tokens = sum(p.get("tokens", 0.0) for p in parts)
+    combined: dict[str, float] = {}
+    for name in {name for p in parts for name in p}:
+        values = [(p[name], p.get("tokens", 0.0)) for p in parts if name in p]
+        if name in ("loss", "tokens"):
+            combined[name] = sum(v for v, _ in values)
+        elif name.endswith("_max"):
+            combined[name] = max(v for v, _ in values)
+        elif tokens > 0:
+            combined[name] = sum(v * w for v, w in values) / tokens
+    return combined
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

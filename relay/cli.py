@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     command("warmstart", _warmstart, "supervised warm start on the env's demonstrations")
     evaluate = command("eval", _eval, "held-out accuracy of a policy, generated with vLLM")
     evaluate.add_argument("--model", help="policy to evaluate (default: model.path)")
+    learn = command("learn", _learn, "run the learner against an experiment's buffer (buffer.url)")
+    learn.add_argument("--resume", action="store_true", help="continue from run_dir's checkpoint")
     return parser
 
 
@@ -146,6 +150,30 @@ def _eval(args: argparse.Namespace, config: RunConfig) -> None:
         f"{model_path}: held-out accuracy {report.accuracy:.1%} on {report.n_prompts} "
         f"{env.name} prompts ({report.seconds:.0f}s)"
     )
+
+
+def _learn(args: argparse.Namespace, config: RunConfig) -> None:
+    from relay.learn import check_resume, learn_all_ranks
+
+    _require_model(config.model.path)
+    check_resume(config, args.resume)
+    stop = _stop_on_signals()
+    learn_all_ranks(config, resume=args.resume, stop=stop)
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM or the first Ctrl-C asks for a clean stop (finish the step, checkpoint)."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
 
 
 def _require_model(path: str) -> None:

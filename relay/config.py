@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.engine import EngineConfig
 from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
 from envs.registry import EnvConfig
+from learner.config import LearnerConfig
 from relay.errors import ConfigError
 from relay.evaluate import EvalConfig
 from relay.tiny_model import TinyModelConfig
@@ -52,8 +60,21 @@ class RunConfig(BaseModel):
     """The Redis replay buffer between actors and learner."""
     redis: RedisServerConfig = Field(default_factory=RedisServerConfig)
     """The embedded redis-server, used when buffer.url is not set."""
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """The DeepSpeed learner: objective, batch, schedule, checkpoints."""
     warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _derive_groups_per_version(self) -> RunConfig:
+        # Admission control lets actors run (max_staleness + 1) versions ahead; a version
+        # is what the learner consumes between pushes. Derived unless set explicitly.
+        if "groups_per_version" not in self.buffer.model_fields_set:
+            learner = self.learner
+            self.buffer.groups_per_version = (
+                learner.batch_groups * learner.world_size * learner.push_every_steps
+            )
+        return self
 
     @field_validator("env", mode="before")
     @classmethod

@@ -1,0 +1,102 @@
+"""Configuration of the learner: the objective, the schedule, checkpoints.
+
+Kept apart from the code that uses it so that loading a run config imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class NoCorrection(BaseModel):
+    """`none`: on-policy policy gradient applied to stale data (the naive baseline)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["none"] = "none"
+
+
+class TruncatedIS(BaseModel):
+    """`tis`: token-level truncated importance sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tis"] = "tis"
+    clip_c: float = Field(2.0, gt=0)
+    """Weights π/μ are truncated at this value."""
+
+
+class DecoupledPPO(BaseModel):
+    """`decoupled_ppo`: AReaL's decoupled PPO objective."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["decoupled_ppo"] = "decoupled_ppo"
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Trust region around the proximal policy: ratio clipped to [1 - eps, 1 + eps]."""
+    behaviour_weight_cap: float | None = Field(None, gt=0)
+    """Optional cap on the behaviour weight π_prox/μ (None: uncapped)."""
+
+
+class SequenceIS(BaseModel):
+    """`seq_is`: sequence-level, length-normalised ratio with clipping (GSPO)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["seq_is"] = "seq_is"
+    clip_low: float = Field(3e-4, gt=0, lt=1)
+    """Sequence ratio clipped below at 1 - clip_low (GSPO uses 3e-4)."""
+    clip_high: float = Field(4e-4, gt=0)
+    """Sequence ratio clipped above at 1 + clip_high (GSPO uses 4e-4)."""
+
+
+LossConfig = Annotated[
+    NoCorrection | TruncatedIS | DecoupledPPO | SequenceIS, Field(discriminator="type")
+]
+
+
+class CheckpointConfig(BaseModel):
+    """When the learner saves what it needs to resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every_steps: int = Field(50, ge=0)
+    """Save every N steps (and always at the end and on SIGTERM). Batches stay claimed in
+    the buffer until the checkpoint holding their update is saved, so a crash loses no
+    acked rollout. 0: save only at the end / on SIGTERM and ack every batch at once."""
+    keep: int = Field(2, ge=1)
+    """Checkpoints kept on disk (oldest deleted first)."""
+
+
+class LearnerConfig(BaseModel):
+    """The learner: optimizer, DeepSpeed settings, the objective and the schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(100, gt=0)
+    """Optimizer steps in the run."""
+    batch_groups: int = Field(8, gt=0)
+    """Rollout groups per step and per rank."""
+    micro_batches: int = Field(1, gt=0)
+    """Gradient accumulation: each rank's batch is split into this many forward/backwards."""
+    world_size: int = Field(1, gt=0)
+    """Data-parallel ranks."""
+    push_every_steps: int = Field(1, gt=0)
+    """Publish new weights (a new policy version) every N steps."""
+    sample_timeout_s: float = Field(600.0, gt=0)
+    """Fail when no full batch arrives for this long (are the actors running?)."""
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping."""
+    zero_stage: Literal[0, 1, 2] = 1
+    """DeepSpeed ZeRO stage (parameters stay whole on every rank, so publishing is local)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32 on CPU (log-probs must match the actors'); bf16 on GPU."""
+    advantage: Literal["grpo", "grpo_no_std", "rloo"] = "grpo"
+    """Advantage estimator (learner/advantages.py)."""
+    loss: LossConfig = Field(default_factory=TruncatedIS)
+    """Off-policy correction (learner/losses.py); `type` selects it."""
+    kl_coef: float = Field(0.0, ge=0)
+    """β of a KL(π || π_ref) penalty to the initial policy; 0 (the default) loads no reference."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -1,0 +1,247 @@
+"""The learner's loop: sample a batch, step, publish on schedule, checkpoint, commit.
+
+Exactly-once training across crashes: with `checkpoint.every_steps = N > 0`, each batch
+stays claimed in the buffer (recorded in the buffer's journal of held claims) until the
+checkpoint that contains its update is saved; only then is it acked. A learner that dies
+in between is restarted with `--resume`: it loads the checkpoint, acks what that
+checkpoint holds (an interrupted commit), and gives everything else back to the buffer to
+be trained on again. So no acked rollout is missing from the weights and none is in them
+twice. With N = 0 batches are acked right after their step (fewer held claims, but a
+crash loses the steps since the last save).
+
+Policy versions only grow: a resumed learner continues at the checkpoint's version, or,
+if versions were published after the checkpoint and then lost, just above the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from buffer.replay_buffer import Batch, HeldBatch, ReplayBuffer
+from learner.config import LearnerConfig
+from learner.publisher import WeightPublisher
+from learner.trainer import Learner
+
+log = logging.getLogger(__name__)
+
+_WAIT_LOG_S = 30.0
+_SAMPLE_POLL_S = 2.0
+
+
+class NoRollouts(RuntimeError):
+    """No full batch arrived within `learner.sample_timeout_s`."""
+
+
+@dataclass
+class LoopState:
+    """Where the learner is: persisted in every checkpoint."""
+
+    step: int = 0
+    version: int = 0
+    trained_groups: int = 0
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint under `directory` (DeepSpeed's `latest` tag)."""
+    latest = directory / "latest"
+    if not latest.is_file():
+        return None
+    return directory / latest.read_text().strip()
+
+
+class TrainingLoop:
+    """Runs one rank's learner against the buffer until `config.steps` or a stop request."""
+
+    def __init__(
+        self,
+        learner: Learner,
+        buffer: ReplayBuffer,
+        config: LearnerConfig,
+        checkpoint_dir: Path,
+        *,
+        publisher: WeightPublisher | None = None,
+        on_metrics: Callable[[dict[str, float]], None] = lambda metrics: None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.learner = learner
+        self.buffer = buffer
+        self.config = config
+        self.checkpoint_dir = checkpoint_dir
+        self.publisher = publisher if learner.rank == 0 else None
+        self.on_metrics = on_metrics
+        self.stop = stop or threading.Event()
+        self.consumer = f"learner-{learner.rank}"
+        self.state = LoopState()
+        self._held: list[Batch] = []
+        self._held_since = time.monotonic()
+        self._saved_step: int | None = None
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self, resume: bool) -> LoopState:
+        """Fresh start or resume; publishes the weights actors should start from."""
+        restored = self.learner.load_checkpoint(self.checkpoint_dir) if resume else None
+        leftover = self.buffer.held(self.consumer)
+        if restored is None:
+            if resume:
+                log.info("no checkpoint in %s: starting from step 0", self.checkpoint_dir)
+            self.buffer.abandon(self.consumer, leftover)
+            self.state = LoopState(version=self.buffer.version())
+        else:
+            self.state = LoopState(**restored["loop"])
+            self._finish_interrupted_commit(leftover)
+            published = self.buffer.version()
+            if published > self.state.version:
+                log.warning(
+                    "versions %d..%d were published after the checkpoint at step %d and "
+                    "are lost; continuing at version %d",
+                    self.state.version + 1, published, self.state.step, published + 1,
+                )  # fmt: skip
+                self.state.version = published + 1
+            log.info(
+                "resumed at step %d, policy version %d (%d groups trained so far)",
+                self.state.step, self.state.version, self.state.trained_groups,
+            )  # fmt: skip
+        if self.publisher is not None:
+            self.publisher.publish(self.state.version, self.learner.state_dict())
+            self.publisher.drain()
+        return self.state
+
+    def _finish_interrupted_commit(self, leftover: list[HeldBatch]) -> None:
+        """Ack what the checkpoint holds; give back what was held after it."""
+        record = latest_checkpoint(self.checkpoint_dir) / f"relay-{self.consumer}.json"
+        in_checkpoint = set(json.loads(record.read_text())["committed"] if record.exists() else [])
+        done = [b for b in leftover if b.token in in_checkpoint]
+        lost = [b for b in leftover if b.token not in in_checkpoint]
+        if done:
+            result = self.buffer.commit(self.consumer, done)
+            log.info("acked %d groups whose update the checkpoint holds", result.acked)
+        if lost:
+            self.buffer.abandon(self.consumer, lost)
+            log.info(
+                "gave %d groups trained after the checkpoint back to the buffer",
+                sum(len(b.entry_ids) for b in lost),
+            )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> LoopState:
+        """Train until `config.steps` (counting resumed steps) or a stop request."""
+        immediate_ack = self.config.checkpoint.every_steps == 0
+        to_ack: Batch | None = None
+        try:
+            while self.state.step < self.config.steps:
+                if self.learner.any_rank(self.stop.is_set()):
+                    log.info("stop requested: finishing at step %d", self.state.step)
+                    break
+                batch, wait_s = self._sample(to_ack if immediate_ack else None)
+                to_ack = None
+                if self.learner.any_rank(batch is None):
+                    if batch is not None:
+                        self.buffer.unclaim(batch.entry_ids)
+                    break
+                if immediate_ack:
+                    to_ack = batch
+                else:
+                    self.buffer.hold(self.consumer, batch)
+                    self._held.append(batch)
+                self._train(batch, wait_s)
+        finally:
+            if to_ack is not None:
+                self.buffer.ack(to_ack)
+        if self._saved_step != self.state.step:
+            self.checkpoint()
+        return self.state
+
+    def _sample(self, ack: Batch | None) -> tuple[Batch | None, float]:
+        started = time.monotonic()
+        last_log = started
+        while not self.stop.is_set():
+            batch = self.buffer.sample(self.config.batch_groups, timeout_s=_SAMPLE_POLL_S, ack=ack)
+            ack = None
+            if batch.groups:
+                return batch, time.monotonic() - started
+            waited = time.monotonic() - started
+            if waited > self.config.sample_timeout_s:
+                raise NoRollouts(
+                    f"no batch of {self.config.batch_groups} groups within "
+                    f"learner.sample_timeout_s={self.config.sample_timeout_s:g}s: are actors "
+                    f"writing to this buffer (key prefix {self.buffer.config.key_prefix!r})?"
+                )
+            if time.monotonic() - last_log > _WAIT_LOG_S:
+                log.info("waiting for rollouts (%.0fs so far)", waited)
+                last_log = time.monotonic()
+            self._extend_held()
+        return None, time.monotonic() - started
+
+    def _train(self, batch: Batch, wait_s: float) -> None:
+        groups = [g.group for g in batch.groups]
+        metrics = self.learner.step(groups, self.state.version)
+        self.state.step += 1
+        self.state.trained_groups += len(groups)
+        publish_s = 0.0
+        if self.state.step % self.config.push_every_steps == 0:
+            self.state.version += 1
+            if self.publisher is not None:
+                publish_s = self.publisher.publish(self.state.version, self.learner.state_dict())
+        every = self.config.checkpoint.every_steps
+        if every and self.state.step % every == 0:
+            self.checkpoint()
+        else:
+            self._extend_held()
+        rewards = [c.reward for g in groups for c in g.completions]
+        metrics.update({
+            "step": self.state.step,
+            "version": self.state.version,
+            "groups": float(len(groups)),
+            "learner/reward_mean": sum(rewards) / len(rewards),
+            "learner/wait_s": wait_s,
+            "learner/publish_block_s": publish_s,
+            "learner/sampled_staleness_max": float(max(g.staleness for g in batch.groups)),
+        })  # fmt: skip
+        self.on_metrics(metrics)
+
+    def _extend_held(self) -> None:
+        """Renew held claims well before their visibility timeout runs out."""
+        if self._held and time.monotonic() - self._held_since > (
+            self.buffer.config.visibility_timeout_s / 3
+        ):
+            self.buffer.extend(self._held)
+            self._held_since = time.monotonic()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self) -> Path:
+        """Save everything needed to resume, then ack the batches the checkpoint holds."""
+        if self.publisher is not None:
+            self.publisher.drain()
+        tag = f"step{self.state.step:08d}"
+        path = self.checkpoint_dir / tag
+        path.mkdir(parents=True, exist_ok=True)
+        # Written before DeepSpeed moves `latest` to this tag, so a crash in between can
+        # only leave a record that no `latest` points to.
+        record = {"loop": vars(self.state), "committed": [b.token for b in self._held]}
+        (path / f"relay-{self.consumer}.json").write_text(json.dumps(record))
+        started = time.perf_counter()
+        self.learner.save_checkpoint(self.checkpoint_dir, tag, {"loop": dict(vars(self.state))})
+        result = self.buffer.commit(self.consumer, self._held)
+        self._saved_step = self.state.step
+        self._held = []
+        self._held_since = time.monotonic()
+        log.info(
+            "checkpoint %s: step %d, version %d, %d groups acked (%.1fs)",
+            path, self.state.step, self.state.version, result.acked,
+            time.perf_counter() - started,
+        )  # fmt: skip
+        if self.learner.rank == 0:
+            self._prune()
+        return path
+
+    def _prune(self) -> None:
+        tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())
+        for old in tags[: -self.config.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)

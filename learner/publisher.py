@@ -1,0 +1,129 @@
+"""Publishing new policy weights to the actors without holding up the next step.
+
+The learner's side of the weight transports: `publish` takes a CPU copy of the weights
+(the only part the training loop waits for), and a background thread hands that copy to
+each transport, then calls `on_published(version)` — the buffer's version bump — so an
+actor that sees version v can always fetch v. One publish is in flight at a time; a
+transport error surfaces at the next `publish` or at `drain`, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(RuntimeError):
+    """A weight transport failed or timed out."""
+
+
+class WeightTransport(Protocol):
+    """Where published weights go: a store any actor can read, an object store, NCCL..."""
+
+    name: str
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Make `state_dict` available as `version`; raise on failure."""
+        ...
+
+
+@dataclass(frozen=True)
+class PublishTiming:
+    """Seconds spent on one version: blocking the learner, and in the background."""
+
+    version: int
+    waited_s: float
+    """Waiting for the previous publish to finish (0 when transports keep up)."""
+    copy_s: float
+    """The CPU copy of the weights, taken while the learner waits."""
+    transports_s: dict[str, float] = field(default_factory=dict)
+    """Per transport, in the background."""
+
+    @property
+    def blocking_s(self) -> float:
+        return self.waited_s + self.copy_s
+
+
+class WeightPublisher:
+    """Copies weights, then publishes them in the background to every transport."""
+
+    def __init__(
+        self,
+        transports: Sequence[WeightTransport],
+        on_published: Callable[[int], None] = lambda version: None,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.transports = list(transports)
+        self.on_published = on_published
+        self.timeout_s = timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-publish")
+        self._pending: Future[PublishTiming] | None = None
+        self.timings: list[PublishTiming] = []
+
+    def publish(self, version: int, params: Mapping[str, torch.Tensor]) -> float:
+        """Start publishing `params` as `version`; returns the seconds the caller was held."""
+        started = time.perf_counter()
+        self._wait()
+        waited = time.perf_counter() - started
+        copy_started = time.perf_counter()
+        snapshot = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        copy_s = time.perf_counter() - copy_started
+        self._pending = self._executor.submit(self._run, version, snapshot, waited, copy_s)
+        return time.perf_counter() - started
+
+    def _run(
+        self, version: int, snapshot: dict[str, torch.Tensor], waited: float, copy_s: float
+    ) -> PublishTiming:
+        seconds = {}
+        for transport in self.transports:
+            started = time.perf_counter()
+            transport.publish(version, snapshot)
+            seconds[transport.name] = time.perf_counter() - started
+        self.on_published(version)
+        return PublishTiming(version, waited, copy_s, seconds)
+
+    def _wait(self) -> None:
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        try:
+            timing = pending.result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise PublishError(
+                f"publishing weights took longer than {self.timeout_s:g}s; is the weight "
+                "store reachable?"
+            ) from None
+        except Exception as error:
+            raise PublishError(f"publishing weights failed: {error}") from error
+        self.timings.append(timing)
+        log.debug("published v%d: %s", timing.version, timing.transports_s)
+
+    def drain(self) -> None:
+        """Wait for the publish in flight (end of run, before a checkpoint); raise its error."""
+        self._wait()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+class RedisStoreTransport:
+    """Chunked tensors in the buffer's Redis: actors anywhere follow with only its URL."""
+
+    name = "redis"
+
+    def __init__(self, store) -> None:  # buffer.weights.RedisWeightStore
+        self.store = store
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.store.publish(version, state_dict)

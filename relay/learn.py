@@ -1,0 +1,126 @@
+"""`relay learn`: the learner process(es) of an experiment, against its buffer.
+
+Wires the learner to the buffer and the weight store: one process per data-parallel rank,
+rank 0 publishing weights and writing metrics. `relay run` uses the same function with
+the actors beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from buffer.replay_buffer import ReplayBuffer
+from buffer.server import connect, free_port
+from buffer.weights import RedisWeightStore
+from relay.config import RunConfig
+from relay.errors import RelayError
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(config: RunConfig) -> Path:
+    return config.run_dir / "checkpoints"
+
+
+def check_resume(config: RunConfig, resume: bool) -> None:
+    """Refuse to start over a run directory that holds a checkpoint, unless resuming."""
+    from learner.loop import latest_checkpoint
+
+    found = latest_checkpoint(checkpoint_dir(config))
+    if found is not None and not resume:
+        raise RelayError(
+            f"{config.run_dir} holds a checkpoint ({found.name}): add --resume to continue "
+            "that run, or set run_dir to start a new one"
+        )
+
+
+def learn(
+    config: RunConfig,
+    *,
+    resume: bool,
+    rank: int = 0,
+    master_port: int | None = None,
+    stop: threading.Event | None = None,
+    on_metrics: Callable[[dict], None] = lambda metrics: None,
+):
+    """Run one learner rank to the end (or a stop); rank 0 exports the final policy."""
+    from learner.loop import TrainingLoop
+    from learner.publisher import RedisStoreTransport, WeightPublisher
+    from learner.trainer import Learner
+
+    if config.buffer.url is None:
+        raise RelayError("relay learn needs buffer.url (the experiment's Redis)")
+    client = connect(config.buffer.url)
+    buffer = ReplayBuffer(client, config.buffer)
+    learner = Learner(
+        config.model.path, config.learner, rank=rank, world_size=config.learner.world_size,
+        master_port=master_port or free_port(), seed=config.seed,
+    )  # fmt: skip
+    publisher = None
+    if rank == 0:
+        store = RedisWeightStore(client, config.buffer.key_prefix)
+        publisher = WeightPublisher([RedisStoreTransport(store)], on_published=buffer.set_version)
+    metrics_file = config.run_dir / "metrics.jsonl"
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(metrics: dict) -> None:
+        if rank == 0:
+            with metrics_file.open("a") as out:
+                out.write(json.dumps(metrics) + "\n")
+        on_metrics(metrics)
+
+    loop = TrainingLoop(
+        learner, buffer, config.learner, checkpoint_dir(config),
+        publisher=publisher, on_metrics=record, stop=stop,
+    )  # fmt: skip
+    try:
+        loop.start(resume)
+        state = loop.run()
+    finally:
+        if publisher is not None:
+            publisher.close()
+    if rank == 0:
+        out = learner.export(config.run_dir / "policy")
+        log.info("saved the policy (version %d) to %s", state.version, out)
+        if publisher is not None and publisher.timings:
+            blocking = [t.blocking_s for t in publisher.timings]
+            log.info(
+                "publishing held the learner %.3fs per version on average (%d versions)",
+                sum(blocking) / len(blocking), len(blocking),
+            )  # fmt: skip
+    return state
+
+
+def learn_all_ranks(config: RunConfig, *, resume: bool, stop: threading.Event) -> None:
+    """Rank 0 here, ranks 1.. in spawned processes; SIGTERM/Ctrl-C stop all after a checkpoint."""
+    port = free_port()
+    context = multiprocessing.get_context("spawn")
+    others = [
+        context.Process(target=_rank_main, args=(config, resume, rank, port), daemon=False)
+        for rank in range(1, config.learner.world_size)
+    ]
+    for process in others:
+        process.start()
+    try:
+        learn(config, resume=resume, rank=0, master_port=port, stop=stop)
+    finally:
+        for process in others:
+            process.join(timeout=120)
+            if process.is_alive():
+                process.terminate()
+    failed = [p.exitcode for p in others if p.exitcode]
+    if failed:
+        raise RelayError(f"learner ranks exited with codes {failed}")
+
+
+def _rank_main(config: RunConfig, resume: bool, rank: int, port: int) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    learn(config, resume=resume, rank=rank, master_port=port, stop=stop)

@@ -1,0 +1,57 @@
+"""Claims a learner holds across steps until a checkpoint commits them (real redis-server)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.buffer.factories import versioned_group
+
+
+def test_commit_acks_held_batches_and_clears_the_journal(make_buffer) -> None:
+    buffer = make_buffer(visibility_timeout_s=60)
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(4)], "actor")
+    first, second = buffer.sample(2), buffer.sample(2)
+    buffer.hold("learner-0", first)
+    buffer.hold("learner-0", second)
+    assert {b.token for b in buffer.held("learner-0")} == {first.token, second.token}
+    result = buffer.commit("learner-0", buffer.held("learner-0"))
+    assert sorted(result.acked_ids) == sorted(first.entry_ids + second.entry_ids)
+    assert buffer.held("learner-0") == []
+    assert buffer.sample(1).groups == []  # nothing requeued
+
+
+def test_abandon_gives_held_groups_back_now(make_buffer) -> None:
+    buffer = make_buffer(visibility_timeout_s=60)
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(2)], "actor")
+    batch = buffer.sample(2)
+    buffer.hold("learner-0", batch)
+    buffer.abandon("learner-0", buffer.held("learner-0"))
+    assert buffer.held("learner-0") == []
+    again = buffer.sample(2)
+    assert sorted(again.entry_ids) == sorted(batch.entry_ids)
+    # The old claim token no longer holds them: a late commit from the dead owner acks nothing.
+    assert buffer.commit("learner-0", [batch]).acked == 0
+
+
+def test_extend_keeps_claims_past_the_visibility_timeout(make_buffer) -> None:
+    buffer = make_buffer(visibility_timeout_s=1.0)
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(3)], "actor")
+    held = buffer.sample(2)
+    for _ in range(3):
+        time.sleep(0.5)
+        assert buffer.extend([held]) == 2
+    # 1.5 s after the claim: without the renewals these two would be redelivered.
+    assert len(buffer.sample(3, timeout_s=0).groups) == 0
+    assert buffer.commit("learner-0", [held]).acked == 2
+
+
+def test_abandon_leaves_a_claim_that_passed_to_another_consumer(make_buffer) -> None:
+    buffer = make_buffer(visibility_timeout_s=0.3)
+    buffer.put([versioned_group("g0", 0)], "actor")
+    dead = buffer.sample(1)
+    buffer.hold("learner-0", dead)
+    time.sleep(0.5)
+    alive = buffer.sample(1)  # the expired claim was redelivered
+    assert alive.entry_ids == dead.entry_ids
+    buffer.abandon("learner-0", buffer.held("learner-0"))
+    assert buffer.ack(alive).acked == 1
