@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _KEY_NAMES = (
     "payload", "ready", "live", "claimed", "claim_token", "reuse", "vcount",
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
+    "held",
 )  # fmt: skip
 _POLL_S = (0.005, 0.25)  # first and longest wait between polls while blocked
 
@@ -233,12 +234,20 @@ class ReplayBuffer:
         return args
 
     # -- consumers -----------------------------------------------------------------------
-    def sample(self, n_groups: int, timeout_s: float = 0.0, ack: Batch | None = None) -> Batch:
+    def sample(
+        self,
+        n_groups: int,
+        timeout_s: float = 0.0,
+        ack: Batch | None = None,
+        hold_as: str | None = None,
+    ) -> Batch:
         """Claim `n_groups` groups within `max_staleness`, waiting up to `timeout_s` for them.
 
         Returns a batch of exactly `n_groups`, or an empty batch when they did not come in
         time. Entries that fail to decode are quarantined and replaced. `ack` acks the
         previous batch in the same round trip (its result is `batch.previous_ack`).
+        `hold_as` records the claims in `hold_as`'s journal of held claims atomically with
+        claiming them (see `commit`).
         """
         token = uuid.uuid4().hex
         claimed: list[SampledGroup] = []
@@ -257,6 +266,7 @@ class ReplayBuffer:
                         self.config.max_staleness,
                         int(self.config.visibility_timeout_s * 1000),
                         token,
+                        hold_as or "",
                     ],
                 )
             ]
@@ -274,6 +284,8 @@ class ReplayBuffer:
                 if claimed:
                     # Give back a partial batch rather than holding it: expire it now.
                     self.unclaim([g.entry_id for g in claimed])
+                    if hold_as:
+                        self._forget_held(hold_as, [Batch(token, version)])
                 return Batch(token, version, [], previous_ack)
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             wait = min(wait * 2, _POLL_S[1])
@@ -323,17 +335,15 @@ class ReplayBuffer:
     # -- claims held across steps ------------------------------------------------------------
     # A learner that checkpoints every N steps keeps its batches claimed until the
     # checkpoint that contains their update is saved, then acks them ("commits"). The
-    # journal of held batches lives in Redis, so a restarted learner can give back what
-    # its predecessor held but never committed.
-    def hold(self, consumer: str, batch: Batch) -> None:
-        """Record `batch` as held by `consumer` until `commit`."""
-        self.client.hset(self._held_key(consumer), batch.token, json.dumps(batch.entry_ids))
-
+    # journal of held batches lives in Redis, written by the same script that claims, so
+    # a restarted learner can give back everything its predecessor held uncommitted.
     def held(self, consumer: str) -> list[HeldBatch]:
-        """Batches `consumer` holds, uncommitted."""
+        """Batches claimed with `sample(hold_as=consumer)` and not yet committed."""
+        mark = f"{consumer}|".encode()
         return [
-            HeldBatch(token.decode(), json.loads(ids))
-            for token, ids in self.client.hgetall(self._held_key(consumer)).items()
+            HeldBatch(field[len(mark) :].decode(), json.loads(ids))
+            for field, ids in self.client.hgetall(self._key["held"]).items()
+            if field.startswith(mark)
         ]
 
     def extend(self, batches: Sequence[Batch | HeldBatch]) -> int:
@@ -348,23 +358,23 @@ class ReplayBuffer:
             return AckResult([], 0, 0)
         replies = self._eval_many([self._ack_call(b) for b in batches])
         results = [self._ack_result(reply) for reply in replies]
-        self.client.hdel(self._held_key(consumer), *[b.token for b in batches])
+        self._forget_held(consumer, batches)
         return AckResult(
             [i for r in results for i in r.acked_ids],
             sum(r.stale_claims for r in results),
             sum(r.reused for r in results),
         )
 
-    def abandon(self, consumer: str, batches: Sequence[HeldBatch]) -> None:
+    def abandon(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
         """Give held batches back to the buffer (their update was lost) and forget them."""
         if batches:
             # Only claims still held by these tokens: a claim that expired may be another
             # consumer's by now.
             self._eval_many([("extend", [b.token, -1, *b.entry_ids]) for b in batches])
-            self.client.hdel(self._held_key(consumer), *[b.token for b in batches])
+            self._forget_held(consumer, batches)
 
-    def _held_key(self, consumer: str) -> str:
-        return f"{self.config.key_prefix}:held:{consumer}"
+    def _forget_held(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
+        self.client.hdel(self._key["held"], *[f"{consumer}|{b.token}" for b in batches])
 
     @staticmethod
     def _ack_result(reply: list) -> AckResult:

@@ -142,13 +142,12 @@ class TrainingLoop:
                 batch, wait_s = self._sample(to_ack if immediate_ack else None)
                 to_ack = None
                 if self.learner.any_rank(batch is None):
-                    if batch is not None:
-                        self.buffer.unclaim(batch.entry_ids)
+                    if batch is not None:  # another rank is stopping: give this batch back
+                        self.buffer.abandon(self.consumer, [batch])
                     break
                 if immediate_ack:
                     to_ack = batch
                 else:
-                    self.buffer.hold(self.consumer, batch)
                     self._held.append(batch)
                 self._train(batch, wait_s)
         finally:
@@ -162,16 +161,24 @@ class TrainingLoop:
         started = time.monotonic()
         last_log = started
         while not self.stop.is_set():
-            batch = self.buffer.sample(self.config.batch_groups, timeout_s=_SAMPLE_POLL_S, ack=ack)
+            batch = self.buffer.sample(
+                self.config.batch_groups,
+                timeout_s=_SAMPLE_POLL_S,
+                ack=ack,
+                hold_as=self.consumer if self.config.checkpoint.every_steps else None,
+            )
             ack = None
             if batch.groups:
                 return batch, time.monotonic() - started
             waited = time.monotonic() - started
             if waited > self.config.sample_timeout_s:
+                dropped = self.buffer.client.hget(self.buffer.key("counters"), "dropped_stale")
                 raise NoRollouts(
                     f"no batch of {self.config.batch_groups} groups within "
                     f"learner.sample_timeout_s={self.config.sample_timeout_s:g}s: are actors "
-                    f"writing to this buffer (key prefix {self.buffer.config.key_prefix!r})?"
+                    f"writing to this buffer (key prefix {self.buffer.config.key_prefix!r})? "
+                    f"{int(dropped or 0)} groups were dropped so far as staler than "
+                    f"buffer.max_staleness={self.buffer.config.max_staleness}"
                 )
             if time.monotonic() - last_log > _WAIT_LOG_S:
                 log.info("waiting for rollouts (%.0fs so far)", waited)

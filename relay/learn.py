@@ -50,8 +50,8 @@ def learn(
     on_metrics: Callable[[dict], None] = lambda metrics: None,
 ):
     """Run one learner rank to the end (or a stop); rank 0 exports the final policy."""
-    from learner.loop import TrainingLoop
-    from learner.publisher import RedisStoreTransport, WeightPublisher
+    from learner.loop import NoRollouts, TrainingLoop
+    from learner.publisher import PublishError, RedisStoreTransport, WeightPublisher
     from learner.trainer import Learner
 
     if config.buffer.url is None:
@@ -65,6 +65,11 @@ def learn(
     publisher = None
     if rank == 0:
         store = RedisWeightStore(client, config.buffer.key_prefix)
+        stored = store.latest_version()
+        if stored is not None and stored > buffer.version():
+            # A learner died between writing weights and bumping the version: finish it,
+            # so that no version an actor may have fetched is ever reused.
+            buffer.set_version(stored)
         publisher = WeightPublisher([RedisStoreTransport(store)], on_published=buffer.set_version)
     metrics_file = config.run_dir / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,8 @@ def learn(
     try:
         loop.start(resume)
         state = loop.run()
+    except (NoRollouts, PublishError) as error:
+        raise RelayError(str(error)) from error
     finally:
         if publisher is not None:
             publisher.close()

@@ -1,10 +1,12 @@
 -- Claim up to n groups within max_staleness of the learner's version, oldest first.
--- ARGV: n, min_n, max_staleness, visibility_ms, token.
+-- ARGV: n, min_n, max_staleness, visibility_ms, token, hold_as. A non-empty hold_as
+-- records the claim in the journal of held claims (field "hold_as|token") in the same
+-- step, so a consumer that dies right after sampling leaves nothing unrecorded.
 -- Returns {version, id1, min_version1, reuse1, id2, ...}; no claims when fewer than min_n
 -- groups are admissible, so a waiting learner holds nothing. Payloads are fetched by the
 -- client with HMGET: returning them from here would copy every payload through Lua.
 local n, min_n, max_staleness = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local visibility_ms, token = tonumber(ARGV[4]), ARGV[5]
+local visibility_ms, token, hold_as = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local now = now_ms()
 local version = current_version()
 requeue_expired_claims(now)
@@ -36,6 +38,12 @@ call_chunked('ZADD', K_CLAIMED, deadlines)
 call_chunked('HSET', K_CLAIM_TOKEN, tokens)
 for lag, count in pairs(staleness) do redis.call('HINCRBY', K_SAMPLED, lag, count) end
 redis.call('HINCRBY', K_COUNTERS, 'sampled', #ids)
+if hold_as ~= '' then
+  local field = hold_as .. '|' .. token
+  local held = cjson.decode(redis.call('HGET', K_HELD, field) or '[]')
+  for _, id in ipairs(ids) do table.insert(held, id) end
+  redis.call('HSET', K_HELD, field, cjson.encode(held))
+end
 local reuses = redis.call('HMGET', K_REUSE, unpack(ids))
 for i, id in ipairs(ids) do
   table.insert(result, id)

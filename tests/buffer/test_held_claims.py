@@ -10,9 +10,8 @@ from tests.buffer.factories import versioned_group
 def test_commit_acks_held_batches_and_clears_the_journal(make_buffer) -> None:
     buffer = make_buffer(visibility_timeout_s=60)
     buffer.put([versioned_group(f"g{i}", 0) for i in range(4)], "actor")
-    first, second = buffer.sample(2), buffer.sample(2)
-    buffer.hold("learner-0", first)
-    buffer.hold("learner-0", second)
+    first, second = buffer.sample(2, hold_as="learner-0"), buffer.sample(2, hold_as="learner-0")
+    assert buffer.held("learner-1") == []
     assert {b.token for b in buffer.held("learner-0")} == {first.token, second.token}
     result = buffer.commit("learner-0", buffer.held("learner-0"))
     assert sorted(result.acked_ids) == sorted(first.entry_ids + second.entry_ids)
@@ -23,8 +22,7 @@ def test_commit_acks_held_batches_and_clears_the_journal(make_buffer) -> None:
 def test_abandon_gives_held_groups_back_now(make_buffer) -> None:
     buffer = make_buffer(visibility_timeout_s=60)
     buffer.put([versioned_group(f"g{i}", 0) for i in range(2)], "actor")
-    batch = buffer.sample(2)
-    buffer.hold("learner-0", batch)
+    batch = buffer.sample(2, hold_as="learner-0")
     buffer.abandon("learner-0", buffer.held("learner-0"))
     assert buffer.held("learner-0") == []
     again = buffer.sample(2)
@@ -48,8 +46,7 @@ def test_extend_keeps_claims_past_the_visibility_timeout(make_buffer) -> None:
 def test_abandon_leaves_a_claim_that_passed_to_another_consumer(make_buffer) -> None:
     buffer = make_buffer(visibility_timeout_s=0.3)
     buffer.put([versioned_group("g0", 0)], "actor")
-    dead = buffer.sample(1)
-    buffer.hold("learner-0", dead)
+    dead = buffer.sample(1, hold_as="learner-0")
     time.sleep(0.5)
     alive = buffer.sample(1)  # the expired claim was redelivered
     assert alive.entry_ids == dead.entry_ids
