@@ -185,3 +185,31 @@ def test_loss_config_is_a_discriminated_union() -> None:
         adapter.validate_python({"type": "ppo"})
     with pytest.raises(ValueError, match="valid: decoupled_ppo, none, seq_is, tis"):
         get_loss("ppo")
+
+
+def test_normaliser_replaces_the_local_token_count() -> None:
+    # Two loss tokens with A * log π = 1 * -1 and 1 * -3: local mean -(-4)/2 = 2. A rank
+    # told that the global batch has 8 tokens over 2 ranks divides by 4 instead: 1.
+    base = dict(
+        logprobs=torch.tensor([[-1.0, -3.0]]),
+        behaviour_logprobs=torch.tensor([[-1.0, -3.0]]),
+        advantages=torch.tensor([[1.0, 1.0]]),
+        loss_mask=torch.tensor([[True, True]]),
+    )
+    assert compute_loss(NoCorrection(), LossInputs(**base)).loss.item() == pytest.approx(2.0)
+    scaled = LossInputs(**base, normaliser=4.0)
+    assert compute_loss(NoCorrection(), scaled).loss.item() == pytest.approx(1.0)
+
+
+def test_reference_kl_is_zero_at_the_reference_and_k3_elsewhere() -> None:
+    from learner.losses import reference_kl
+
+    logprobs = torch.tensor([[-1.0, -2.0, -5.0]])
+    mask = torch.tensor([[True, True, False]])
+    inputs = LossInputs(logprobs, logprobs, torch.zeros(1, 3), mask)
+    assert reference_kl(inputs, logprobs).item() == 0.0
+    # r = log π_ref - log π = [+1, -1] on the two loss tokens:
+    # k3 = (e - 1 - 1 + e^-1 + 1 - 1) / 2 = (e + 1/e - 2) / 2 ≈ 0.5431.
+    reference = logprobs + torch.tensor([[1.0, -1.0, 7.0]])
+    expected = (math.e + 1 / math.e - 2) / 2
+    assert reference_kl(inputs, reference).item() == pytest.approx(expected, rel=1e-6)

@@ -15,6 +15,7 @@ from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
 from learner.advantages import grpo_no_std
 from learner.batching import build_batch
 from learner.logprobs import completion_logprobs
+from tests.learner.synthetic import arithmetic_groups
 
 
 def completion(
@@ -118,3 +119,20 @@ def test_deepspeed_step_raises_the_logprob_of_rewarded_completions(learner: obje
     assert metrics[0]["learner/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert metrics[-1]["learner/is_weight_max"] > 1.0
     assert all(np.isfinite(m["learner/loss"]) for m in metrics)
+
+
+@pytest.mark.slow
+def test_kl_penalty_to_the_reference_grows_as_the_policy_moves(
+    learner: object, warm_model_dir: Path
+) -> None:
+    from learner.config import LearnerConfig
+    from learner.trainer import Learner
+
+    # Shares the module's process group (already initialised by the `learner` fixture).
+    with_kl = Learner(str(warm_model_dir), LearnerConfig(lr=1e-3, kl_coef=0.1))
+    tokenizer = with_kl.tokenizer
+    groups = arithmetic_groups(tokenizer, 2)
+    first = with_kl.step(groups, learner_version=0)
+    later = [with_kl.step(groups, learner_version=0) for _ in range(3)]
+    assert first["learner/kl_reference"] == pytest.approx(0.0, abs=1e-6)  # π = π_ref at first
+    assert later[-1]["learner/kl_reference"] > 1e-4
