@@ -1,0 +1,43 @@
+"""Configuration of the rollout actors (no vLLM or Ray import, so configs load fast)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.episodes import SamplingConfig
+
+
+class ActorConfig(BaseModel):
+    """How many actors run, what each keeps in flight, and how they follow new weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_actors: int = Field(1, gt=0)
+    """Ray actors, each with its own vLLM engine."""
+    group_size: int = Field(8, gt=1)
+    """Completions per prompt (the group whose rewards make the advantages)."""
+    groups_in_flight: int = Field(8, gt=0)
+    """Groups each engine works on at once; a finished group is replaced at once."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    weight_updates: Literal["in_flight", "drain"] = "in_flight"
+    """in_flight: load new weights between two engine steps, running sequences go on (their
+    later tokens carry the new version); drain: stop admitting, finish what runs, then load."""
+    transport: Literal["ray", "redis"] = "ray"
+    """Where actors fetch weights: Ray's object store, or the weight store in the buffer's Redis
+    (what `relay actor --buffer redis://...` outside the Ray cluster uses)."""
+    weight_poll_s: float = Field(0.5, gt=0)
+    """How often an actor checks for a newer policy version."""
+    weight_timeout_s: float = Field(300.0, gt=0)
+    """Longest a weight fetch or load may take before the actor fails (and is restarted)."""
+    metrics_every_s: float = Field(5.0, gt=0)
+    """How often each actor writes its health and throughput to the buffer."""
+    max_restarts: int = Field(3, ge=0)
+    """Ray restarts a crashed actor this many times; it rejoins at the latest version."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves per actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves per actor (engine.tensor_parallel_size on GPU clusters)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. {"generation": 1} to place actors on node types."""
