@@ -105,10 +105,10 @@ def generate(
     ]
     prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [[_to_sample(completion) for completion in output.outputs] for output in outputs]
+    return [[to_sample(completion) for completion in output.outputs] for output in outputs]
 
 
-def _to_sample(completion: object) -> Sample:
+def to_sample(completion: object) -> Sample:
     token_ids = list(completion.token_ids)
     logprobs = [
         position[token].logprob

@@ -28,6 +28,10 @@ class SamplingConfig(BaseModel):
     """1.0 samples from the policy itself (what importance weights assume); 0 is greedy."""
     max_tokens: int = Field(16, gt=0)
     """Token budget of one assistant turn."""
+    ignore_eos: bool = False
+    """Keep sampling past end-of-sequence up to max_tokens (fixed-length benchmarks and
+    tests). Unlike a minimum length, it leaves the sampling distribution, and so the
+    recorded log-probs, untouched."""
 
 
 @dataclass
@@ -79,7 +83,7 @@ def run_episodes(
         )
         still_running = []
         for episode, (sample,) in zip(active, samples, strict=True):
-            if _take_turn(episode, sample, env, tokenizer, last_turn=turn == env.max_turns - 1):
+            if take_turn(episode, sample, env, tokenizer, last_turn=turn == env.max_turns - 1):
                 still_running.append(episode)
             else:
                 episode.generation_s = time.perf_counter() - started
@@ -89,7 +93,7 @@ def run_episodes(
     return episodes
 
 
-def _take_turn(
+def take_turn(
     episode: Episode, sample: Sample, env: Environment, tokenizer: object, *, last_turn: bool
 ) -> bool:
     """Append the sampled reply and, if the episode goes on, the environment's answer."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -41,14 +42,23 @@ class RelayWorkerExtension:
         model.load_weights(unpack_tensors(tensors))
         return len(tensors)
 
-    def relay_finish_weight_update(self) -> int:
-        """Repack layers from the new weights (CPU); returns how many were repacked."""
-        repacked = 0
+    def relay_finish_weight_update(self) -> dict[str, int]:
+        """Repack layers from the new weights (CPU); returns `relay_request_progress()`.
+
+        Runs between two engine steps, so the progress it returns is exactly how many
+        tokens each running request sampled with the old weights.
+        """
         for module in self.model_runner.model.modules():
             if hasattr(module, "cpu_linear") and hasattr(module, "quant_method"):
                 module.quant_method.process_weights_after_loading(module)
-                repacked += 1
-        return repacked
+        return self.relay_request_progress()
+
+    def relay_request_progress(self) -> dict[str, int]:
+        """Tokens sampled so far by each request the worker holds, by vLLM request id."""
+        return {
+            request_id: len(state.output_token_ids)
+            for request_id, state in self.model_runner.requests.items()
+        }
 
 
 def update_engine_weights(
@@ -57,31 +67,53 @@ def update_engine_weights(
     *,
     chunk_mib: float = 64,
     timeout_s: float = 300,
-) -> float:
+) -> WeightLoad:
     """Push `state_dict` into the running engine `llm`; returns the seconds it took."""
     return load_chunks(
         llm, chunks(pack_state_dict(state_dict), int(chunk_mib * 1024 * 1024)), timeout_s
     )
 
 
+@dataclass(frozen=True)
+class WeightLoad:
+    """What one weight update did: its duration and where it cut running requests."""
+
+    seconds: float
+    tensors: int
+    bytes: int
+    progress: dict[str, int]
+    """vLLM request id -> tokens it had sampled with the old weights at the switch."""
+
+
 def load_chunks(
     llm: object, tensor_chunks: Iterable[list[PackedTensor]], timeout_s: float = 300
-) -> float:
+) -> WeightLoad:
     """Stream chunks of packed tensors (from the learner or a weight store) into `llm`.
 
-    Each RPC has a time limit, so a stuck worker raises instead of hanging the actor.
-    The prefix cache is reset: cached prompt KV computed by the old weights is stale.
+    The engine's scheduler is paused ("keep": running requests stay, with their KV cache)
+    for the whole update. Without the pause the engine process, which runs ahead of its
+    client, would take steps between two chunks with half-updated weights. Each RPC has a
+    time limit, so a stuck worker raises instead of hanging the actor. The prefix cache
+    is reset afterwards when no request is running (cached prompt KV of the old weights
+    is stale); running requests keep their KV, as PipelineRL's in-flight updates do.
     """
     started = time.perf_counter()
-    loaded = 0
-    for chunk in tensor_chunks:
-        llm.collective_rpc("relay_load_weights", args=(chunk,), timeout=timeout_s)
-        loaded += len(chunk)
-    llm.collective_rpc("relay_finish_weight_update", timeout=timeout_s)
-    llm.reset_prefix_cache()
+    loaded = nbytes = 0
+    core = llm.llm_engine.engine_core
+    core.call_utility("pause_scheduler", "keep", False)
+    try:
+        for chunk in tensor_chunks:
+            llm.collective_rpc("relay_load_weights", args=(chunk,), timeout=timeout_s)
+            loaded += len(chunk)
+            nbytes += sum(len(raw) for *_, raw in chunk)
+        (progress, *_) = llm.collective_rpc("relay_finish_weight_update", timeout=timeout_s)
+    finally:
+        core.call_utility("resume_scheduler")
+    if not progress:
+        llm.reset_prefix_cache()
     seconds = time.perf_counter() - started
-    log.info("loaded %d tensors into vLLM in %.2fs", loaded, seconds)
-    return seconds
+    log.info("loaded %d tensors (%.1f MB) into vLLM in %.2fs", loaded, nbytes / 1e6, seconds)
+    return WeightLoad(seconds, loaded, nbytes, progress)
 
 
 def _restore_dropped_linear_weights(model: torch.nn.Module) -> None:

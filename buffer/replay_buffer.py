@@ -399,6 +399,17 @@ class ReplayBuffer:
             )
         return records
 
+    # -- producers' health -------------------------------------------------------------------
+    def set_health(self, producer: str, health: dict) -> None:
+        """Record a producer's latest health figures (throughput, version lag, errors)."""
+        record = {**health, "updated_at": time.time()}
+        self.client.hset(f"{self.config.key_prefix}:health", producer, json.dumps(record))
+
+    def health(self) -> dict[str, dict]:
+        """Every producer's latest health record, by producer id."""
+        raw = self.client.hgetall(f"{self.config.key_prefix}:health")
+        return {producer.decode(): json.loads(record) for producer, record in raw.items()}
+
     def key(self, name: str) -> str:
         """The Redis key of one of the buffer's structures (for stats and tests)."""
         return self._key[name]

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 import torch
@@ -180,3 +181,36 @@ class RedisWeightStore:
 
     def _tensors_key(self, version: int) -> str:
         return f"{self.prefix}:{version}:tensors"
+
+
+class WeightSource(Protocol):
+    """Where an actor follows the learner's versions from (one per transport)."""
+
+    def latest_version(self) -> int | None:
+        """The newest version ready to fetch, or None before the first publish."""
+        ...
+
+    def wait_for_version(self, timeout_s: float) -> int | None:
+        """Block until some version is published; None on timeout."""
+        ...
+
+    def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
+        """`version`'s tensors, a bounded chunk at a time (never a second full copy)."""
+        ...
+
+
+class RedisWeightSource:
+    """Follows the Redis weight store: all an actor outside the Ray cluster needs."""
+
+    def __init__(self, store: RedisWeightStore, chunk_mib: float = 64) -> None:
+        self.store = store
+        self.chunk_bytes = int(chunk_mib * 1024 * 1024)
+
+    def latest_version(self) -> int | None:
+        return self.store.latest_version()
+
+    def wait_for_version(self, timeout_s: float) -> int | None:
+        return self.store.wait_for_newer(None, timeout_s)
+
+    def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
+        return self.store.stream(version, self.chunk_bytes)

@@ -5,7 +5,6 @@ These use a real vLLM engine (the CPU build in CI) and the real `transformers` m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.episodes import SamplingConfig, render_prompt, run_episodes
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
-from envs.base import EnvReply, Message, Prompt, Split, Verdict
+from envs.base import Message, Split
 from learner.logprobs import completion_logprobs
 from relay.evaluate import EvalConfig, evaluate
 from tests.actors.logprob_check import LOGPROB_TOLERANCE, worst_difference
+from tests.actors.tool_echo import ToolEchoEnv
 
 pytestmark = pytest.mark.slow
 
@@ -38,27 +38,6 @@ def test_sampled_logprobs_match_transformers(
     env = ArithmeticEnv(ArithmeticConfig())
     prompts = [render_prompt(tokenizer, p.messages) for p in env.prompts(Split.TEST, 8, seed=3)]
     assert worst_difference(vllm_engine, hf_model, prompts, max_tokens=24) < LOGPROB_TOLERANCE
-
-
-class ToolEchoEnv:
-    """A two-tool-call environment: it answers every assistant message until the turn limit."""
-
-    name = "tool-echo"
-    max_turns = 3
-
-    def prompts(self, split: Split, count: int, seed: int) -> list[Prompt]:
-        return [
-            Prompt(f"echo:{i}", (Message("user", f"{i}+{i}="),), str(2 * i)) for i in range(count)
-        ]
-
-    def step(self, prompt: Prompt, transcript: Sequence[Message]) -> EnvReply:
-        return EnvReply(done=False, message=Message("tool", f"<result>{len(transcript)}</result>"))
-
-    def verify(self, prompt: Prompt, transcript: Sequence[Message]) -> Verdict:
-        return Verdict(0.0, False, {"turns": len(transcript)})
-
-    def demonstration(self, prompt: Prompt) -> str | None:
-        return None
 
 
 def test_multi_turn_episode_masks_environment_tokens(

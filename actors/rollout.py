@@ -1,0 +1,334 @@
+"""The rollout loop of one actor: keep an engine busy with episodes, tag every token.
+
+`RolloutWorker` drives a vLLM engine one step at a time (`LLMEngine.step`), which is what
+makes the rest possible:
+
+- continuous admission: a group that finishes is put into the buffer at once and a new
+  one takes its place, so long episodes never hold back short ones;
+- multi-turn episodes: when a turn ends, the environment answers and the episode goes
+  back into the engine as a new request with the whole conversation so far;
+- weights in flight: between two engine steps the worker loads a newer policy version
+  into the running engine. vLLM's worker reports how many tokens each running request
+  had sampled at that moment (the engine process runs ahead of the outputs this process
+  has seen), so every token is tagged with the version that really sampled it.
+  `weight_updates: drain` instead stops admitting, finishes what runs, then loads.
+
+A group is written only when all its episodes are verified: an actor that dies never
+leaves half a group behind (its admission leases expire and are counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actors.config import ActorConfig
+from actors.engine import Sample, to_sample
+from actors.episodes import Episode, render_prompt, take_turn
+from actors.weight_sync import load_chunks
+from buffer.replay_buffer import ReplayBuffer
+from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
+from buffer.weights import WeightSource
+from envs.base import Environment, Prompt, Split
+
+log = logging.getLogger(__name__)
+
+_PROMPTS_PER_DRAW = 64
+_IDLE_SLEEP_S = 0.02
+
+
+@dataclass
+class _Running:
+    """An episode in the engine, with the policy version of each of its tokens."""
+
+    group: _Group
+    episode: Episode
+    versions: list[int] = field(default_factory=list)
+    request_id: str = ""
+    turn: int = 0
+    turn_version: int = 0
+    """The version the current turn started with."""
+    switches: list[tuple[int, int]] = field(default_factory=list)
+    """(tokens of this turn sampled before the switch, new version), in order."""
+
+
+@dataclass
+class _Group:
+    group_id: str
+    prompt: Prompt
+    lease: str
+    episodes: list[_Running] = field(default_factory=list)
+    finished: int = 0
+
+
+@dataclass
+class ActorStats:
+    """Counters an actor reports (see `RolloutWorker.health`)."""
+
+    groups: int = 0
+    tokens: int = 0
+    """Sampled tokens (the policy's, not the environment's)."""
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    weight_loads: int = 0
+    weight_load_s: float = 0.0
+    errors: int = 0
+    last_error: str = ""
+
+
+class RolloutWorker:
+    """One engine, one environment stream, one producer id in the buffer."""
+
+    def __init__(
+        self,
+        llm: object,
+        tokenizer: object,
+        env: Environment,
+        config: ActorConfig,
+        buffer: ReplayBuffer,
+        weights: WeightSource | None,
+        *,
+        actor_id: str,
+        run_id: str,
+        seed: int,
+        max_model_len: int,
+    ) -> None:
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.tokenizer = tokenizer
+        self.env = env
+        self.config = config
+        self.buffer = buffer
+        self.weights = weights
+        self.actor_id = actor_id
+        self.run_id = run_id
+        self.seed = seed
+        self.max_model_len = max_model_len
+        self.version = buffer.version() if weights is None else -1
+        """The policy version loaded in the engine (-1: not known yet)."""
+        self.stats = ActorStats()
+        self._prompts = self._prompt_stream()
+        self._groups: list[_Group] = []
+        self._running: dict[str, _Running] = {}
+        self._pending_version: int | None = None
+        self._next_poll = 0.0
+        self._next_report = 0.0
+        self._started = time.monotonic()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event, max_groups: int | None = None) -> ActorStats:
+        """Generate until `stop` is set (or at least `max_groups` groups were put)."""
+        try:
+            if self.weights is not None:
+                self._follow_weights(wait=True)
+            while not stop.is_set() and (max_groups is None or self.stats.groups < max_groups):
+                self.step()
+        finally:
+            self._abandon_unfinished()
+            self.report()
+        return self.stats
+
+    def step(self) -> list[RolloutGroup]:
+        """One iteration: new weights if due, admit groups, one engine step; returns groups put."""
+        now = time.monotonic()
+        if self.weights is not None and now >= self._next_poll:
+            self._follow_weights(wait=False)
+            self._next_poll = now + self.config.weight_poll_s
+        if self._pending_version is None:
+            self._admit()
+        if not self._running:
+            time.sleep(_IDLE_SLEEP_S)
+            self.stats.idle_s += time.monotonic() - now
+            self._maybe_report()
+            return []
+        put = []
+        for output in self.engine.step():
+            running = self._running.get(output.request_id)
+            if running is not None and output.finished:
+                put += self._finish_turn(running, to_sample(output.outputs[0]))
+        self.stats.busy_s += time.monotonic() - now
+        self._maybe_report()
+        return put
+
+    # -- admission --------------------------------------------------------------------------
+    def _admit(self) -> None:
+        free = self.config.groups_in_flight - len(self._groups)
+        if free <= 0:
+            return
+        _, leases = self.buffer.reserve(self.actor_id, free)
+        for lease in leases:
+            prompt = next(self._prompts)
+            group = _Group(uuid.uuid4().hex, prompt, lease)
+            prompt_ids = render_prompt(self.tokenizer, prompt.messages)
+            for _ in range(self.config.group_size):
+                running = _Running(group, Episode(prompt, prompt_ids))
+                group.episodes.append(running)
+                self._submit(running)
+            self._groups.append(group)
+
+    def _submit(self, running: _Running) -> None:
+        """Send the episode's next turn to the engine."""
+        from vllm import SamplingParams, TokensPrompt
+
+        episode = running.episode
+        context = episode.prompt_token_ids + episode.token_ids
+        budget = min(self.config.sampling.max_tokens, self.max_model_len - len(context))
+        running.request_id = f"{running.group.group_id}.{id(running)}.{running.turn}"
+        running.turn_version = self.version
+        running.switches = []
+        sampling = self.config.sampling
+        params = SamplingParams(
+            max_tokens=budget,
+            ignore_eos=sampling.ignore_eos,
+            temperature=sampling.temperature,
+            logprobs=0,  # the sampled token's own log-prob, no alternatives
+        )
+        self.engine.add_request(running.request_id, TokensPrompt(prompt_token_ids=context), params)
+        self._running[running.request_id] = running
+
+    def _prompt_stream(self) -> Iterator[Prompt]:
+        """Training prompts, an endless stream of this actor's own (seeded per actor)."""
+        for draw in range(10**9):
+            seed = int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
+            yield from self.env.prompts(Split.TRAIN, _PROMPTS_PER_DRAW, seed)
+
+    # -- episodes and groups ----------------------------------------------------------------
+    def _finish_turn(self, running: _Running, sample: Sample) -> list[RolloutGroup]:
+        del self._running[running.request_id]
+        self.stats.tokens += len(sample.token_ids)
+        running.versions += _turn_versions(
+            len(sample.token_ids), running.turn_version, running.switches
+        )
+        episode = running.episode
+        last_turn = running.turn == self.env.max_turns - 1
+        goes_on = take_turn(episode, sample, self.env, self.tokenizer, last_turn=last_turn)
+        if goes_on and len(episode.prompt_token_ids) + len(episode.token_ids) >= self.max_model_len:
+            episode.finish_reason = FinishReason.LENGTH
+            goes_on = False
+        # Environment tokens (not sampled) carry the version of the turn they follow.
+        running.versions += [self.version] * (len(episode.token_ids) - len(running.versions))
+        if goes_on:
+            running.turn += 1
+            self._submit(running)
+            return []
+        group = running.group
+        group.finished += 1
+        if group.finished < len(group.episodes):
+            return []
+        return [self._put(group)]
+
+    def _put(self, group: _Group) -> RolloutGroup:
+        completions = []
+        for running in group.episodes:
+            episode = running.episode
+            verdict = self.env.verify(episode.prompt, episode.transcript)
+            completions.append(
+                Completion(
+                    token_ids=np.array(episode.token_ids, np.int32),
+                    behaviour_logprobs=np.array(episode.behaviour_logprobs, np.float32),
+                    loss_mask=np.array(episode.loss_mask, np.bool_),
+                    policy_versions=VersionRuns.from_per_token(running.versions),
+                    reward=verdict.reward,
+                    finish_reason=episode.finish_reason,
+                    verifier_details=dict(verdict.details),
+                    generation_s=time.monotonic() - self._started,
+                )
+            )
+        rollout = RolloutGroup(
+            run_id=self.run_id,
+            group_id=group.group_id,
+            env_name=self.env.name,
+            prompt_id=group.prompt.prompt_id,
+            prompt_token_ids=np.array(group.episodes[0].episode.prompt_token_ids, np.int32),
+            completions=completions,
+            actor_id=self.actor_id,
+            created_at=time.time(),
+        )
+        self.buffer.put([rollout], self.actor_id, [group.lease])
+        self._groups.remove(group)
+        self.stats.groups += 1
+        return rollout
+
+    def _abandon_unfinished(self) -> None:
+        """Stop: abort running requests, give back the leases of unfinished groups."""
+        if self._running:
+            self.engine.abort_request(list(self._running))
+        self.buffer.release([g.lease for g in self._groups])
+        self._running.clear()
+        self._groups.clear()
+
+    # -- weights ----------------------------------------------------------------------------
+    def _follow_weights(self, wait: bool) -> None:
+        """Load a newer version now (in flight), or once the engine is drained."""
+        latest = self.weights.latest_version()
+        if wait and latest is None:
+            latest = self.weights.wait_for_version(self.config.weight_timeout_s)
+        if latest is not None and latest > self.version:
+            self._pending_version = latest
+        if self._pending_version is None:
+            return
+        if self.config.weight_updates == "drain" and self._running:
+            return  # admission is paused until the running episodes finish
+        self._load(self._pending_version)
+
+    def _load(self, version: int) -> None:
+        loaded = load_chunks(
+            self.llm, self.weights.chunks(version), timeout_s=self.config.weight_timeout_s
+        )
+        for internal_id, sampled in loaded.progress.items():
+            running = self._running.get(internal_id) or self._running.get(
+                internal_id.rsplit("-", 1)[0]
+            )
+            if running is not None:
+                running.switches.append((sampled, version))
+        log.info(
+            "%s: now at policy version %d (was %d; %d running sequences continue)",
+            self.actor_id, version, self.version, len(self._running),
+        )  # fmt: skip
+        self.version = version
+        self._pending_version = None
+        self.stats.weight_loads += 1
+        self.stats.weight_load_s += loaded.seconds
+
+    # -- health -----------------------------------------------------------------------------
+    def _maybe_report(self) -> None:
+        if time.monotonic() >= self._next_report:
+            self.report()
+            self._next_report = time.monotonic() + self.config.metrics_every_s
+
+    def health(self) -> dict[str, float | int | str]:
+        """Throughput, version lag and idleness since this worker started."""
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        stats = self.stats
+        return {
+            "version": self.version,
+            "version_lag": max(0, self.buffer.version() - self.version),
+            "groups": stats.groups,
+            "tokens": stats.tokens,
+            "tokens_per_s": stats.tokens / elapsed,
+            "groups_per_s": stats.groups / elapsed,
+            "idle_fraction": stats.idle_s / max(stats.idle_s + stats.busy_s, 1e-9),
+            "weight_loads": stats.weight_loads,
+            "weight_load_s": stats.weight_load_s,
+            "in_flight_groups": len(self._groups),
+            "errors": stats.errors,
+            "last_error": stats.last_error,
+        }
+
+    def report(self) -> None:
+        """Write `health()` to the buffer (the dashboard's per-actor table)."""
+        self.buffer.set_health(self.actor_id, self.health())
+
+
+def _turn_versions(n_tokens: int, start: int, switches: list[tuple[int, int]]) -> list[int]:
+    """Per-token versions of a turn of `n_tokens` that began at `start` and crossed `switches`."""
+    versions = [start] * n_tokens
+    for cut, version in switches:
+        versions[min(cut, n_tokens) :] = [version] * (n_tokens - min(cut, n_tokens))
+    return versions

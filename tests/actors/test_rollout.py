@@ -1,0 +1,157 @@
+"""The rollout worker on a real vLLM engine and a real redis-server (no Ray here).
+
+Groups land with the right tags; sampled log-probs are the policy's; a weight update in
+the middle of generation splits sequences between two versions at the right token;
+multi-turn episodes keep environment tokens out of the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.config import ActorConfig
+from actors.episodes import SamplingConfig
+from actors.rollout import RolloutWorker
+from actors.weight_sync import update_engine_weights
+from buffer.weights import RedisWeightSource, RedisWeightStore
+from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
+from learner.logprobs import completion_logprobs
+from tests.actors.logprob_check import LOGPROB_TOLERANCE
+from tests.actors.tool_echo import ToolEchoEnv
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def original(warm_model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(warm_model_dir: Path) -> object:
+    return AutoTokenizer.from_pretrained(warm_model_dir)
+
+
+def worker(llm, tokenizer, env, buffer, weights=None, **config) -> RolloutWorker:
+    return RolloutWorker(
+        llm, tokenizer, env, ActorConfig(**config), buffer, weights,
+        actor_id="actor-test", run_id="test", seed=5, max_model_len=128,
+    )  # fmt: skip
+
+
+def behaviour_error(model: torch.nn.Module, group, tokens: slice = slice(None)) -> float:
+    """Largest |sampled - recomputed| log-prob over the loss tokens in `tokens`."""
+    worst = 0.0
+    with torch.no_grad():
+        for completion in group.completions:
+            (recomputed,) = completion_logprobs(
+                model, group.prompt_token_ids.tolist(), [completion.token_ids.tolist()]
+            )
+            mask = torch.from_numpy(np.array(completion.loss_mask))[tokens]
+            sampled = torch.from_numpy(np.array(completion.behaviour_logprobs))[tokens]
+            worst = max(worst, (sampled - recomputed[tokens])[mask].abs().max().item())
+    return worst
+
+
+def test_groups_land_in_the_buffer_tagged_and_scored(
+    vllm_engine, tokenizer, original, make_buffer
+) -> None:
+    buffer = make_buffer(groups_per_version=4, max_staleness=1)
+    env = ArithmeticEnv(ArithmeticConfig())
+    rollout = worker(vllm_engine, tokenizer, env, buffer, group_size=4, groups_in_flight=3)
+    stats = rollout.run(threading.Event(), max_groups=4)
+    # One engine step can finish several groups: at least 4 were put.
+    assert stats.groups >= 4 and stats.tokens > 0
+    # Admission control allows (0 + 1 + 1) x 4 = 8 groups; the leases of the groups
+    # still running when the worker stopped were given back.
+    assert int(buffer.client.hget(buffer.key("counters"), "admitted")) == stats.groups
+    batch = buffer.sample(4)
+    assert len(batch.groups) == 4
+    for sampled in batch.groups:
+        group = sampled.group
+        assert group.actor_id == "actor-test" and group.env_name == "arithmetic"
+        assert len(group.completions) == 4
+        for completion in group.completions:
+            assert completion.policy_versions.per_token().tolist() == [0] * completion.n_tokens
+            assert completion.reward in (0.0, 1.0)
+            assert all(completion.loss_mask)
+        assert behaviour_error(original, group) < LOGPROB_TOLERANCE
+    health = buffer.health()["actor-test"]
+    assert health["groups"] == stats.groups and health["version"] == 0 and health["tokens_per_s"] > 0
+
+
+def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
+    vllm_engine, tokenizer, original, make_buffer, redis_server
+) -> None:
+    buffer = make_buffer(admission_control=False)
+    store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
+    store.publish(0, dict(original.named_parameters()))
+    changed = copy.deepcopy(original)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    env = ArithmeticEnv(ArithmeticConfig())
+    # 12 tokens per reply (sampling goes on past end-of-sequence): the switch after three
+    # engine steps lands in the middle of every running sequence.
+    rollout = worker(
+        vllm_engine, tokenizer, env, buffer, RedisWeightSource(store),
+        group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=12, ignore_eos=True),
+    )  # fmt: skip
+    try:
+        rollout._follow_weights(wait=True)
+        assert rollout.version == 0
+        put = []
+        for _ in range(3):
+            put += rollout.step()
+        store.publish(1, dict(changed.named_parameters()))
+        rollout._next_poll = 0.0  # check for weights at the next step, not in 0.5 s
+        while len(put) < 4:
+            put += rollout.step()
+    finally:
+        rollout._abandon_unfinished()
+        update_engine_weights(vllm_engine, dict(original.named_parameters()))
+    spanning = put[:2]  # admitted before the update
+    for group in spanning:
+        for completion in group.completions:
+            runs = completion.policy_versions
+            assert runs.versions.tolist() == [0, 1], runs
+            assert 0 < runs.lengths[0] < 12
+        # Tokens sampled before the switch are exactly the old policy's.
+        cut = int(min(c.policy_versions.lengths[0] for c in group.completions))
+        assert behaviour_error(original, group, slice(0, cut)) < LOGPROB_TOLERANCE
+    after = put[2:]  # admitted after the update: all version 1, the new policy's
+    for group in after:
+        assert all(set(c.policy_versions.per_token()) == {1} for c in group.completions)
+        assert behaviour_error(changed, group) < LOGPROB_TOLERANCE
+        assert behaviour_error(original, group) > 0.05
+    assert rollout.stats.weight_loads == 2
+
+
+def test_multi_turn_groups_mask_environment_tokens(
+    vllm_engine, tokenizer, original, make_buffer
+) -> None:
+    buffer = make_buffer(admission_control=False)
+    env = ToolEchoEnv()
+    rollout = worker(
+        vllm_engine, tokenizer, env, buffer, group_size=2, groups_in_flight=2,
+        sampling=SamplingConfig(max_tokens=12),
+    )  # fmt: skip
+    rollout.run(threading.Event(), max_groups=2)
+    groups = [g.group for g in buffer.sample(2).groups]
+    episodes = [c for g in groups for c in g.completions]
+    with_tools = [c for c in episodes if not all(c.loss_mask)]
+    assert with_tools, "the environment answered no assistant turn"
+    for completion in with_tools:
+        env_tokens = ~np.array(completion.loss_mask)
+        assert (np.array(completion.behaviour_logprobs)[env_tokens] == 0).all()
+        assert "<result>" in tokenizer.decode(np.array(completion.token_ids)[env_tokens])
+    for group in groups:
+        assert behaviour_error(original, group) < LOGPROB_TOLERANCE
