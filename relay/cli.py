@@ -80,6 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="policy to evaluate (default: model.path)")
     learn = command("learn", _learn, "run the learner against an experiment's buffer (buffer.url)")
     learn.add_argument("--resume", action="store_true", help="continue from run_dir's checkpoint")
+    actor = command(
+        "actor", _actor, "join a running experiment as a rollout actor, by its Redis URL"
+    )
+    actor.add_argument("--buffer", required=True, help="the experiment's redis:// or rediss:// URL")
+    actor.add_argument("--prefix", default="relay", help="the experiment's buffer.key_prefix")
+    actor.add_argument("--env", help="environment type, if not the experiment's")
+    actor.add_argument("--actor-id", help="producer id in the buffer (default: host-pid)")
+    actor.add_argument(
+        "--cache", type=Path, default=Path.home() / ".cache" / "relay", help="local model copy"
+    )
     return parser
 
 
@@ -159,6 +169,36 @@ def _learn(args: argparse.Namespace, config: RunConfig) -> None:
     check_resume(config, args.resume)
     stop = _stop_on_signals()
     learn_all_ranks(config, resume=args.resume, stop=stop)
+
+
+def _actor(args: argparse.Namespace, config: RunConfig) -> None:
+    """Outside the Ray cluster: weights come from the Redis weight store."""
+    import socket
+
+    from actors.ray_actor import ActorSpec, build_worker
+    from buffer.server import connect
+    from relay.experiment import join_experiment
+
+    client = connect(args.buffer)
+    experiment, run_id, model_dir = join_experiment(
+        client, args.prefix, args.overrides, args.cache, config.actors.weight_timeout_s, args.env
+    )
+    actor_id = args.actor_id or f"{socket.gethostname()}-{os.getpid()}"
+    spec = ActorSpec(
+        actor_id=actor_id,
+        run_id=run_id,
+        seed=experiment.seed * 1000 + os.getpid(),
+        model_path=str(model_dir),
+        engine=experiment.engine,
+        env=experiment.env,
+        actor=experiment.actors.model_copy(update={"transport": "redis"}),
+        buffer=experiment.buffer.model_copy(update={"url": args.buffer}),
+    )
+    worker = build_worker(spec)
+    stop = _stop_on_signals()
+    log.info("%s generating for experiment %s (%s)", actor_id, args.prefix, experiment.env.type)
+    stats = worker.run(stop)
+    console.print(f"{actor_id}: {stats.groups} groups, {stats.tokens} tokens")
 
 
 def _stop_on_signals() -> threading.Event:

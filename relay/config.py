@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from actors.config import ActorConfig
 from actors.engine import EngineConfig
 from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
@@ -56,6 +57,8 @@ class RunConfig(BaseModel):
     """The task; `type` selects it (arithmetic, math, code, calculator)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """vLLM engine settings (actors and evaluation)."""
+    actors: ActorConfig = Field(default_factory=ActorConfig)
+    """Rollout actors: how many, group size, sampling, how they follow new weights."""
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     """The Redis replay buffer between actors and learner."""
     redis: RedisServerConfig = Field(default_factory=RedisServerConfig)

@@ -20,6 +20,7 @@ from buffer.server import connect, free_port
 from buffer.weights import RedisWeightStore
 from relay.config import RunConfig
 from relay.errors import RelayError
+from relay.experiment import publish_experiment
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def learn(
     )  # fmt: skip
     publisher = None
     if rank == 0:
+        publish_experiment(client, config, run_id=config.run_dir.name)
         store = RedisWeightStore(client, config.buffer.key_prefix)
         stored = store.latest_version()
         if stored is not None and stored > buffer.version():

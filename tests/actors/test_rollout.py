@@ -84,7 +84,9 @@ def test_groups_land_in_the_buffer_tagged_and_scored(
             assert all(completion.loss_mask)
         assert behaviour_error(original, group) < LOGPROB_TOLERANCE
     health = buffer.health()["actor-test"]
-    assert health["groups"] == stats.groups and health["version"] == 0 and health["tokens_per_s"] > 0
+    assert (
+        health["groups"] == stats.groups and health["version"] == 0 and health["tokens_per_s"] > 0
+    )
 
 
 def test_weights_loaded_mid_generation_split_versions_at_the_right_token(

@@ -1,0 +1,142 @@
+"""Rollout actors as Ray actors: one vLLM engine each, restarted by Ray when they die.
+
+`ActorSpec` is everything an actor needs (no reference to the driver), so the same spec
+starts an actor inside the Ray cluster (`start_actors`) or a process outside it
+(`relay actor`). A restarted actor builds its engine again, loads the latest published
+version and carries on; the groups it had in flight are simply never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from actors.config import ActorConfig
+from actors.engine import EngineConfig
+from buffer.config import BufferConfig
+from envs.registry import EnvConfig
+
+log = logging.getLogger(__name__)
+
+
+class ActorSpec(BaseModel):
+    """What one rollout actor is built from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actor_id: str
+    run_id: str
+    seed: int
+    model_path: str
+    engine: EngineConfig
+    env: EnvConfig
+    actor: ActorConfig
+    buffer: BufferConfig
+    """Must carry the buffer's `url`: actors always connect to an existing Redis."""
+
+
+def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
+    """The engine, the environment, the buffer client and the weight source of one actor."""
+    from transformers import AutoTokenizer
+
+    from actors.engine import build_llm
+    from actors.rollout import RolloutWorker
+    from buffer.replay_buffer import ReplayBuffer
+    from buffer.server import connect
+    from buffer.weights import RedisWeightSource, RedisWeightStore
+    from envs.registry import make_env
+
+    if spec.buffer.url is None:
+        raise ValueError(f"{spec.actor_id}: buffer.url is required to start an actor")
+    client = connect(spec.buffer.url)
+    buffer = ReplayBuffer(client, spec.buffer)
+    if spec.actor.transport == "ray":
+        from buffer.ray_weights import RayWeightSource
+
+        weights = RayWeightSource(spec.buffer.key_prefix, timeout_s=spec.actor.weight_timeout_s)
+    else:
+        weights = RedisWeightSource(RedisWeightStore(client, spec.buffer.key_prefix))
+    llm = build_llm(spec.model_path, spec.engine, spec.seed)
+    worker = RolloutWorker(
+        llm,
+        AutoTokenizer.from_pretrained(spec.model_path),
+        make_env(spec.env),
+        spec.actor,
+        buffer,
+        weights,
+        actor_id=spec.actor_id,
+        run_id=spec.run_id,
+        seed=spec.seed,
+        max_model_len=spec.engine.max_model_len,
+    )
+    worker.restarts = restarts
+    return worker
+
+
+class RolloutActor:
+    """The Ray actor: `run` generates until `stop`; `health` reads its figures."""
+
+    def __init__(self, spec: ActorSpec) -> None:
+        import ray
+
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        self.spec = spec
+        restarts = 0
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            from buffer.server import connect
+
+            key = f"{spec.buffer.key_prefix}:restarts"
+            restarts = int(connect(spec.buffer.url).hincrby(key, spec.actor_id, 1))
+            log.warning("%s restarted (%d so far): rejoining at the latest version",
+                        spec.actor_id, restarts)  # fmt: skip
+        self.worker = build_worker(spec, restarts=restarts)
+        self._stop = threading.Event()
+
+    def run(self) -> dict:
+        """Generate until `stop()`; returns the final counters."""
+        try:
+            stats = self.worker.run(self._stop)
+        except Exception as error:
+            self.worker.stats.errors += 1
+            self.worker.stats.last_error = f"{type(error).__name__}: {error}"[:500]
+            self.worker.report()
+            raise
+        return dict(vars(stats))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def health(self) -> dict:
+        return self.worker.health()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def start_actors(specs: list[ActorSpec]) -> list[object]:
+    """Start one Ray actor per spec with the spec's resources and restart policy."""
+    import ray
+
+    handles = []
+    for spec in specs:
+        options = spec.actor
+        actor_class = ray.remote(RolloutActor).options(
+            name=f"relay:{spec.buffer.key_prefix}:{spec.actor_id}",
+            num_cpus=options.num_cpus,
+            num_gpus=options.num_gpus,
+            resources=options.resources or None,
+            max_restarts=options.max_restarts,
+            # The `run` call in progress when the actor died runs again after the restart.
+            max_task_retries=options.max_restarts,
+            max_concurrency=4,  # run() blocks; stop() and health() must get through
+        )
+        handles.append(actor_class.remote(spec))
+    return handles
+
+
+def model_files_dir(cache: Path, key_prefix: str) -> Path:
+    return cache / key_prefix.replace(":", "_") / "model"

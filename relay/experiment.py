@@ -1,0 +1,83 @@
+"""An experiment's description in its buffer, so that actors can join with only the URL.
+
+The learner writes the run config and the policy's small files (config, tokenizer) next
+to the buffer; `relay actor --buffer redis://...` reads them, writes a local model
+directory with the latest published weights, and starts generating for that experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import redis
+
+from buffer.weights import RedisWeightStore
+from relay.config import RunConfig, apply_override
+from relay.errors import RelayError
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def publish_experiment(client: redis.Redis, config: RunConfig, run_id: str) -> None:
+    """Write the run config and the policy's non-weight files under the buffer's prefix."""
+    prefix = config.buffer.key_prefix
+    files = {
+        path.name: path.read_bytes()
+        for path in Path(config.model.path).iterdir()
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES)
+    }
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(f"{prefix}:experiment:files")
+    if files:
+        pipe.hset(f"{prefix}:experiment:files", mapping=files)
+    pipe.hset(
+        f"{prefix}:experiment",
+        mapping={"config": config.model_dump_json(), "run_id": run_id, "at": time.time()},
+    )
+    pipe.execute()
+
+
+def join_experiment(
+    client: redis.Redis,
+    key_prefix: str,
+    overrides: list[str],
+    cache: Path,
+    timeout_s: float,
+    env_type: str | None = None,
+) -> tuple[RunConfig, str, Path]:
+    """The experiment's config (with `overrides`), run id, and a local copy of the policy.
+
+    `env_type` names the environment to generate for; another type than the experiment's
+    starts from that environment's defaults (tune it with `env.*` overrides).
+    """
+    record = client.hgetall(f"{key_prefix}:experiment")
+    if not record:
+        raise RelayError(
+            f"no experiment under key prefix {key_prefix!r} in this Redis: start the learner "
+            "(relay run / relay learn) first, or pass the experiment's --prefix"
+        )
+    raw = json.loads(record[b"config"])
+    if env_type is not None and raw["env"]["type"] != env_type:
+        raw["env"] = {"type": env_type}
+    for override in overrides:
+        apply_override(raw, override)
+    config = RunConfig.model_validate(raw)
+    store = RedisWeightStore(client, key_prefix)
+    version = store.wait_for_newer(None, timeout_s)
+    if version is None:
+        raise RelayError(f"no weights were published under {key_prefix!r} within {timeout_s:g}s")
+    model_dir = cache / key_prefix.replace(":", "_") / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in client.hgetall(f"{key_prefix}:experiment:files").items():
+        (model_dir / name.decode()).write_bytes(data)
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in store.fetch(version).items()}
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    log.info("joined experiment %s: policy v%d in %s", key_prefix, version, model_dir)
+    return config, record[b"run_id"].decode(), model_dir
