@@ -1,0 +1,71 @@
+"""`relay actor --buffer redis://...`: a process outside any Ray cluster joins an experiment.
+
+The test plays the learner: it describes the experiment in a real redis-server and
+publishes weights; the actor gets everything else from there (config, tokenizer, weights).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from buffer.replay_buffer import ReplayBuffer
+from buffer.weights import RedisWeightStore
+from relay.config import load_config
+from relay.experiment import publish_experiment
+
+pytestmark = pytest.mark.slow
+RELAY = str(Path(sys.executable).parent / "relay")
+
+
+def test_actor_joins_with_only_the_redis_url(
+    warm_model_dir: Path, redis_server, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    prefix = "test:remote"
+    config = load_config(None, [
+        f"model.path={warm_model_dir}", f"buffer.key_prefix={prefix}",
+        "buffer.admission_control=false", "engine.max_model_len=128",
+        "actors.group_size=4", "actors.groups_in_flight=2", "actors.sampling.max_tokens=8",
+    ])  # fmt: skip
+    client = redis_server.client()
+    publish_experiment(client, config, run_id="remote-run")
+    model = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
+    buffer = ReplayBuffer(client, config.buffer)
+    buffer.set_version(3)
+    RedisWeightStore(client, prefix).publish(3, dict(model.named_parameters()))
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    actor = subprocess.Popen(
+        [RELAY, "actor", "--buffer", redis_server.url, "--prefix", prefix,
+         "--env", "arithmetic", "--actor-id", "remote-0", "--cache", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while int(client.hget(buffer.key("counters"), "put") or 0) < 3:
+        if actor.poll() is not None:
+            pytest.fail(f"relay actor exited:\n{actor.stdout.read()}")
+        assert time.monotonic() < deadline, "no groups from the remote actor"
+        time.sleep(0.2)
+    actor.send_signal(signal.SIGTERM)
+    out, _ = actor.communicate(timeout=120)
+    assert actor.returncode == 0, out
+    assert "remote-0:" in out and "groups" in out
+
+    batch = buffer.sample(3)
+    for sampled in batch.groups:
+        group = sampled.group
+        assert group.actor_id == "remote-0" and group.run_id == "remote-run"
+        assert all(set(c.policy_versions.per_token()) == {3} for c in group.completions)
+    health = buffer.health()["remote-0"]
+    assert health["version"] == 3 and health["groups"] >= 3
+    # The local copy of the policy was written from Redis alone.
+    assert (tmp_path / "test_remote" / "model" / "model.safetensors").is_file()
