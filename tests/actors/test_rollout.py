@@ -157,3 +157,31 @@ def test_multi_turn_groups_mask_environment_tokens(
         assert "<result>" in tokenizer.decode(np.array(completion.token_ids)[env_tokens])
     for group in groups:
         assert behaviour_error(original, group) < LOGPROB_TOLERANCE
+
+
+def test_drain_mode_finishes_running_sequences_before_loading(
+    vllm_engine, tokenizer, original, make_buffer, redis_server
+) -> None:
+    buffer = make_buffer(admission_control=False)
+    store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
+    store.publish(0, dict(original.named_parameters()))
+    env = ArithmeticEnv(ArithmeticConfig())
+    rollout = worker(
+        vllm_engine, tokenizer, env, buffer, RedisWeightSource(store), weight_updates="drain",
+        group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=12, ignore_eos=True),
+    )  # fmt: skip
+    try:
+        rollout._follow_weights(wait=True)
+        put = []
+        for _ in range(3):
+            put += rollout.step()
+        store.publish(1, dict(original.named_parameters()))
+        rollout._next_poll = 0.0
+        while len(put) < 4:
+            put += rollout.step()
+    finally:
+        rollout._abandon_unfinished()
+    # The two groups running at the update finish on version 0; nothing new was admitted
+    # until they had, then the next groups are all version 1.
+    assert [sorted({int(v) for c in g.completions for v in c.policy_versions.versions})
+            for g in put] == [[0], [0], [1], [1]]  # fmt: skip
