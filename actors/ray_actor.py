@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -115,6 +116,38 @@ class RolloutActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    # -- NCCL weight transfer: vLLM's VLLMWeightSyncClient protocol (GPU clusters) ----------
+    # Driven by the learner's `learner.nccl.NcclTransport` through vLLM's
+    # RayVLLMWeightSyncClient. Written against vLLM 0.32's documented weight-transfer API;
+    # not run on this project's CPU machines (NCCL needs GPUs).
+    def relay_expect_version(self, version: int) -> None:
+        self._incoming_version = version
+
+    def init_weight_transfer_engine(self, request: object) -> None:
+        self.worker.llm.collective_rpc(
+            "init_weight_transfer_engine", kwargs={"init_info": request.init_info}
+        )
+
+    def start_weight_update(self) -> None:
+        self._update_started = time.perf_counter()
+        self.worker.llm.llm_engine.engine_core.call_utility("pause_scheduler", "keep", False)
+        self.worker.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, request: object) -> None:
+        self.worker.llm.collective_rpc(
+            "update_weights", kwargs={"update_info": request.update_info}
+        )
+
+    def finish_weight_update(self) -> None:
+        llm = self.worker.llm
+        try:
+            llm.collective_rpc("finish_weight_update")
+            (progress, *_) = llm.collective_rpc("relay_request_progress")
+        finally:
+            llm.llm_engine.engine_core.call_utility("resume_scheduler")
+        seconds = time.perf_counter() - self._update_started
+        self.worker.switch_version(self._incoming_version, progress, seconds)
 
 
 def start_actors(specs: list[ActorSpec]) -> list[object]:

@@ -65,6 +65,7 @@ class _Group:
     lease: str
     episodes: list[_Running] = field(default_factory=list)
     finished: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -120,10 +121,16 @@ class RolloutWorker:
         self._next_poll = 0.0
         self._next_report = 0.0
         self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._admit_limit: int | None = None
+        self.restarts = 0
+        """How many times Ray restarted this actor (reported in `health`)."""
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event, max_groups: int | None = None) -> ActorStats:
-        """Generate until `stop` is set (or at least `max_groups` groups were put)."""
+        """Generate until `stop` is set, or until `max_groups` groups were put (no more are
+        started than that: benchmarks and tests get exactly the work they ask for)."""
+        self._admit_limit = max_groups
         try:
             if self.weights is not None:
                 self._follow_weights(wait=True)
@@ -148,10 +155,12 @@ class RolloutWorker:
             self._maybe_report()
             return []
         put = []
-        for output in self.engine.step():
-            running = self._running.get(output.request_id)
-            if running is not None and output.finished:
-                put += self._finish_turn(running, to_sample(output.outputs[0]))
+        outputs = self.engine.step()
+        with self._lock:  # an external (NCCL) update may be recording its switch
+            for output in outputs:
+                running = self._running.get(output.request_id)
+                if running is not None and output.finished:
+                    put += self._finish_turn(running, to_sample(output.outputs[0]))
         self.stats.busy_s += time.monotonic() - now
         self._maybe_report()
         return put
@@ -159,6 +168,8 @@ class RolloutWorker:
     # -- admission --------------------------------------------------------------------------
     def _admit(self) -> None:
         free = self.config.groups_in_flight - len(self._groups)
+        if self._admit_limit is not None:
+            free = min(free, self._admit_limit - self.stats.groups - len(self._groups))
         if free <= 0:
             return
         _, leases = self.buffer.reserve(self.actor_id, free)
@@ -175,6 +186,7 @@ class RolloutWorker:
     def _submit(self, running: _Running) -> None:
         """Send the episode's next turn to the engine."""
         from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         episode = running.episode
         context = episode.prompt_token_ids + episode.token_ids
@@ -188,6 +200,9 @@ class RolloutWorker:
             ignore_eos=sampling.ignore_eos,
             temperature=sampling.temperature,
             logprobs=0,  # the sampled token's own log-prob, no alternatives
+            # Only finished turns come back (what LLM.generate asks for too): per-step
+            # outputs of every running request would cost Python time each step.
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
         self.engine.add_request(running.request_id, TokensPrompt(prompt_token_ids=context), params)
         self._running[running.request_id] = running
@@ -218,6 +233,7 @@ class RolloutWorker:
             self._submit(running)
             return []
         group = running.group
+        episode.generation_s = time.monotonic() - group.started
         group.finished += 1
         if group.finished < len(group.episodes):
             return []
@@ -237,7 +253,7 @@ class RolloutWorker:
                     reward=verdict.reward,
                     finish_reason=episode.finish_reason,
                     verifier_details=dict(verdict.details),
-                    generation_s=time.monotonic() - self._started,
+                    generation_s=episode.generation_s,
                 )
             )
         rollout = RolloutGroup(
@@ -281,20 +297,26 @@ class RolloutWorker:
         loaded = load_chunks(
             self.llm, self.weights.chunks(version), timeout_s=self.config.weight_timeout_s
         )
-        for internal_id, sampled in loaded.progress.items():
-            running = self._running.get(internal_id) or self._running.get(
-                internal_id.rsplit("-", 1)[0]
-            )
-            if running is not None:
-                running.switches.append((sampled, version))
-        log.info(
-            "%s: now at policy version %d (was %d; %d running sequences continue)",
-            self.actor_id, version, self.version, len(self._running),
-        )  # fmt: skip
-        self.version = version
-        self._pending_version = None
-        self.stats.weight_loads += 1
-        self.stats.weight_load_s += loaded.seconds
+        self.switch_version(version, loaded.progress, loaded.seconds)
+
+    def switch_version(self, version: int, progress: dict[str, int], seconds: float) -> None:
+        """Record that `version` was loaded when each running request had sampled
+        `progress[request]` tokens (vLLM's request ids carry a suffix after a dash)."""
+        with self._lock:
+            for internal_id, sampled in progress.items():
+                running = self._running.get(internal_id) or self._running.get(
+                    internal_id.rsplit("-", 1)[0]
+                )
+                if running is not None:
+                    running.switches.append((sampled, version))
+            log.info(
+                "%s: now at policy version %d (was %d; %d running sequences continue)",
+                self.actor_id, version, self.version, len(self._running),
+            )  # fmt: skip
+            self.version = version
+            self._pending_version = None
+            self.stats.weight_loads += 1
+            self.stats.weight_load_s += seconds
 
     # -- health -----------------------------------------------------------------------------
     def _maybe_report(self) -> None:
@@ -317,6 +339,7 @@ class RolloutWorker:
             "weight_loads": stats.weight_loads,
             "weight_load_s": stats.weight_load_s,
             "in_flight_groups": len(self._groups),
+            "restarts": self.restarts,
             "errors": stats.errors,
             "last_error": stats.last_error,
         }

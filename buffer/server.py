@@ -81,7 +81,7 @@ class RedisServer:
             self.process.wait()
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        return connect(self.url)
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -126,7 +126,9 @@ def connect(url: str) -> redis.Redis:
     """A client for an external Redis: redis:// or rediss:// (TLS), password in the URL."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise RedisServerError(f"buffer.url {url!r} must start with redis://, rediss:// or unix://")
-    return redis.Redis.from_url(url)
+    # No Relay command blocks server-side, so a reply slower than this means a lost server:
+    # fail with a timeout error rather than hang.
+    return redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
 
 
 def free_port() -> int:

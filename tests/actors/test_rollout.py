@@ -67,8 +67,7 @@ def test_groups_land_in_the_buffer_tagged_and_scored(
     env = ArithmeticEnv(ArithmeticConfig())
     rollout = worker(vllm_engine, tokenizer, env, buffer, group_size=4, groups_in_flight=3)
     stats = rollout.run(threading.Event(), max_groups=4)
-    # One engine step can finish several groups: at least 4 were put.
-    assert stats.groups >= 4 and stats.tokens > 0
+    assert stats.groups == 4 and stats.tokens > 0
     # Admission control allows (0 + 1 + 1) x 4 = 8 groups; the leases of the groups
     # still running when the worker stopped were given back.
     assert int(buffer.client.hget(buffer.key("counters"), "admitted")) == stats.groups

@@ -64,7 +64,7 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
         (["env.type=math", "env.digits=2"], "env.digits: unknown key; allowed: max_answer_chars"),
         (["env.operators=[/]"], "env.operators.0: input should be '+', '-' or '*'"),
         (["engine.dtype=int8"], "engine.dtype: input should be 'float32'"),
-        (["bogus=1"], "bogus: unknown key; allowed: buffer, engine, env, eval"),
+        (["bogus=1"], "bogus: unknown key; allowed: actors, buffer, engine, env, eval, learner"),
         (["buffer.overflow=spill"], "buffer.overflow: input should be 'block' or 'drop_oldest'"),
         (
             ["buffer.max_staleness=-1"],
