@@ -117,6 +117,11 @@ class RolloutActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        """Shut the vLLM engine (and its engine process) down before the actor ends."""
+        self._stop.set()
+        self.worker.llm.llm_engine.engine_core.shutdown()
+
     # -- NCCL weight transfer: vLLM's VLLMWeightSyncClient protocol (GPU clusters) ----------
     # Driven by the learner's `learner.nccl.NcclTransport` through vLLM's
     # RayVLLMWeightSyncClient. Written against vLLM 0.32's documented weight-transfer API;

@@ -410,6 +410,19 @@ class ReplayBuffer:
         raw = self.client.hgetall(f"{self.config.key_prefix}:health")
         return {producer.decode(): json.loads(record) for producer, record in raw.items()}
 
+    def record_metrics(self, source: str, metrics: dict, keep: int = 5000) -> None:
+        """Append one metrics record (e.g. a learner step) to `source`'s capped history."""
+        key = f"{self.config.key_prefix}:metrics:{source}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, json.dumps(metrics))
+        pipe.ltrim(key, -keep, -1)
+        pipe.execute()
+
+    def metrics_history(self, source: str, last: int = 5000) -> list[dict]:
+        """The last `last` records of `source` (oldest first)."""
+        raw = self.client.lrange(f"{self.config.key_prefix}:metrics:{source}", -last, -1)
+        return [json.loads(record) for record in raw]
+
     def key(self, name: str) -> str:
         """The Redis key of one of the buffer's structures (for stats and tests)."""
         return self._key[name]

@@ -69,6 +69,8 @@ class TrainingLoop:
         publisher: WeightPublisher | None = None,
         on_metrics: Callable[[dict[str, float]], None] = lambda metrics: None,
         stop: threading.Event | None = None,
+        evaluate: Callable[[Learner], dict[str, float]] | None = None,
+        eval_every: int = 0,
     ) -> None:
         self.learner = learner
         self.buffer = buffer
@@ -77,6 +79,8 @@ class TrainingLoop:
         self.publisher = publisher if learner.rank == 0 else None
         self.on_metrics = on_metrics
         self.stop = stop or threading.Event()
+        self.evaluate = evaluate if learner.rank == 0 else None
+        self.eval_every = eval_every
         self.consumer = f"learner-{learner.rank}"
         self.state = LoopState()
         self._held: list[Batch] = []
@@ -211,6 +215,8 @@ class TrainingLoop:
             "learner/publish_block_s": publish_s,
             "learner/sampled_staleness_max": float(max(g.staleness for g in batch.groups)),
         })  # fmt: skip
+        if self.evaluate is not None and self.eval_every and self.state.step % self.eval_every == 0:
+            metrics.update(self.evaluate(self.learner))
         self.on_metrics(metrics)
 
     def _extend_held(self) -> None:

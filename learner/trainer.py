@@ -139,6 +139,14 @@ class Learner:
         """True if `flag` is true on any rank (e.g. a stop request), so all ranks agree."""
         return self.all_reduce_sum(float(flag)) > 0
 
+    def close(self) -> None:
+        """Leave the process group together: a rank that exits while its peers still hold
+        connections can abort in gloo's threads at interpreter exit."""
+        if dist.is_initialized():
+            if self.world_size > 1:
+                dist.barrier()
+            dist.destroy_process_group()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's parameters (tied ones once), for publishing to actors."""
         return {name: p.detach() for name, p in self.engine.module.named_parameters()}

@@ -171,6 +171,45 @@ def _learn(args: argparse.Namespace, config: RunConfig) -> None:
     learn_all_ranks(config, resume=args.resume, stop=stop)
 
 
+def _run(args: argparse.Namespace, config: RunConfig) -> None:
+    from relay.driver import run
+
+    _require_model(config.model.path)
+    stop = _stop_on_signals()
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{config.mode} RL", total=config.learner.steps, status="")
+
+        def show(metrics: dict) -> None:
+            status = (
+                f"v{metrics['version']}  reward {metrics['learner/reward_mean']:.2f}  "
+                f"staleness max {metrics['learner/sampled_staleness_max']:.0f}  "
+                f"wait {metrics['learner/wait_s']:.2f}s"
+            )
+            if "eval/greedy_accuracy" in metrics:
+                show.accuracy = metrics["eval/greedy_accuracy"]
+            if show.accuracy is not None:
+                status += f"  held-out {show.accuracy:.1%}"
+            progress.update(task, completed=metrics["step"], status=status)
+
+        show.accuracy = None
+        results = run(config, resume=args.resume, stop=stop, on_metrics=show)
+    before, after = results.get("before"), results["after"]
+    if before is not None:
+        print(f"held-out accuracy before: {before['accuracy']:.1%} ({before['model']})")
+    minutes = results["seconds"] / 60
+    print(
+        f"held-out accuracy after:  {after['accuracy']:.1%} ({after['model']}, "
+        f"{results['steps']} steps, policy v{results['version']}, {minutes:.1f} min)"
+    )
+
+
 def _actor(args: argparse.Namespace, config: RunConfig) -> None:
     """Outside the Ray cluster: weights come from the Redis weight store."""
     import socket

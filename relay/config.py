@@ -8,7 +8,7 @@ what is allowed, e.g. `warmstart.lr: must be greater than 0 (got -1)`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -43,6 +43,18 @@ class ModelConfig(BaseModel):
     """Shape of the model `relay model init` builds at `path` (no download needed)."""
 
 
+class RayConfig(BaseModel):
+    """Where `relay run` finds or starts Ray."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None
+    """A running cluster ("auto" inside `ray job submit` / `ray submit`, or host:port);
+    None starts a local Ray for the run and stops it at the end."""
+    num_cpus: int | None = Field(None, gt=0)
+    """CPUs of the local Ray (None: all of this machine's)."""
+
+
 class RunConfig(BaseModel):
     """Everything a Relay command needs, validated before it starts."""
 
@@ -50,6 +62,11 @@ class RunConfig(BaseModel):
 
     run_dir: Path = Path("runs/default")
     """Where logs, metrics and results of this run are written."""
+    mode: Literal["async", "sync"] = "async"
+    """async: actors and learner never wait for each other (staleness bounded by the
+    buffer). sync: the on-policy baseline on the same code and resources, obtained by
+    scheduling alone: buffer.max_staleness 0 with admission control (actors start only the
+    groups of the current version), actors drain before loading new weights."""
     seed: int = 0
     """Seeds prompts, sampling and initialisation."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -65,8 +82,30 @@ class RunConfig(BaseModel):
     """The embedded redis-server, used when buffer.url is not set."""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     """The DeepSpeed learner: objective, batch, schedule, checkpoints."""
+    ray: RayConfig = Field(default_factory=RayConfig)
     warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _synchronous_schedule(self) -> RunConfig:
+        if self.mode == "sync":
+            clashes = [
+                f"{section}.{name}={getattr(part, name)!r}"
+                for section, part, name, value in (
+                    ("buffer", self.buffer, "max_staleness", 0),
+                    ("buffer", self.buffer, "admission_control", True),
+                    ("actors", self.actors, "weight_updates", "drain"),
+                )
+                if name in part.model_fields_set and getattr(part, name) != value
+            ]
+            if clashes:
+                raise ValueError(
+                    f"mode sync sets these itself; remove {', '.join(clashes)} or use mode async"
+                )
+            self.buffer.max_staleness = 0
+            self.buffer.admission_control = True
+            self.actors.weight_updates = "drain"
+        return self
 
     @model_validator(mode="after")
     def _derive_groups_per_version(self) -> RunConfig:
@@ -142,6 +181,10 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             names, node = _resolve(model, [str(part) for part in problem["loc"][:-1]])
             allowed = _field_names(node)
             message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif problem["type"] == "value_error" and not problem["loc"]:
+            # A check across sections (RunConfig's validators): its message says it all.
+            clauses.append(str(problem["ctx"]["error"]))
+            continue
         else:
             message = _lowercase_first(problem["msg"])
             if problem["type"] not in ("missing", "union_tag_invalid"):

@@ -24,6 +24,12 @@ class EvalConfig(BaseModel):
     """0 is greedy decoding."""
     seed: int = 1234
     """Chooses the test prompts; fixed so that runs are compared on the same ones."""
+    every_steps: int = Field(0, ge=0)
+    """`relay run`: greedy accuracy of the learner's policy on `in_run_prompts` held-out
+    prompts every N steps (single-turn tasks; 0: never). The final figure uses vLLM."""
+    in_run_prompts: int = Field(100, gt=0)
+    before: bool = True
+    """`relay run`: evaluate the starting policy too, so the run reports before and after."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,36 @@ def evaluate(
         seconds=time.perf_counter() - started,
         examples=examples,
     )
+
+
+def greedy_accuracy(
+    model: object, tokenizer: object, env: Environment, prompts: list, max_tokens: int
+) -> float:
+    """Held-out accuracy of a `transformers` model by greedy decoding (single-turn tasks).
+
+    What `relay run` reports during training, on the learner's own copy of the policy,
+    without a second vLLM engine; the final figure comes from `evaluate` on vLLM.
+    """
+    import torch
+
+    from actors.episodes import render_prompt
+    from envs.base import Message
+
+    rows = [render_prompt(tokenizer, p.messages) for p in prompts]
+    width = max(len(r) for r in rows)
+    # Left padding, so that every row's next token is generated at the same position.
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+            max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    model.train(was_training)
+    correct = 0
+    for prompt, row in zip(prompts, out[:, width:], strict=True):
+        reply = tokenizer.decode(row, skip_special_tokens=True)
+        correct += env.verify(prompt, [Message("assistant", reply)]).correct
+    return correct / len(prompts)

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,8 +50,14 @@ def learn(
     master_port: int | None = None,
     stop: threading.Event | None = None,
     on_metrics: Callable[[dict], None] = lambda metrics: None,
+    ray_transport: bool = False,
+    evaluate: Callable[[object], dict] | None = None,
 ):
-    """Run one learner rank to the end (or a stop); rank 0 exports the final policy."""
+    """Run one learner rank to the end (or a stop); rank 0 exports the final policy.
+
+    Rank 0 publishes weights to the Redis weight store (actors anywhere can follow it)
+    and, with `ray_transport`, to Ray's object store for the actors in the Ray cluster.
+    """
     from learner.loop import NoRollouts, TrainingLoop
     from learner.publisher import PublishError, RedisStoreTransport, WeightPublisher
     from learner.trainer import Learner
@@ -72,19 +79,27 @@ def learn(
             # A learner died between writing weights and bumping the version: finish it,
             # so that no version an actor may have fetched is ever reused.
             buffer.set_version(stored)
-        publisher = WeightPublisher([RedisStoreTransport(store)], on_published=buffer.set_version)
+        transports = [RedisStoreTransport(store)]
+        if ray_transport:
+            from buffer.ray_weights import RayObjectTransport
+
+            transports.append(RayObjectTransport(config.buffer.key_prefix))
+        publisher = WeightPublisher(transports, on_published=buffer.set_version)
     metrics_file = config.run_dir / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
 
     def record(metrics: dict) -> None:
         if rank == 0:
+            metrics = {**metrics, "time": time.time()}
             with metrics_file.open("a") as out:
                 out.write(json.dumps(metrics) + "\n")
+            buffer.record_metrics("learner", metrics)
         on_metrics(metrics)
 
     loop = TrainingLoop(
         learner, buffer, config.learner, checkpoint_dir(config),
         publisher=publisher, on_metrics=record, stop=stop,
+        evaluate=evaluate, eval_every=config.eval.every_steps,
     )  # fmt: skip
     try:
         loop.start(resume)
@@ -103,6 +118,7 @@ def learn(
                 "publishing held the learner %.3fs per version on average (%d versions)",
                 sum(blocking) / len(blocking), len(blocking),
             )  # fmt: skip
+    learner.close()
     return state
 
 

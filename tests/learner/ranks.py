@@ -21,3 +21,4 @@ def one_step(rank: int, world_size: int, port: int, model: str, groups: Path, ou
     if rank == 0:
         state = {k: v.clone() for k, v in learner.state_dict().items()}
         torch.save({"params": state, "metrics": metrics}, out)
+    learner.close()
