@@ -80,6 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="policy to evaluate (default: model.path)")
     learn = command("learn", _learn, "run the learner against an experiment's buffer (buffer.url)")
     learn.add_argument("--resume", action="store_true", help="continue from run_dir's checkpoint")
+    run = command("run", _run, "run an experiment: buffer, Ray, actors, learner, evaluation")
+    run.add_argument("--resume", action="store_true", help="continue from run_dir's checkpoint")
     actor = command(
         "actor", _actor, "join a running experiment as a rollout actor, by its Redis URL"
     )

@@ -52,3 +52,17 @@ def test_abandon_leaves_a_claim_that_passed_to_another_consumer(make_buffer) -> 
     assert alive.entry_ids == dead.entry_ids
     buffer.abandon("learner-0", buffer.held("learner-0"))
     assert buffer.ack(alive).acked == 1
+
+
+def test_held_claims_do_not_block_admission(make_buffer) -> None:
+    # On-policy schedule: max_staleness 0, 2 groups per version. The learner holds its
+    # batch until a checkpoint; after the version bump actors may start 2 more groups.
+    buffer = make_buffer(max_staleness=0, groups_per_version=2)
+    _, leases = buffer.reserve("actor", 5)
+    assert len(leases) == 2
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(2)], "actor", leases)
+    held = buffer.sample(2, hold_as="learner-0")
+    assert buffer.reserve("actor", 5)[1] == []  # same version: nothing more to start
+    buffer.bump_version()
+    assert len(buffer.reserve("actor", 5)[1]) == 2
+    assert buffer.commit("learner-0", [held]).acked == 2
