@@ -31,16 +31,17 @@ import numpy as np
 from actors.config import ActorConfig
 from actors.engine import Sample, to_sample
 from actors.episodes import Episode, render_prompt, take_turn
-from actors.weight_sync import load_chunks
+from actors.weight_sync import load_chunks, paused_engine
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
-from buffer.weights import WeightSource
+from buffer.weights import WeightSource, WeightsUnavailable
 from envs.base import Environment, Prompt, Split
 
 log = logging.getLogger(__name__)
 
 _PROMPTS_PER_DRAW = 64
 _IDLE_SLEEP_S = 0.02
+_LOAD_ATTEMPTS = 5
 
 
 @dataclass
@@ -172,7 +173,15 @@ class RolloutWorker:
             free = min(free, self._admit_limit - self.stats.groups - len(self._groups))
         if free <= 0:
             return
-        _, leases = self.buffer.reserve(self.actor_id, free)
+        buffer_version, leases = self.buffer.reserve(self.actor_id, free)
+        if leases and self.weights is not None and buffer_version > self.version:
+            # New groups start on the newest policy: admission control counts them from
+            # the buffer's version, so starting them on older weights would make them
+            # staler than the bound it keeps.
+            self._follow_weights(wait=False)
+            if self._pending_version is not None:  # draining before the load
+                self.buffer.release(leases)
+                return
         for lease in leases:
             prompt = next(self._prompts)
             group = _Group(uuid.uuid4().hex, prompt, lease)
@@ -294,10 +303,25 @@ class RolloutWorker:
         self._load(self._pending_version)
 
     def _load(self, version: int) -> None:
-        loaded = load_chunks(
-            self.llm, self.weights.chunks(version), timeout_s=self.config.weight_timeout_s
-        )
-        self.switch_version(version, loaded.progress, loaded.seconds)
+        """Load `version`, or a newer one if it was dropped from the transport meanwhile
+        (the learner keeps only the newest few). The scheduler stays paused throughout, so
+        no step runs on a half-loaded model."""
+        with paused_engine(self.llm):
+            for _ in range(_LOAD_ATTEMPTS):
+                try:
+                    loaded = load_chunks(
+                        self.llm, self.weights.chunks(version),
+                        timeout_s=self.config.weight_timeout_s, pause=False,
+                    )  # fmt: skip
+                    break
+                except WeightsUnavailable as error:
+                    log.info("%s: %s; loading the latest instead", self.actor_id, error)
+                    version = self.weights.latest_version()
+            else:
+                raise WeightsUnavailable(
+                    f"{self.actor_id}: weights kept changing under {_LOAD_ATTEMPTS} loads"
+                )
+            self.switch_version(version, loaded.progress, loaded.seconds)
 
     def switch_version(self, version: int, progress: dict[str, int], seconds: float) -> None:
         """Record that `version` was loaded when each running request had sampled

@@ -14,9 +14,10 @@ calls load into the regular parameters; the repacking step finds nothing to do t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,10 @@ class WeightLoad:
 
 
 def load_chunks(
-    llm: object, tensor_chunks: Iterable[list[PackedTensor]], timeout_s: float = 300
+    llm: object,
+    tensor_chunks: Iterable[list[PackedTensor]],
+    timeout_s: float = 300,
+    pause: bool = True,
 ) -> WeightLoad:
     """Stream chunks of packed tensors (from the learner or a weight store) into `llm`.
 
@@ -96,24 +100,32 @@ def load_chunks(
     time limit, so a stuck worker raises instead of hanging the actor. The prefix cache
     is reset afterwards when no request is running (cached prompt KV of the old weights
     is stale); running requests keep their KV, as PipelineRL's in-flight updates do.
+    `pause=False` when the caller pauses the scheduler itself (`paused_engine`).
     """
     started = time.perf_counter()
     loaded = nbytes = 0
-    core = llm.llm_engine.engine_core
-    core.call_utility("pause_scheduler", "keep", False)
-    try:
+    with paused_engine(llm) if pause else contextlib.nullcontext():
         for chunk in tensor_chunks:
             llm.collective_rpc("relay_load_weights", args=(chunk,), timeout=timeout_s)
             loaded += len(chunk)
             nbytes += sum(len(raw) for *_, raw in chunk)
         (progress, *_) = llm.collective_rpc("relay_finish_weight_update", timeout=timeout_s)
-    finally:
-        core.call_utility("resume_scheduler")
     if not progress:
         llm.reset_prefix_cache()
     seconds = time.perf_counter() - started
     log.info("loaded %d tensors (%.1f MB) into vLLM in %.2fs", loaded, nbytes / 1e6, seconds)
     return WeightLoad(seconds, loaded, nbytes, progress)
+
+
+@contextlib.contextmanager
+def paused_engine(llm: object) -> Iterator[None]:
+    """No engine step runs inside: running requests wait with their KV cache."""
+    core = llm.llm_engine.engine_core
+    core.call_utility("pause_scheduler", "keep", False)
+    try:
+        yield
+    finally:
+        core.call_utility("resume_scheduler")
 
 
 def _restore_dropped_linear_weights(model: torch.nn.Module) -> None:

@@ -90,18 +90,33 @@ def _learn(config: RunConfig, resume: bool, stop: threading.Event, actors: Actor
     evaluate = None
     if config.eval.every_steps:
         evaluate = _in_run_evaluation(config)
-    last_check = [time.monotonic()]
+    # Watch the actors from a thread of its own: a learner waiting for rollouts reports
+    # nothing, and that is exactly when a failed actor must be noticed.
+    done = threading.Event()
+    failure: list[BaseException] = []
 
-    def supervise(metrics: dict) -> None:
-        if time.monotonic() - last_check[0] > _SUPERVISE_EVERY_S:
-            actors.supervise()
-            last_check[0] = time.monotonic()
-        on_metrics(metrics)
+    def watch() -> None:
+        while not done.wait(_SUPERVISE_EVERY_S):
+            try:
+                actors.supervise()
+            except BaseException as error:
+                failure.append(error)
+                stop.set()
+                return
 
-    return learn(
-        config, resume=resume, stop=stop, on_metrics=supervise,
-        ray_transport=config.actors.transport == "ray", evaluate=evaluate,
-    )  # fmt: skip
+    watcher = threading.Thread(target=watch, name="relay-actor-watch", daemon=True)
+    watcher.start()
+    try:
+        state = learn(
+            config, resume=resume, stop=stop, on_metrics=on_metrics,
+            ray_transport=config.actors.transport == "ray", evaluate=evaluate,
+        )  # fmt: skip
+    finally:
+        done.set()
+        watcher.join()
+    if failure:
+        raise failure[0]
+    return state
 
 
 def _in_run_evaluation(config: RunConfig) -> Callable[[object], dict]:
