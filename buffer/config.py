@@ -51,3 +51,9 @@ class RedisServerConfig(BaseModel):
     """Redis memory limit in MiB (0: none; the buffer's own capacity applies)."""
     start_timeout_s: float = Field(30.0, gt=0)
     """How long to wait for the server to answer PING."""
+    bind: str = "127.0.0.1"
+    """Listen address: loopback for one machine; 0.0.0.0 when actors on other nodes must
+    reach it (it always requires the generated password)."""
+    advertise_host: str | None = None
+    """Host in the URL given to actors; None: the bind address, or this machine's address
+    when binding to all interfaces."""

@@ -39,7 +39,18 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    @property
+    def host(self) -> str:
+        """The address other processes (and other nodes) use to reach this server."""
+        if self.config.advertise_host:
+            return self.config.advertise_host
+        if self.config.bind in ("0.0.0.0", "::"):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect(("10.255.255.255", 1))  # no packet is sent; picks the route
+                return probe.getsockname()[0]
+        return self.config.bind
 
     def start(self) -> RedisServer:
         """Start the server (reusing the AOF in `data_dir`) and wait until it answers."""
@@ -91,7 +102,7 @@ class RedisServer:
 
     def _config_text(self) -> str:
         lines = [
-            "bind 127.0.0.1",
+            f"bind {self.config.bind}",
             f"port {self.port}",
             f"dir {self.data_dir.resolve()}",
             f"requirepass {self.password}",

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -83,6 +84,13 @@ class RunConfig(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     """The DeepSpeed learner: objective, batch, schedule, checkpoints."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+    """Adjustments validation made (e.g. by mode sync), for the driver to log."""
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
+
     warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -99,9 +107,7 @@ class RunConfig(BaseModel):
                 if name in part.model_fields_set and getattr(part, name) != value
             ]
             if clashes:
-                raise ValueError(
-                    f"mode sync sets these itself; remove {', '.join(clashes)} or use mode async"
-                )
+                self._notes.append(f"mode sync overrides {', '.join(clashes)}")
             self.buffer.max_staleness = 0
             self.buffer.admission_control = True
             self.actors.weight_updates = "drain"

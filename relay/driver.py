@@ -39,6 +39,8 @@ def run(
     from relay.learn import check_resume
 
     check_resume(config, resume)
+    for note in config.notes:
+        log.warning(note)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "config.yaml").write_text(dump_config(config))
     started = time.monotonic()
@@ -187,10 +189,17 @@ class Actors:
         self.handles: list = []
         self.runs: list = []
         self.loop_restarts = [0] * len(self.specs)
+        self.registry = None
 
     def start(self) -> None:
         from actors.ray_actor import start_actors
 
+        if self.config.actors.transport == "ray":
+            from buffer.ray_weights import weight_registry
+
+            # Held for the whole run: the registry lives while someone references it, and
+            # the actors must outlive the learner's publisher at the end.
+            self.registry = weight_registry(self.config.buffer.key_prefix)
         self.handles = start_actors(self.specs)
         self.runs = [handle.run.remote() for handle in self.handles]
         log.info("started %d rollout actors", len(self.handles))
