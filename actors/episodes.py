@@ -72,7 +72,7 @@ def run_episodes(
     episodes = [Episode(p, render_prompt(tokenizer, p.messages)) for p in prompts]
     active = list(episodes)
     for turn in range(env.max_turns):
-        active = [e for e in active if not _out_of_room(e, max_model_len)]
+        active = [e for e in active if not out_of_room(e, max_model_len)]
         if not active:
             break
         samples = generate(
@@ -141,7 +141,8 @@ def _length(episode: Episode) -> int:
     return len(episode.prompt_token_ids) + len(episode.token_ids)
 
 
-def _out_of_room(episode: Episode, max_model_len: int) -> bool:
+def out_of_room(episode: Episode, max_model_len: int) -> bool:
+    """True (and finish reason LENGTH) when the episode fills the context window."""
     if _length(episode) < max_model_len:
         return False
     episode.finish_reason = FinishReason.LENGTH

@@ -30,10 +30,10 @@ import numpy as np
 
 from actors.config import ActorConfig
 from actors.engine import Sample, to_sample
-from actors.episodes import Episode, render_prompt, take_turn
+from actors.episodes import Episode, out_of_room, render_prompt, take_turn
 from actors.weight_sync import load_chunks, paused_engine
 from buffer.replay_buffer import ReplayBuffer
-from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
+from buffer.schema import Completion, RolloutGroup, VersionRuns
 from buffer.weights import WeightSource, WeightsUnavailable
 from envs.base import Environment, Prompt, Split
 
@@ -232,8 +232,7 @@ class RolloutWorker:
         episode = running.episode
         last_turn = running.turn == self.env.max_turns - 1
         goes_on = take_turn(episode, sample, self.env, self.tokenizer, last_turn=last_turn)
-        if goes_on and len(episode.prompt_token_ids) + len(episode.token_ids) >= self.max_model_len:
-            episode.finish_reason = FinishReason.LENGTH
+        if goes_on and out_of_room(episode, self.max_model_len):
             goes_on = False
         # Environment tokens (not sampled) carry the version of the turn they follow.
         running.versions += [self.version] * (len(episode.token_ids) - len(running.versions))

@@ -187,10 +187,6 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             names, node = _resolve(model, [str(part) for part in problem["loc"][:-1]])
             allowed = _field_names(node)
             message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-        elif problem["type"] == "value_error" and not problem["loc"]:
-            # A check across sections (RunConfig's validators): its message says it all.
-            clauses.append(str(problem["ctx"]["error"]))
-            continue
         else:
             message = _lowercase_first(problem["msg"])
             if problem["type"] not in ("missing", "union_tag_invalid"):

@@ -35,7 +35,6 @@ def run(
 ) -> dict:
     """Run the experiment; returns the results written to run_dir/results.json."""
     from buffer.server import open_redis
-    from relay.experiment import publish_experiment
     from relay.learn import check_resume
 
     check_resume(config, resume)
@@ -46,7 +45,7 @@ def run(
     started = time.monotonic()
     results: dict = {"run_dir": str(config.run_dir), "mode": config.mode}
     with ExitStack() as cleanup:
-        client, server = open_redis(config.buffer.url, config.redis, config.run_dir / "redis")
+        _client, server = open_redis(config.buffer.url, config.redis, config.run_dir / "redis")
         if server is not None:
             cleanup.callback(server.stop)
             config.buffer.url = server.url
@@ -55,7 +54,6 @@ def run(
         if config.eval.before and not resume:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
-        publish_experiment(client, config, run_id=config.run_dir.name)
         actors = Actors(config)
         cleanup.callback(actors.shutdown)
         actors.start()
@@ -87,7 +85,7 @@ def _start_ray(config: RunConfig, cleanup: ExitStack) -> None:
 
 
 def _learn(config: RunConfig, resume: bool, stop: threading.Event, actors: Actors, on_metrics):
-    from relay.learn import learn
+    from relay.learn import learn_all_ranks
 
     evaluate = None
     if config.eval.every_steps:
@@ -109,7 +107,7 @@ def _learn(config: RunConfig, resume: bool, stop: threading.Event, actors: Actor
     watcher = threading.Thread(target=watch, name="relay-actor-watch", daemon=True)
     watcher.start()
     try:
-        state = learn(
+        state = learn_all_ranks(
             config, resume=resume, stop=stop, on_metrics=on_metrics,
             ray_transport=config.actors.transport == "ray", evaluate=evaluate,
         )  # fmt: skip

@@ -122,8 +122,12 @@ def learn(
     return state
 
 
-def learn_all_ranks(config: RunConfig, *, resume: bool, stop: threading.Event) -> None:
-    """Rank 0 here, ranks 1.. in spawned processes; SIGTERM/Ctrl-C stop all after a checkpoint."""
+def learn_all_ranks(config: RunConfig, *, resume: bool, stop: threading.Event, **rank0: object):
+    """Rank 0 here, ranks 1.. in spawned processes; SIGTERM/Ctrl-C stop all after a checkpoint.
+
+    `rank0` (on_metrics, ray_transport, evaluate) goes to `learn` on rank 0 only: the
+    other ranks neither publish nor report. Returns rank 0's final loop state.
+    """
     port = free_port()
     context = multiprocessing.get_context("spawn")
     others = [
@@ -133,7 +137,7 @@ def learn_all_ranks(config: RunConfig, *, resume: bool, stop: threading.Event) -
     for process in others:
         process.start()
     try:
-        learn(config, resume=resume, rank=0, master_port=port, stop=stop)
+        state = learn(config, resume=resume, rank=0, master_port=port, stop=stop, **rank0)
     finally:
         for process in others:
             process.join(timeout=120)
@@ -142,6 +146,7 @@ def learn_all_ranks(config: RunConfig, *, resume: bool, stop: threading.Event) -
     failed = [p.exitcode for p in others if p.exitcode]
     if failed:
         raise RelayError(f"learner ranks exited with codes {failed}")
+    return state
 
 
 def _rank_main(config: RunConfig, resume: bool, rank: int, port: int) -> None:
