@@ -5,11 +5,8 @@ These use a real vLLM engine (the CPU build in CI) and the real `transformers` m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.episodes import SamplingConfig, render_prompt, run_episodes
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
@@ -20,16 +17,6 @@ from tests.actors.logprob_check import LOGPROB_TOLERANCE, worst_difference
 from tests.actors.tool_echo import ToolEchoEnv
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def hf_model(warm_model_dir: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(warm_model_dir: Path) -> object:
-    return AutoTokenizer.from_pretrained(warm_model_dir)
 
 
 def test_sampled_logprobs_match_transformers(

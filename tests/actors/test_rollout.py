@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.config import ActorConfig
 from actors.episodes import SamplingConfig
@@ -27,16 +25,6 @@ from tests.actors.logprob_check import LOGPROB_TOLERANCE
 from tests.actors.tool_echo import ToolEchoEnv
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def original(warm_model_dir: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(warm_model_dir: Path) -> object:
-    return AutoTokenizer.from_pretrained(warm_model_dir)
 
 
 def worker(llm, tokenizer, env, buffer, weights=None, **config) -> RolloutWorker:
@@ -60,8 +48,15 @@ def behaviour_error(model: torch.nn.Module, group, tokens: slice = slice(None)) 
     return worst
 
 
+def store_at_version_0(buffer, redis_server, model) -> RedisWeightStore:
+    """The buffer's weight store holding `model` as version 0."""
+    store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
+    store.publish(0, dict(model.named_parameters()))
+    return store
+
+
 def test_groups_land_in_the_buffer_tagged_and_scored(
-    vllm_engine, tokenizer, original, make_buffer
+    vllm_engine, tokenizer, hf_model, make_buffer
 ) -> None:
     buffer = make_buffer(groups_per_version=4, max_staleness=1)
     env = ArithmeticEnv(ArithmeticConfig())
@@ -81,7 +76,7 @@ def test_groups_land_in_the_buffer_tagged_and_scored(
             assert completion.policy_versions.per_token().tolist() == [0] * completion.n_tokens
             assert completion.reward in (0.0, 1.0)
             assert all(completion.loss_mask)
-        assert behaviour_error(original, group) < LOGPROB_TOLERANCE
+        assert behaviour_error(hf_model, group) < LOGPROB_TOLERANCE
     health = buffer.health()["actor-test"]
     assert (
         health["groups"] == stats.groups and health["version"] == 0 and health["tokens_per_s"] > 0
@@ -89,12 +84,11 @@ def test_groups_land_in_the_buffer_tagged_and_scored(
 
 
 def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
-    vllm_engine, tokenizer, original, make_buffer, redis_server
+    vllm_engine, tokenizer, hf_model, make_buffer, redis_server
 ) -> None:
     buffer = make_buffer(admission_control=False)
-    store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
-    store.publish(0, dict(original.named_parameters()))
-    changed = copy.deepcopy(original)
+    store = store_at_version_0(buffer, redis_server, hf_model)
+    changed = copy.deepcopy(hf_model)
     torch.manual_seed(2)
     with torch.no_grad():
         for parameter in changed.parameters():
@@ -118,7 +112,7 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
             put += rollout.step()
     finally:
         rollout._abandon_unfinished()
-        update_engine_weights(vllm_engine, dict(original.named_parameters()))
+        update_engine_weights(vllm_engine, dict(hf_model.named_parameters()))
     spanning = put[:2]  # admitted before the update
     for group in spanning:
         for completion in group.completions:
@@ -127,17 +121,17 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
             assert 0 < runs.lengths[0] < 12
         # Tokens sampled before the switch are exactly the old policy's.
         cut = int(min(c.policy_versions.lengths[0] for c in group.completions))
-        assert behaviour_error(original, group, slice(0, cut)) < LOGPROB_TOLERANCE
+        assert behaviour_error(hf_model, group, slice(0, cut)) < LOGPROB_TOLERANCE
     after = put[2:]  # admitted after the update: all version 1, the new policy's
     for group in after:
         assert all(set(c.policy_versions.per_token()) == {1} for c in group.completions)
         assert behaviour_error(changed, group) < LOGPROB_TOLERANCE
-        assert behaviour_error(original, group) > 0.05
+        assert behaviour_error(hf_model, group) > 0.05
     assert rollout.stats.weight_loads == 2
 
 
 def test_multi_turn_groups_mask_environment_tokens(
-    vllm_engine, tokenizer, original, make_buffer
+    vllm_engine, tokenizer, hf_model, make_buffer
 ) -> None:
     buffer = make_buffer(admission_control=False)
     env = ToolEchoEnv()
@@ -155,15 +149,14 @@ def test_multi_turn_groups_mask_environment_tokens(
         assert (np.array(completion.behaviour_logprobs)[env_tokens] == 0).all()
         assert "<result>" in tokenizer.decode(np.array(completion.token_ids)[env_tokens])
     for group in groups:
-        assert behaviour_error(original, group) < LOGPROB_TOLERANCE
+        assert behaviour_error(hf_model, group) < LOGPROB_TOLERANCE
 
 
 def test_drain_mode_finishes_running_sequences_before_loading(
-    vllm_engine, tokenizer, original, make_buffer, redis_server
+    vllm_engine, tokenizer, hf_model, make_buffer, redis_server
 ) -> None:
     buffer = make_buffer(admission_control=False)
-    store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
-    store.publish(0, dict(original.named_parameters()))
+    store = store_at_version_0(buffer, redis_server, hf_model)
     env = ArithmeticEnv(ArithmeticConfig())
     rollout = worker(
         vllm_engine, tokenizer, env, buffer, RedisWeightSource(store), weight_updates="drain",
@@ -174,7 +167,7 @@ def test_drain_mode_finishes_running_sequences_before_loading(
         put = []
         for _ in range(3):
             put += rollout.step()
-        store.publish(1, dict(original.named_parameters()))
+        store.publish(1, dict(hf_model.named_parameters()))
         rollout._next_poll = 0.0
         while len(put) < 4:
             put += rollout.step()
