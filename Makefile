@@ -1,5 +1,6 @@
 # `make demo` and `make test` set themselves up on a fresh machine: a .venv with Relay
-# and its CPU extras, and Debian's redis-server. Re-running is quick once set up.
+# and its CPU extras, Debian's redis-server, and (for the browser test) Debian's chromium.
+# Re-running is quick once set up.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,6 +30,7 @@ demo: setup
 	$(BIN)/relay run -c $(DEMO) model.path=models/tiny-warm
 
 test: setup
+	@deploy/setup/ensure_chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -92,6 +92,20 @@ def _build_parser() -> argparse.ArgumentParser:
     actor.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache" / "relay", help="local model copy"
     )
+    for name, handler, help_text in (
+        ("dashboard", _dashboard, "serve the live dashboard and /metrics of a running experiment"),
+        ("status", _status, "the figures of a running experiment in the terminal"),
+    ):
+        watch = command(name, handler, help_text)
+        watch.add_argument("--buffer", help="redis:// URL (default: buffer.url, or run_dir's)")
+        watch.add_argument("--prefix", help="the experiment's buffer.key_prefix")
+    dashboard = commands.choices["dashboard"]
+    dashboard.add_argument("--host", help="listen address (dashboard.host)")
+    dashboard.add_argument("--port", type=int, help="listen port (dashboard.port)")
+    dashboard.add_argument("--token", help="required token (dashboard.token)")
+    status = commands.choices["status"]
+    status.add_argument("--json", action="store_true", help="print the figures as JSON")
+    status.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
     return parser
 
 
@@ -240,6 +254,67 @@ def _actor(args: argparse.Namespace, config: RunConfig) -> None:
     log.info("%s generating for experiment %s (%s)", actor_id, args.prefix, experiment.env.type)
     stats = worker.run(stop)
     console.print(f"{actor_id}: {stats.groups} groups, {stats.tokens} tokens")
+
+
+def _dashboard(args: argparse.Namespace, config: RunConfig) -> None:
+    from relay.dashboard.server import Dashboard
+    from relay.dashboard.snapshot import Watcher
+
+    chosen = {"host": args.host, "port": args.port, "token": args.token}
+    settings = config.dashboard.model_copy(
+        update={name: value for name, value in chosen.items() if value is not None}
+    )
+    dashboard = Dashboard(Watcher(_watched_buffer(args, config)), settings).start()
+    stop = _stop_on_signals()
+    console.print(f"serving the dashboard at {dashboard.url}; Ctrl-C stops it")
+    stop.wait()
+    dashboard.stop()
+
+
+def _status(args: argparse.Namespace, config: RunConfig) -> None:
+    from rich.live import Live
+
+    from relay.dashboard.snapshot import Watcher
+    from relay.dashboard.status import render, status_record
+
+    watcher = Watcher(_watched_buffer(args, config), series_points=1, history_steps=1000)
+    if args.json:
+        print(json.dumps(status_record(watcher.poll()), indent=2))
+        return
+    if args.watch is None:
+        Console().print(render(watcher.poll()))
+        return
+    stop = _stop_on_signals()
+    with Live(render(watcher.poll()), console=Console(), auto_refresh=False) as live:
+        while not stop.wait(args.watch):
+            live.update(render(watcher.poll()), refresh=True)
+
+
+def _watched_buffer(args: argparse.Namespace, config: RunConfig):
+    """The buffer of a running experiment: --buffer, buffer.url, or the URL `relay run`
+    left in run_dir for its embedded Redis."""
+    import redis
+
+    from buffer.replay_buffer import ReplayBuffer
+    from buffer.server import connect
+    from relay.driver import BUFFER_URL_FILE
+
+    shared = config.run_dir / BUFFER_URL_FILE
+    url = args.buffer or config.buffer.url
+    if url is None and shared.is_file():
+        url = shared.read_text().strip()
+    if url is None:
+        raise RelayError(
+            f"no buffer to watch: pass --buffer redis://..., set buffer.url, or give the "
+            f"config of a running `relay run` (it writes {shared} while it runs)"
+        )
+    client = connect(url)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise RelayError(f"cannot reach the buffer at {url.split('@')[-1]}: {error}") from None
+    prefix = args.prefix or config.buffer.key_prefix
+    return ReplayBuffer(client, config.buffer.model_copy(update={"key_prefix": prefix}))
 
 
 def _stop_on_signals() -> threading.Event:

@@ -27,6 +27,7 @@ from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
 from envs.registry import EnvConfig
 from learner.config import LearnerConfig
+from relay.dashboard.config import DashboardConfig
 from relay.errors import ConfigError
 from relay.evaluate import EvalConfig
 from relay.tiny_model import TinyModelConfig
@@ -84,6 +85,8 @@ class RunConfig(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     """The DeepSpeed learner: objective, batch, schedule, checkpoints."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    """The live dashboard and Prometheus endpoint `relay run` serves."""
     _notes: list[str] = PrivateAttr(default_factory=list)
     """Adjustments validation made (e.g. by mode sync), for the driver to log."""
 

@@ -24,6 +24,8 @@ from relay.errors import RelayError
 log = logging.getLogger(__name__)
 
 _SUPERVISE_EVERY_S = 5.0
+BUFFER_URL_FILE = "buffer.url"
+"""In run_dir while a run with an embedded Redis goes on: its URL, readable by the owner only."""
 
 
 def run(
@@ -45,12 +47,15 @@ def run(
     started = time.monotonic()
     results: dict = {"run_dir": str(config.run_dir), "mode": config.mode}
     with ExitStack() as cleanup:
-        _client, server = open_redis(config.buffer.url, config.redis, config.run_dir / "redis")
+        client, server = open_redis(config.buffer.url, config.redis, config.run_dir / "redis")
         if server is not None:
             cleanup.callback(server.stop)
             config.buffer.url = server.url
             log.info("embedded redis-server at %s (data in %s)", server.url.split("@")[-1],
                      server.data_dir)  # fmt: skip
+            cleanup.callback(_share_buffer_url(config.run_dir, server.url))
+        if config.dashboard.enabled:
+            results["dashboard"] = _start_dashboard(config, client, cleanup)
         if config.eval.before and not resume:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
@@ -68,6 +73,26 @@ def run(
     results["seconds"] = round(time.monotonic() - started, 1)
     (config.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _share_buffer_url(run_dir: Path, url: str) -> Callable[[], None]:
+    """Write the embedded Redis' URL (it holds the password) where `relay status -c` and
+    `relay dashboard -c` look for it; returns the clean-up that removes it."""
+    path = run_dir / BUFFER_URL_FILE
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(url + "\n")
+    return lambda: path.unlink(missing_ok=True)
+
+
+def _start_dashboard(config: RunConfig, client, cleanup: ExitStack) -> str:
+    from buffer.replay_buffer import ReplayBuffer
+    from relay.dashboard.server import Dashboard
+    from relay.dashboard.snapshot import Watcher
+
+    dashboard = Dashboard(Watcher(ReplayBuffer(client, config.buffer)), config.dashboard)
+    cleanup.callback(dashboard.stop)
+    return dashboard.start().url
 
 
 def _start_ray(config: RunConfig, cleanup: ExitStack) -> None:

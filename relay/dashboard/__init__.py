@@ -1,0 +1,1 @@
+"""The live dashboard, Prometheus metrics and terminal view of a run."""
