@@ -14,8 +14,9 @@ class ActorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_actors: int = Field(1, gt=0)
-    """Ray actors, each with its own vLLM engine."""
+    num_actors: int = Field(1, ge=0)
+    """Ray actors, each with its own vLLM engine. 0: a learner-only run, which actors join
+    from elsewhere with `relay actor --buffer URL`."""
     group_size: int = Field(8, gt=1)
     """Completions per prompt (the group whose rewards make the advantages)."""
     groups_in_flight: int = Field(8, gt=0)

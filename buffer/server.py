@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -61,12 +63,17 @@ class RedisServer:
                 "redis-server) or `sudo apt-get install redis-server`, or set buffer.url"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         self.port = self.port or free_port()
         conf = self.data_dir / "redis.conf"
         conf.write_text(self._config_text())
         conf.chmod(0o600)  # it holds the password
+        # If the process that owns the server is killed outright, the server goes too
+        # (SIGTERM: it still flushes the AOF) instead of lingering on the run's files.
+        setpriv = shutil.which("setpriv")
+        launcher = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
         self.process = subprocess.Popen(
-            [binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*launcher, binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         self._wait_until_ready()
         log.info("embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
@@ -84,6 +91,27 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def _stop_leftover(self) -> None:
+        """Stop a server a killed run left on this data directory, before reusing its AOF."""
+        pidfile = self.data_dir / "redis.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            directory = Path(f"/proc/{pid}/cwd").resolve(strict=True)
+        except (OSError, ValueError):
+            return
+        # redis-server rewrites its command line, but works in its `dir`.
+        if b"redis-server" not in command or directory != self.data_dir.resolve():
+            return
+        log.warning("a redis-server of a previous run (pid %d) still uses %s; stopping it",
+                    pid, self.data_dir)  # fmt: skip
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would (for failure tests)."""
@@ -105,6 +133,7 @@ class RedisServer:
             f"bind {self.config.bind}",
             f"port {self.port}",
             f"dir {self.data_dir.resolve()}",
+            f"pidfile {self.data_dir.resolve() / 'redis.pid'}",
             f"requirepass {self.password}",
             "appendonly yes",
             f"appendfsync {self.config.appendfsync}",

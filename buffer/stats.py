@@ -40,6 +40,9 @@ class BufferStats:
     bytes: int
     staleness_histogram: dict[int, int]
     """Stored groups (ready and claimed) by staleness = learner version - oldest token version."""
+    ready_staleness_histogram: dict[int, int]
+    """Groups ready to sample by staleness: what the learner gets next. Claimed groups are
+    left out: a learner holds trained batches until its next checkpoint."""
     sampled_staleness_histogram: dict[int, int]
     """Everything sampled so far, by staleness at sampling time."""
     counters: dict[str, int]
@@ -63,6 +66,7 @@ class BufferStats:
         }
         for name, histogram in (
             ("staleness", self.staleness_histogram),
+            ("ready_staleness", self.ready_staleness_histogram),
             ("sampled_staleness", self.sampled_staleness_histogram),
         ):
             out[f"buffer/{name}_p50"] = percentile(histogram, 0.50)
@@ -100,8 +104,10 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     pipe.zcard(buffer.key("claimed"))
     pipe.zcard(buffer.key("leases"))
     pipe.smembers(buffer.key("producers"))
+    pipe.zrange(buffer.key("ready"), 0, 0, withscores=True)
     pipe.time()
-    version, counters, vcount, sampled, depth, claimed, leases, producer_ids, now = pipe.execute()
+    (version, counters, vcount, sampled, depth, claimed, leases, producer_ids, oldest,
+     now) = pipe.execute()  # fmt: skip
     version = int(version or 0)
     now_s = now[0] + now[1] / 1e6
     counters = {k.decode(): int(v) for k, v in counters.items()}
@@ -113,9 +119,20 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     pipe = client.pipeline(transaction=False)
     for producer in ids:
         pipe.hgetall(f"{buffer.config.key_prefix}:producer:{producer}")
+    # Ready groups are scored by their oldest token version: one ZCOUNT per version seen.
+    buckets = _ready_buckets(oldest, version)
+    for _, low, high in buckets:
+        pipe.zcount(buffer.key("ready"), low, high)
+    replies = pipe.execute()
     producers = [
-        _producer(pid, raw, version, now_s) for pid, raw in zip(ids, pipe.execute(), strict=True)
+        _producer(pid, raw, version, now_s)
+        for pid, raw in zip(ids, replies[: len(ids)], strict=True)
     ]
+    ready_staleness = {
+        staleness: int(n)
+        for (staleness, _, _), n in zip(buckets, replies[len(ids) :], strict=True)
+        if int(n)
+    }
     counters_now = {name: counters.get(name, 0) for name in COUNTER_NAMES}
     rates = {}
     if previous is not None and now_s > previous.taken_at:
@@ -131,12 +148,33 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
         in_flight=int(leases),
         bytes=counters.get("bytes", 0),
         staleness_histogram=dict(sorted(staleness.items())),
+        ready_staleness_histogram=dict(sorted(ready_staleness.items())),
         sampled_staleness_histogram=dict(sorted((int(k), int(v)) for k, v in sampled.items())),
         counters=counters_now,
         producers=producers,
         rates=rates,
         taken_at=now_s,
     )
+
+
+_READY_VERSIONS = 256
+"""Ready groups older than this many versions are counted at the oldest one's staleness."""
+
+
+def _ready_buckets(oldest: list[tuple[bytes, float]], version: int) -> list[tuple[int, str, str]]:
+    """(staleness, lowest score, highest score) ZCOUNT ranges that cover every ready group."""
+    if not oldest:
+        return []
+    first = min(int(oldest[0][1]), version)
+    start = max(first, version - _READY_VERSIONS + 1)
+    return [
+        (
+            version - (first if v == start else v),
+            "-inf" if v == start else str(v),
+            "+inf" if v == version else str(v),
+        )
+        for v in range(start, version + 1)
+    ]
 
 
 def _producer(

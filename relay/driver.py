@@ -226,6 +226,12 @@ class Actors:
         self.handles = start_actors(self.specs)
         self.runs = [handle.run.remote() for handle in self.handles]
         log.info("started %d rollout actors", len(self.handles))
+        if not self.handles:
+            log.warning(
+                "actors.num_actors is 0: waiting for actors to join with `relay actor --buffer "
+                "URL --prefix %s` (an embedded Redis' URL is in run_dir/%s)",
+                self.config.buffer.key_prefix, BUFFER_URL_FILE,
+            )  # fmt: skip
 
     def supervise(self) -> None:
         """Restart the generation loop of an actor whose `run` failed (Ray restarts dead

@@ -1,8 +1,8 @@
 """The dashboard's figures in Prometheus' text format (`/metrics`), under `relay_*` names.
 
-Stored staleness is a gauge histogram (what is in the buffer now); the staleness of what
-the learner sampled is a cumulative histogram. Both use fixed buckets so that series stay
-comparable over a run and across runs.
+The staleness of the groups ready to sample is a gauge histogram (what is there now); the
+staleness of what the learner sampled is a cumulative histogram. Both use fixed buckets,
+so that series stay comparable over a run and across runs.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _buffer_metrics(buffer: dict) -> Iterator[Metric]:
     stored = buffer["staleness"]["counts"]
     yield GaugeHistogramMetricFamily(
         "relay_buffer_staleness",
-        "stored groups by staleness (learner version - oldest token version)",
+        "groups ready to sample by staleness (learner version - oldest token version)",
         buckets=_buckets(stored),
         gsum_value=sum(s * n for s, n in stored),
     )

@@ -111,7 +111,7 @@ def _buffer_figures(stats: BufferStats) -> dict:
         "claimed": stats.claimed,
         "in_flight": stats.in_flight,
         "bytes": stats.bytes,
-        "staleness": _histogram_figures(stats.staleness_histogram),
+        "staleness": _histogram_figures(stats.ready_staleness_histogram),
         "sampled_staleness": _histogram_figures(stats.sampled_staleness_histogram),
         "counters": counters,
         "lost_work": {

@@ -285,6 +285,10 @@ def test_stats_of_known_groups(make_buffer: object) -> None:
     stats = read_stats(buffer)
     # Staleness uses each group's oldest token: a, b -> 3; c -> 1; d -> 4 - 2 = 2.
     assert stats.staleness_histogram == {1: 1, 2: 1, 3: 2}
+    assert stats.ready_staleness_histogram == stats.staleness_histogram  # none claimed yet
+    buffer.sample(2)  # claims a and b, the oldest: no longer ready
+    assert read_stats(buffer).ready_staleness_histogram == {1: 1, 2: 1}
+    assert read_stats(buffer).staleness_histogram == {1: 1, 2: 1, 3: 2}
     assert percentile(stats.staleness_histogram, 0.5) == 2
     assert stats.metrics()["buffer/staleness_max"] == 3
     assert stats.depth == 4

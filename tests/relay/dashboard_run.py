@@ -29,21 +29,25 @@ LEARNER_STEPS = [
 ]  # fmt: skip
 LEARNER_STEPS[1]["eval/greedy_accuracy"] = 0.375
 
-STORED_STALENESS = {0: 2, 1: 1}
-SAMPLED_STALENESS = {2: 2}
+READY_STALENESS = {0: 2, 1: 1}
+SAMPLED_STALENESS = {1: 1, 2: 2}
 
 
 def fill_known_run(buffer: ReplayBuffer) -> None:
-    """Groups at versions 1, 3, 3 (actor-0) and 4, 5, 5 (actor-1); at learner version 5
-    with max_staleness 3 a sample of 2 drops the v1 group (staleness 4) and trains on the
-    two v3 groups (staleness 2), leaving staleness {0: 2, 1: 1} stored."""
+    """Groups at versions 1, 3, 3, 4 (actor-0) and 4, 5, 5 (actor-1). At learner version 5
+    with max_staleness 3, a sample of 2 drops the v1 group (staleness 4) and trains on the
+    two v3 groups (staleness 2), which are acked; a sample of 1 then claims a v4 group
+    (staleness 1) and keeps it. Ready: staleness {0: 2, 1: 1}; claimed: 1."""
     assert buffer.config.max_staleness == 3
-    buffer.put([versioned_group(g, v) for g, v in (("a", 1), ("b", 3), ("c", 3))], "actor-0")
+    buffer.put(
+        [versioned_group(g, v) for g, v in (("a", 1), ("b", 3), ("c", 3), ("g", 4))], "actor-0"
+    )
     buffer.put([versioned_group(g, v) for g, v in (("d", 4), ("e", 5), ("f", 5))], "actor-1")
     buffer.set_version(5)
     batch = buffer.sample(2)
     assert sorted(s.group.group_id for s in batch.groups) == ["b", "c"]
     buffer.ack(batch)
+    assert buffer.sample(1).groups[0].staleness == 1
     for actor_id, health in ACTOR_HEALTH.items():
         buffer.set_health(actor_id, health)
     for record in LEARNER_STEPS:

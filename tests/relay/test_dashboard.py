@@ -19,8 +19,8 @@ from relay.dashboard.snapshot import Watcher
 from tests.relay.dashboard_run import (
     ACTOR_HEALTH,
     LEARNER_STEPS,
+    READY_STALENESS,
     SAMPLED_STALENESS,
-    STORED_STALENESS,
     fill_known_run,
 )
 
@@ -52,9 +52,10 @@ def test_snapshot_of_a_known_run(known_buffer: ReplayBuffer) -> None:
     snapshot = Watcher(known_buffer).poll()
     buffer = snapshot["buffer"]
     assert buffer["learner_version"] == 5
-    assert buffer["depth"] == 3
-    assert dict(map(tuple, buffer["staleness"]["counts"])) == STORED_STALENESS
-    # Stored {0: 2, 1: 1}: half the groups are at 0, 99% at or below 1.
+    assert (buffer["depth"], buffer["claimed"]) == (3, 1)
+    assert dict(map(tuple, buffer["staleness"]["counts"])) == READY_STALENESS
+    # Ready {0: 2, 1: 1}: half the groups are at 0, 99% at or below 1. The claimed group
+    # (staleness 1) is not among them.
     assert (buffer["staleness"]["p50"], buffer["staleness"]["p99"]) == (0, 1)
     assert buffer["staleness"]["max"] == 1
     assert dict(map(tuple, buffer["sampled_staleness"]["counts"])) == SAMPLED_STALENESS
@@ -66,7 +67,7 @@ def test_snapshot_of_a_known_run(known_buffer: ReplayBuffer) -> None:
     for actor_id, health in ACTOR_HEALTH.items():
         for field in ("version", "version_lag", "tokens_per_s", "idle_fraction", "restarts"):
             assert actors[actor_id][field] == health[field]
-        assert actors[actor_id]["groups_put"] == 3
+        assert actors[actor_id]["groups_put"] == 4 if actor_id == "actor-0" else 3
         assert not actors[actor_id]["silent"]
     assert actors["actor-0"]["last_error"] == "engine died: boom"
 
@@ -103,13 +104,16 @@ def test_metrics_endpoint_parses_with_the_prometheus_parser(dashboard: Dashboard
     }
     assert samples[("relay_buffer_depth_groups", ())] == 3
     assert samples[("relay_learner_version", ())] == 5
-    # Cumulative buckets of the stored staleness {0: 2, 1: 1}.
+    # Cumulative buckets of the ready groups' staleness {0: 2, 1: 1}.
     assert samples[("relay_buffer_staleness_bucket", (("le", "0"),))] == 2
     assert samples[("relay_buffer_staleness_bucket", (("le", "1"),))] == 3
     assert samples[("relay_buffer_staleness_bucket", (("le", "+Inf"),))] == 3
-    assert samples[("relay_buffer_sampled_staleness_bucket", (("le", "1"),))] == 0
-    assert samples[("relay_buffer_sampled_staleness_bucket", (("le", "2"),))] == 2
-    assert samples[("relay_buffer_sampled_staleness_sum", ())] == 4
+    # Sampled {1: 1, 2: 2}.
+    assert samples[("relay_buffer_sampled_staleness_bucket", (("le", "0"),))] == 0
+    assert samples[("relay_buffer_sampled_staleness_bucket", (("le", "1"),))] == 1
+    assert samples[("relay_buffer_sampled_staleness_bucket", (("le", "2"),))] == 3
+    assert samples[("relay_buffer_sampled_staleness_sum", ())] == 1 + 2 * 2
+    assert samples[("relay_buffer_claimed_groups", ())] == 1
     assert samples[("relay_buffer_dropped_stale_total", ())] == 1
     assert samples[("relay_actor_version_lag", (("actor", "actor-0"),))] == 1
     assert samples[("relay_actor_restarts_total", (("actor", "actor-0"),))] == 2

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,30 +19,57 @@ import yaml
 
 pytestmark = pytest.mark.slow
 RELAY = str(Path(sys.executable).parent / "relay")
+ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 STEPS, BATCH = 6, 4
 
 
-def run_config(tmp_path: Path, model: Path, mode: str) -> Path:
+def run_config(tmp_path: Path, model: Path, mode: str, steps: int = STEPS, **sections) -> Path:
     config = tmp_path / f"{mode}.yaml"
     config.write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / mode), "mode": mode, "model": {"path": str(model)},
         "env": {"type": "arithmetic"}, "engine": {"max_model_len": 64},
         "actors": {"group_size": 4, "groups_in_flight": 4, "sampling": {"max_tokens": 6},
                    "metrics_every_s": 0.5},
-        "learner": {"steps": STEPS, "batch_groups": BATCH, "checkpoint": {"every_steps": 3},
+        "learner": {"steps": steps, "batch_groups": BATCH, "checkpoint": {"every_steps": 3},
                     "sample_timeout_s": 120},
         "eval": {"n_prompts": 20, "max_tokens": 6, "before": mode == "async",
                  "every_steps": 3, "in_run_prompts": 10},
         "ray": {"num_cpus": 2},
+        **sections,
     }))  # fmt: skip
     return config
 
 
-def relay_run(config: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run(
-        [RELAY, "run", "-c", str(config)], env=env, capture_output=True, text=True, timeout=900
-    )
+def start_relay_run(config: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+    """`relay run` as a process; its stdout and stderr go to files beside the config (a
+    pipe nobody reads while the run logs would fill up and block it)."""
+    command = [RELAY, "run", "-c", str(config), *args]
+    out, err = config.with_suffix(".out"), config.with_suffix(".err")
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen(command, env=ENV, stdout=stdout, stderr=stderr, text=True)
+    return process, out, err
+
+
+def relay_run(
+    config: Path, *args: str, watch: bool = False
+) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run `relay run`; with `watch`, also read the run's figures with `relay status`
+    (which finds the embedded Redis through run_dir) while the learner is training."""
+    process, out, err = start_relay_run(config, *args)
+    status = None
+    metrics = Path(yaml.safe_load(config.read_text())["run_dir"]) / "metrics.jsonl"
+    deadline = time.monotonic() + 900
+    while watch and status is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+        if metrics.is_file() and metrics.read_text().strip():
+            shown = subprocess.run([RELAY, "status", "--json", "-c", str(config)], env=ENV,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert shown.returncode == 0, shown.stderr
+            status = json.loads(shown.stdout)
+    process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    return subprocess.CompletedProcess(
+        process.args, process.returncode, out.read_text(), err.read_text()
+    ), status
 
 
 def leftover_processes(marker: str) -> list[str]:
@@ -48,13 +77,33 @@ def leftover_processes(marker: str) -> list[str]:
     return [line for line in ps.splitlines() if marker in line and "ps -eo" not in line]
 
 
+def processes_working_in(directory: Path) -> list[int]:
+    """Processes whose working directory is inside `directory` (redis-server works in its
+    data directory and rewrites its command line, so `ps` does not show the path)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = (proc / "cwd").resolve(strict=True) if proc.name.isdigit() else None
+        except OSError:
+            continue
+        if cwd is not None and (cwd == directory or directory in cwd.parents):
+            found.append(int(proc.name))
+    return found
+
+
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_relay_run_trains_on_rollouts_and_cleans_up(
     mode: str, warm_model_dir: Path, tmp_path: Path
 ) -> None:
     engines_before = len(leftover_processes("EngineCore"))
-    done = relay_run(run_config(tmp_path, warm_model_dir, mode))
+    config = run_config(tmp_path, warm_model_dir, mode)
+    done, status = relay_run(config, watch=mode == "async")
     assert done.returncode == 0, done.stderr[-4000:]
+    if mode == "async":  # the dashboard's figures, read while the run went on
+        assert status["learner"]["step"] >= 1
+        assert status["buffer"]["counters"]["put"] >= BATCH
+        assert [a["actor_id"] for a in status["actors"]] == ["actor-0"]
+        assert "dashboard at http://127.0.0.1:" in done.stderr
     run_dir = tmp_path / mode
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == STEPS and results["version"] == STEPS
@@ -78,5 +127,92 @@ def test_relay_run_trains_on_rollouts_and_cleans_up(
 
     # Nothing left running: the embedded redis-server (its files live in run_dir) and
     # the actors' vLLM engine processes are gone (the session's own engine may remain).
-    assert leftover_processes(str(run_dir)) == []
+    assert processes_working_in(run_dir) == [] and leftover_processes(str(run_dir)) == []
     assert len(leftover_processes("EngineCore")) == engines_before
+
+
+def test_relay_run_resumes_after_the_driver_is_killed(warm_model_dir: Path, tmp_path: Path) -> None:
+    steps = 12
+    config = run_config(
+        tmp_path, warm_model_dir, "async", steps=steps,
+        eval={"n_prompts": 20, "max_tokens": 6, "before": False},
+    )  # fmt: skip
+    run_dir = tmp_path / "async"
+    metrics = run_dir / "metrics.jsonl"
+    process, _, err = start_relay_run(config)
+    deadline = time.monotonic() + 600
+    # Killed outright (as by the OOM killer) after the checkpoint at step 3.
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        assert process.poll() is None, err.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    before = [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    # The embedded redis-server goes with its owner (its AOF stays in run_dir).
+    deadline = time.monotonic() + 30
+    while processes_working_in(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_working_in(run_dir) == []
+    refused = subprocess.run([RELAY, "run", "-c", str(config)], env=ENV, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+
+    done, _ = relay_run(config, "--resume")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resumed at step" in done.stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    crashed_at, resumed = len(before), rows[len(before) :]
+    checkpoint = resumed[0]["step"] - 1
+    assert checkpoint % 3 == 0 and 3 <= checkpoint <= crashed_at
+    assert [r["step"] for r in resumed] == list(range(checkpoint + 1, steps + 1))
+    # Versions never repeat: the resumed learner publishes above all it published before.
+    assert resumed[0]["version"] > max(r["version"] for r in before)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == steps and results["version"] == rows[-1]["version"]
+    assert results["trained_groups"] == steps * BATCH  # each step's batch counted once
+    assert processes_working_in(run_dir) == []
+
+
+def test_actors_from_elsewhere_join_a_learner_only_run(
+    warm_model_dir: Path, tmp_path: Path
+) -> None:
+    # The learning cluster runs no actors; an actor pool elsewhere (here: another process,
+    # outside Ray) joins with nothing but the buffer's URL, which `relay run` leaves in
+    # run_dir for its embedded Redis.
+    steps = 4
+    config = run_config(
+        tmp_path, warm_model_dir, "async", steps=steps,
+        actors={"num_actors": 0, "group_size": 4, "groups_in_flight": 4,
+                "sampling": {"max_tokens": 6}},
+        eval={"n_prompts": 20, "max_tokens": 6, "before": False},
+    )  # fmt: skip
+    run_dir = tmp_path / "async"
+    process, _, err = start_relay_run(config)
+    url_file = run_dir / "buffer.url"
+    deadline = time.monotonic() + 300
+    while not url_file.is_file():
+        assert process.poll() is None, err.read_text()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with (tmp_path / "actor.log").open("w") as actor_log:
+        actor = subprocess.Popen(
+            [RELAY, "actor", "--buffer", url_file.read_text().strip(), "--prefix", "relay",
+             "--actor-id", "elsewhere-0", "--cache", str(tmp_path / "cache")],
+            env=ENV, stdout=actor_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        process.wait(timeout=600)
+    finally:
+        actor.send_signal(signal.SIGTERM)
+        actor.wait(timeout=120)
+    assert process.returncode == 0, err.read_text()[-4000:]
+    assert "waiting for actors to join" in err.read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == steps and results["trained_groups"] == steps * BATCH
+    assert results["actors"] == {}
+    # Every trained group came from the actor that joined.
+    assert "elsewhere-0:" in (tmp_path / "actor.log").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["groups"] for r in rows) == steps * BATCH
