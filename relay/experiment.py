@@ -55,12 +55,7 @@ def join_experiment(
     `env_type` names the environment to generate for; another type than the experiment's
     starts from that environment's defaults (tune it with `env.*` overrides).
     """
-    record = client.hgetall(f"{key_prefix}:experiment")
-    if not record:
-        raise RelayError(
-            f"no experiment under key prefix {key_prefix!r} in this Redis: start the learner "
-            "(relay run / relay learn) first, or pass the experiment's --prefix"
-        )
+    record = _wait_for_experiment(client, key_prefix, timeout_s)
     raw = json.loads(record[b"config"])
     if env_type is not None and raw["env"]["type"] != env_type:
         raw["env"] = {"type": env_type}
@@ -81,3 +76,21 @@ def join_experiment(
     save_file(tensors, str(model_dir / "model.safetensors"))
     log.info("joined experiment %s: policy v%d in %s", key_prefix, version, model_dir)
     return config, record[b"run_id"].decode(), model_dir
+
+
+def _wait_for_experiment(client: redis.Redis, key_prefix: str, timeout_s: float) -> dict:
+    """The experiment's record; an actor may start before its learner has written it."""
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while not (record := client.hgetall(f"{key_prefix}:experiment")):
+        if time.monotonic() > deadline:
+            raise RelayError(
+                f"no experiment under key prefix {key_prefix!r} in this Redis after "
+                f"{timeout_s:g}s: start the learner (relay run / relay learn), or pass the "
+                "experiment's --prefix"
+            )
+        if not logged:
+            log.info("waiting for experiment %s to be started by its learner", key_prefix)
+            logged = True
+        time.sleep(1.0)
+    return record
