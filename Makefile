@@ -1,5 +1,5 @@
 # `make demo` and `make test` set themselves up on a fresh machine: a .venv with Relay
-# and its CPU extras, Debian's redis-server, and (for the browser test) Debian's chromium.
+# and its CPU extras, Debian's redis-server, and for the tests Debian's chromium and prometheus.
 # Re-running is quick once set up.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +10,7 @@ DEMO := configs/demo.yaml
 .PHONY: setup demo test lint format clean
 
 setup: $(INSTALLED)
-	@deploy/setup/ensure_redis.sh
+	@deploy/setup/ensure_command.sh redis-server redis-server "Relay's embedded buffer"
 
 # Reinstall when the dependencies change. vLLM's CPU build drags in PyPI's torchvision,
 # torchaudio and torchcodec, which do not match its CPU torch and break `transformers`.
@@ -30,7 +30,8 @@ demo: setup
 	$(BIN)/relay run -c $(DEMO) model.path=models/tiny-warm
 
 test: setup
-	@deploy/setup/ensure_chromium.sh
+	@deploy/setup/ensure_command.sh chromium chromium "the dashboard's browser test"
+	@deploy/setup/ensure_command.sh prometheus prometheus "the docker-compose test"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

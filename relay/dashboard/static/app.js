@@ -41,13 +41,14 @@ function histogram(id, label, color) {
 function makeCharts() {
   state.charts.staleness = histogram("chart-staleness", "in the buffer", COLORS.blue);
   state.charts.sampledStaleness = histogram("chart-sampled-staleness", "trained on", COLORS.orange);
+  // Claimed groups (trained, held until the learner's next checkpoint) can outnumber the
+  // rest a hundredfold: they get the right-hand axis.
   state.charts.depth = line("chart-depth", [
     { label: "ready", color: COLORS.blue },
-    { label: "claimed", color: COLORS.orange },
     { label: "being generated", color: COLORS.green },
-    { label: "MiB", color: COLORS.grey, yAxisID: "y1", borderDash: [4, 3] },
+    { label: "claimed (right axis)", color: COLORS.orange, yAxisID: "y1", borderDash: [4, 3] },
   ], { x: "seconds", y: { beginAtZero: true, title: { display: true, text: "groups" } },
-       y1: { beginAtZero: true, title: { display: true, text: "MiB" } } });
+       y1: { beginAtZero: true, title: { display: true, text: "claimed groups" } } });
   state.charts.time = line("chart-time", [
     { label: "waiting", color: COLORS.red, fill: "origin", backgroundColor: "rgba(192,57,43,0.35)" },
     { label: "forward/backward", color: COLORS.blue, fill: "-1",
@@ -74,6 +75,12 @@ const fmt = {
   mib: v => (v / 1048576).toFixed(2) + " MiB",
   age: v => (v === null || v === undefined) ? "never" : v < 1 ? "now" : Math.round(v) + " s ago",
 };
+
+function percentileOf(values, q) {
+  if (!values.length) return 0;
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+}
 
 function setText(id, text) { document.getElementById(id).textContent = text; }
 
@@ -110,6 +117,10 @@ function renderLearner(snapshot) {
   c.is.data.datasets[1].data = series(h, "is_weight_max");
   c.is.data.datasets[2].data = series(h, "is_ess");
   c.is.data.datasets[3].data = series(h, "clip_fraction");
+  // The first steps wait for the actors' engines to start: keep them from flattening the
+  // rest of the chart.
+  c.time.options.scales.y.max = percentileOf(
+    h.map(r => (r.wait_s || 0) + (r.compute_s || 0) + (r.publish_s || 0)), 0.98) * 1.25 || undefined;
   for (const name of ["time", "reward", "is"]) c[name].update();
 }
 
@@ -125,9 +136,8 @@ function renderBuffer(snapshot) {
   const start = state.series.length ? state.series[0].t : 0;
   const d = state.charts.depth.data.datasets;
   d[0].data = state.series.map(p => ({ x: p.t - start, y: p.depth }));
-  d[1].data = state.series.map(p => ({ x: p.t - start, y: p.claimed }));
-  d[2].data = state.series.map(p => ({ x: p.t - start, y: p.in_flight }));
-  d[3].data = state.series.map(p => ({ x: p.t - start, y: p.bytes / 1048576 }));
+  d[1].data = state.series.map(p => ({ x: p.t - start, y: p.in_flight }));
+  d[2].data = state.series.map(p => ({ x: p.t - start, y: p.claimed }));
   state.charts.depth.update();
 }
 
