@@ -1,5 +1,6 @@
 # `make demo` and `make test` set themselves up on a fresh machine: a .venv with Relay
-# and its CPU extras, Debian's redis-server, and for the tests Debian's chromium and prometheus.
+# and its CPU extras, Debian's redis-server, and for the tests Debian's chromium, prometheus,
+# openssh-server and rsync.
 # Re-running is quick once set up.
 PYTHON ?= python3
 VENV := .venv
@@ -32,6 +33,8 @@ demo: setup
 test: setup
 	@deploy/setup/ensure_command.sh chromium chromium "the dashboard's browser test"
 	@deploy/setup/ensure_command.sh prometheus prometheus "the docker-compose test"
+	@deploy/setup/ensure_command.sh sshd openssh-server "the ray up test" ssh
+	@deploy/setup/ensure_command.sh rsync rsync "the ray up test"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -192,6 +192,13 @@ def _run(args: argparse.Namespace, config: RunConfig) -> None:
 
     _require_model(config.model.path)
     stop = _stop_on_signals()
+    if config.ray.learner_resources or config.ray.learner_num_gpus:
+        from relay.placement import run_on_learner_node
+
+        # The run goes on on another node: its log lines come back through Ray, its
+        # figures through `relay status` / the dashboard there.
+        _print_results(run_on_learner_node(config, resume=args.resume, stop=stop))
+        return
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -216,6 +223,10 @@ def _run(args: argparse.Namespace, config: RunConfig) -> None:
 
         show.accuracy = None
         results = run(config, resume=args.resume, stop=stop, on_metrics=show)
+    _print_results(results)
+
+
+def _print_results(results: dict) -> None:
     before, after = results.get("before"), results["after"]
     if before is not None:
         print(f"held-out accuracy before: {before['accuracy']:.1%} ({before['model']})")

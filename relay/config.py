@@ -55,6 +55,15 @@ class RayConfig(BaseModel):
     None starts a local Ray for the run and stops it at the end."""
     num_cpus: int | None = Field(None, gt=0)
     """CPUs of the local Ray (None: all of this machine's)."""
+    learner_resources: dict[str, float] = Field(default_factory=dict)
+    """In a cluster: custom resources of the node the learner must run on, e.g.
+    {learning: 1} on deploy/ray's learner node type. `relay run` then moves itself (driver,
+    learner and evaluations) onto such a node as a Ray actor; empty: it runs where it was
+    started (the head, under `ray submit` and `ray job submit`)."""
+    learner_num_gpus: float = Field(0, ge=0)
+    """GPUs that actor reserves (learner.world_size on a GPU node; vLLM evaluation shares them)."""
+    learner_wait_s: float = Field(900.0, gt=0)
+    """How long to wait for such a node (the autoscaler may have to start one)."""
 
 
 class RunConfig(BaseModel):
@@ -114,6 +123,15 @@ class RunConfig(BaseModel):
             self.buffer.max_staleness = 0
             self.buffer.admission_control = True
             self.actors.weight_updates = "drain"
+        return self
+
+    @model_validator(mode="after")
+    def _placement_needs_a_cluster(self) -> RunConfig:
+        if (self.ray.learner_resources or self.ray.learner_num_gpus) and self.ray.address is None:
+            raise ValueError(
+                "ray.learner_resources / ray.learner_num_gpus place the learner on a node of a "
+                "running cluster: set ray.address (auto inside ray submit / ray job submit)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -190,6 +208,10 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             names, node = _resolve(model, [str(part) for part in problem["loc"][:-1]])
             allowed = _field_names(node)
             message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif problem["type"] == "value_error" and not names:
+            # A rule across fields (a model validator): its message names the fields.
+            clauses.append(str(problem["ctx"]["error"]))
+            continue
         else:
             message = _lowercase_first(problem["msg"])
             if problem["type"] not in ("missing", "union_tag_invalid"):

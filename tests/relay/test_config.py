@@ -64,7 +64,14 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
         (["env.type=math", "env.digits=2"], "env.digits: unknown key; allowed: max_answer_chars"),
         (["env.operators=[/]"], "env.operators.0: input should be '+', '-' or '*'"),
         (["engine.dtype=int8"], "engine.dtype: input should be 'float32'"),
-        (["bogus=1"], "bogus: unknown key; allowed: actors, buffer, engine, env, eval, learner"),
+        (["bogus=1"], "bogus: unknown key; allowed: actors, buffer, dashboard, engine, env"),
+        (["dashboard.port=70000"], "dashboard.port: input should be less than or equal to 65535"),
+        # A rule across fields reads as one sentence naming them, not as "(top level)".
+        (
+            ["ray.learner_resources={learning: 1}"],
+            "ray.learner_resources / ray.learner_num_gpus place the learner on a node of a "
+            "running cluster: set ray.address",
+        ),
         (["buffer.overflow=spill"], "buffer.overflow: input should be 'block' or 'drop_oldest'"),
         (
             ["buffer.max_staleness=-1"],
