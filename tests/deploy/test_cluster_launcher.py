@@ -1,12 +1,13 @@
 """Ray's cluster launcher: every cluster YAML validates against the schema Ray ships, and
-the on-premises path runs for real. An `sshd` of the test's own on loopback, a user of
-its own with a generated key, `ray up -y` of deploy/ray/cluster-local.yaml with the head on
-127.0.0.1, `ray submit` of deploy/ray/submit_run.py (the learner moves to the node with
-the `learning` resource), a check that the run trained on rollouts, `ray down -y`.
+the on-premises path runs for real. An `sshd` of the test's own on 127.0.0.1:22 admits
+this user with a generated key; `ray up -y` of deploy/ray/cluster-local.yaml with the head
+on 127.0.0.1 syncs the project to ~/relay, runs its setup and starts Ray; `ray submit` of
+deploy/ray/submit_run.py runs a short experiment (the learner moves to the node with the
+`learning` resource); the run must have trained on rollouts; `ray down -y`.
 
-The head is the only node: a worker in a network namespace would share this machine's
-/tmp/ray with the head, which two Ray nodes cannot (see tests/deploy/test_compose.py,
-where the worker gets a temp dir of its own); so actors run on the head here too.
+The head is the only node: a worker in a network namespace of this machine would share
+its /tmp/ray with the head, which two Ray nodes cannot (tests/deploy/test_compose.py gives
+its worker a temp dir of its own instead); so the actor runs on the head too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -28,7 +30,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CLUSTERS = sorted((ROOT / "deploy" / "ray").glob("cluster-*.yaml"))
-USER = "relay-launcher"
 STEPS, BATCH = 4, 4
 
 
@@ -59,59 +60,80 @@ def test_launcher_config_places_actors_and_learner_on_those_node_types() -> None
 
 @pytest.fixture
 def local_sshd(tmp_path: Path):
-    """sshd on 127.0.0.1:22 for a user of the test's own; yields (user, key, home)."""
+    """sshd on 127.0.0.1:22 that admits this user with a generated key; yields (user, key).
+
+    This user's home is the head's: the test's Python lives there and must stay readable.
+    What `ray up` leaves in it (~/relay, ~/.bashrc's PATH line, ~/ray_bootstrap_*) is
+    removed or restored afterwards.
+    """
     if os.geteuid() != 0:
-        pytest.skip("needs root: the test creates an SSH user and starts sshd on port 22")
+        pytest.skip("needs root: the test starts sshd on port 22 (Ray's local provider's port)")
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     assert Path(sshd).exists(), "sshd is missing: `make test` installs Debian's openssh-server"
     assert shutil.which("rsync"), "rsync is missing: `make test` installs it"
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", 22)) == 0:
             pytest.skip("port 22 on 127.0.0.1 is taken (Ray's local provider connects there)")
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
-    home = Path(pwd.getpwnam(USER).pw_dir)
-    key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    host_key = tmp_path / "host_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-    ssh_dir = home / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    (ssh_dir / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-    subprocess.run(["chown", "-R", f"{USER}:{USER}", str(ssh_dir)], check=True)
-    (ssh_dir / "authorized_keys").chmod(0o600)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    key, host_key = tmp_path / "id_ed25519", tmp_path / "host_ed25519"
+    for path in (key, host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(key.with_suffix(".pub").read_text())
+    authorized.chmod(0o600)
     config = tmp_path / "sshd_config"
     config.write_text(
         f"ListenAddress 127.0.0.1\nPort 22\nHostKey {host_key}\nPidFile {tmp_path}/sshd.pid\n"
-        f"AllowUsers {USER}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "PubkeyAuthentication yes\nUsePAM no\nStrictModes no\nX11Forwarding no\n"
-        "Subsystem sftp internal-sftp\n"
+        f"AllowUsers {user}\nAuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "UsePAM no\nStrictModes no\nX11Forwarding no\nSubsystem sftp internal-sftp\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)
-    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    home = Path.home()
+    bashrc = home / ".bashrc"
+    saved_bashrc = bashrc.read_bytes() if bashrc.exists() else None
+    left_by_ray = [
+        home / "relay",
+        home / "ray_bootstrap_config.yaml",
+        home / "ray_bootstrap_key.pem",
+    ]
+    assert not (home / "relay").exists(), f"{home / 'relay'} exists: the test would overwrite it"
+    log = (tmp_path / "sshd.log").open("w")
+    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=log)
     try:
-        yield USER, key, home
+        login = ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
+                 "-o", "UserKnownHostsFile=/dev/null", f"{user}@127.0.0.1", "true"]  # fmt: skip
+        for _ in range(50):
+            if subprocess.run(login, capture_output=True, timeout=30).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"cannot log in over SSH: {(tmp_path / 'sshd.log').read_text()}")
+        yield user, key
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)
+        log.close()
+        for path in left_by_ray:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if saved_bashrc is None:
+            bashrc.unlink(missing_ok=True)
+        else:
+            bashrc.write_bytes(saved_bashrc)
 
 
 @pytest.mark.slow
 def test_ray_up_and_ray_submit_on_premises(local_sshd, warm_model_dir: Path, tmp_path: Path):
-    user, key, home = local_sshd
-    # The user's copy of the project gets this environment's venv (what `make setup` would
-    # build there, 3.7 GB of downloads) and the session's warm-started model.
-    (home / "relay").mkdir(exist_ok=True)
-    venv = home / "relay" / ".venv"
-    if not venv.exists():
-        venv.symlink_to(BIN.parent)
-    model = home / "models" / "tiny-warm"
-    shutil.rmtree(model, ignore_errors=True)
+    user, key = local_sshd
+    # The head's copy of the project gets this environment's venv, what `make setup` would
+    # build there (3.7 GB of downloads), so that its setup command finds nothing to do.
+    (Path.home() / "relay").mkdir()
+    (Path.home() / "relay" / ".venv").symlink_to(BIN.parent)
+    model = tmp_path / "models" / "tiny-warm"
     shutil.copytree(warm_model_dir, model)
-    subprocess.run(["chown", "-R", f"{user}:{user}", str(home / "relay"), str(home / "models")],
-                   check=True)  # fmt: skip
 
     cluster = yaml.safe_load((ROOT / "deploy" / "ray" / "cluster-local.yaml").read_text())
     cluster["provider"].update(head_ip="127.0.0.1", worker_ips=[])
@@ -126,7 +148,7 @@ def test_ray_up_and_ray_submit_on_premises(local_sshd, warm_model_dir: Path, tmp
         return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout)  # fmt: skip
 
-    up = ray_cli("up", "-y", "--no-config-cache", str(cluster_file), timeout=900)
+    up = ray_cli("up", "-y", "--no-config-cache", str(cluster_file), timeout=600)
     try:
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
         submitted = ray_cli(
@@ -143,11 +165,12 @@ def test_ray_up_and_ray_submit_on_premises(local_sshd, warm_model_dir: Path, tmp
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stdout[-6000:] + submitted.stderr[-3000:]
         output = submitted.stdout + submitted.stderr
-        assert "continues on the learner's node 127.0.0.1" in output
+        assert "continues on the learner's node" in output
         assert "held-out accuracy after" in output
-        results = json.loads((home / "relay" / "runs" / "launcher" / "results.json").read_text())
+        run_dir = Path.home() / "relay" / "runs" / "launcher"
+        results = json.loads((run_dir / "results.json").read_text())
         assert results["steps"] == STEPS and results["trained_groups"] == STEPS * BATCH
         assert results["actors"]["actor-0"]["groups"] >= STEPS * BATCH
     finally:
-        down = ray_cli("down", "-y", "--no-config-cache", str(cluster_file), timeout=300)
+        down = ray_cli("down", "-y", str(cluster_file), timeout=300)
         assert down.returncode == 0, down.stderr[-3000:]
