@@ -171,6 +171,18 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
 
 
+def reach(url: str) -> redis.Redis:
+    """`connect(url)` and check that the server answers; the error names the host, not the
+    password."""
+    client = connect(url)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        where = url.split("@")[-1]
+        raise RedisServerError(f"cannot reach the buffer at {where}: {error}") from None
+    return client
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -185,11 +197,6 @@ def open_redis(
     Returns the client and the server to stop at the end (None for an external Redis).
     """
     if url is not None:
-        client = connect(url)
-        try:
-            client.ping()
-        except redis.RedisError as error:
-            raise RedisServerError(f"cannot reach the buffer at buffer.url: {error}") from None
-        return client, None
+        return reach(url), None
     server = RedisServer(data_dir, server_config).start()
     return server.client(), server

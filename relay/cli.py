@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from buffer.schema import MalformedRollout
+from buffer.server import RedisServerError
 from envs.base import EnvError
 from relay.config import RunConfig, dump_config, load_config
 from relay.errors import ConfigError, RelayError
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         console.print(f"[red]config error:[/red] {error}", highlight=False, soft_wrap=True)
         return 2
-    except (RelayError, EnvError, MalformedRollout) as error:
+    except (RelayError, EnvError, MalformedRollout, RedisServerError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
@@ -242,10 +243,10 @@ def _actor(args: argparse.Namespace, config: RunConfig) -> None:
     import socket
 
     from actors.ray_actor import ActorSpec, build_worker
-    from buffer.server import connect
+    from buffer.server import reach
     from relay.experiment import join_experiment
 
-    client = connect(args.buffer)
+    client = reach(args.buffer)
     experiment, run_id, model_dir = join_experiment(
         client, args.prefix, args.overrides, args.cache, config.actors.weight_timeout_s, args.env
     )
@@ -304,10 +305,8 @@ def _status(args: argparse.Namespace, config: RunConfig) -> None:
 def _watched_buffer(args: argparse.Namespace, config: RunConfig):
     """The buffer of a running experiment: --buffer, buffer.url, or the URL `relay run`
     left in run_dir for its embedded Redis."""
-    import redis
-
     from buffer.replay_buffer import ReplayBuffer
-    from buffer.server import connect
+    from buffer.server import reach
     from relay.driver import BUFFER_URL_FILE
 
     shared = config.run_dir / BUFFER_URL_FILE
@@ -319,11 +318,7 @@ def _watched_buffer(args: argparse.Namespace, config: RunConfig):
             f"no buffer to watch: pass --buffer redis://..., set buffer.url, or give the "
             f"config of a running `relay run` (it writes {shared} while it runs)"
         )
-    client = connect(url)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        raise RelayError(f"cannot reach the buffer at {url.split('@')[-1]}: {error}") from None
+    client = reach(url)
     prefix = args.prefix or config.buffer.key_prefix
     return ReplayBuffer(client, config.buffer.model_copy(update={"key_prefix": prefix}))
 
