@@ -75,12 +75,12 @@ class _SnapshotCollector:
 def _buffer_metrics(buffer: dict) -> Iterator[Metric]:
     for field, (name, help_text) in _BUFFER_GAUGES.items():
         yield GaugeMetricFamily(name, help_text, value=buffer[field])
-    stored = buffer["staleness"]["counts"]
+    ready = buffer["staleness"]["counts"]
     yield GaugeHistogramMetricFamily(
         "relay_buffer_staleness",
         "groups ready to sample by staleness (learner version - oldest token version)",
-        buckets=_buckets(stored),
-        gsum_value=sum(s * n for s, n in stored),
+        buckets=_buckets(ready),
+        gsum_value=sum(s * n for s, n in ready),
     )
     sampled = buffer["sampled_staleness"]["counts"]
     yield HistogramMetricFamily(

@@ -87,7 +87,7 @@ class Dashboard:
     def refresh(self) -> None:
         """Poll the buffer now; on failure keep the last figures and say why."""
         try:
-            self.watcher.poll()
+            self.watcher.read()  # rendered per request by current()
             error = ""
         except Exception as failure:  # Redis gone or restarting: the page says so and waits
             error = f"cannot read the buffer: {failure}"

@@ -57,6 +57,11 @@ class Watcher:
 
     def poll(self) -> dict:
         """Read the buffer once and return the current snapshot (history included)."""
+        self.read()
+        return self.snapshot()
+
+    def read(self) -> None:
+        """Read the buffer once; `snapshot()` renders what was read."""
         stats = read_stats(self.buffer, self._stats)
         health = self.buffer.health()
         # Only the tail is read once the history is known: the learner writes a record
@@ -79,13 +84,12 @@ class Watcher:
             self.history.extend(
                 _learner_record(r) for r in records if float(r.get("time", 0.0)) > newest
             )
-        return self.snapshot()
 
     def snapshot(self, history_since: float | None = None) -> dict:
         """The last poll's figures; learner history after `history_since` (None: all)."""
         with self._lock:
             if self._stats is None:
-                raise RuntimeError("poll() first")
+                raise RuntimeError("read() first")
             stats = self._stats
             history = list(self.history)
             series = list(self.series) if history_since is None else [self.series[-1]]

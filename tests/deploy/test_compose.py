@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from tests.deploy.compose import ROOT, LocalService, clean_environment, load_compose, local_network
+from tests.relay.dashboard_run import prometheus_samples
 
 BIN = Path(sys.executable).parent
 SECRETS = {
@@ -155,18 +157,12 @@ def test_compose_services_run_as_local_processes(warm_model_dir: Path, tmp_path:
 
 def check_dashboard_metrics(port: int) -> set[str]:
     """The compose dashboard saw the run in the compose Redis; returns the metric names."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/metrics",
         headers={"Authorization": f"Bearer {SECRETS['RELAY_DASHBOARD_TOKEN']}"},
     )
     text = urllib.request.urlopen(request, timeout=10).read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = prometheus_samples(text)
     assert samples[("relay_buffer_acked_total", ())] == STEPS * BATCH
     assert samples[("relay_learner_step", ())] == STEPS
     assert {dict(labels)["actor"] for name, labels in samples if name == "relay_actor_version"} == {
@@ -177,8 +173,6 @@ def check_dashboard_metrics(port: int) -> set[str]:
 
 def check_prometheus_scraped(port: int) -> None:
     """Prometheus scraped the dashboard with the token and holds the run's figures."""
-    import time
-
     query = urllib.parse.urlencode({"query": "relay_buffer_acked_total"})
     deadline = time.monotonic() + 60
     while True:

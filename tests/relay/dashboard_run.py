@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from buffer.replay_buffer import ReplayBuffer
 from tests.buffer.factories import versioned_group
 
@@ -52,3 +54,12 @@ def fill_known_run(buffer: ReplayBuffer) -> None:
         buffer.set_health(actor_id, health)
     for record in LEARNER_STEPS:
         buffer.record_metrics("learner", record)
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """`/metrics` text read with Prometheus' own parser: (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

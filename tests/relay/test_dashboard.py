@@ -9,7 +9,6 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from buffer.replay_buffer import ReplayBuffer
 from relay.cli import main
@@ -22,6 +21,7 @@ from tests.relay.dashboard_run import (
     READY_STALENESS,
     SAMPLED_STALENESS,
     fill_known_run,
+    prometheus_samples,
 )
 
 
@@ -97,11 +97,7 @@ def test_learner_history_is_merged_without_repeats(known_buffer: ReplayBuffer) -
 def test_metrics_endpoint_parses_with_the_prometheus_parser(dashboard: Dashboard) -> None:
     status, text, headers = get(dashboard.url + "metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = prometheus_samples(text)
     assert samples[("relay_buffer_depth_groups", ())] == 3
     assert samples[("relay_learner_version", ())] == 5
     # Cumulative buckets of the ready groups' staleness {0: 2, 1: 1}.
