@@ -1,19 +1,36 @@
-"""msgpack encoding of `RolloutGroup`: arrays as raw little-endian bytes, never pickle.
+"""The wire format of `RolloutGroup`: a msgpack header, then the arrays' raw bytes.
 
-Everything read back from Redis goes through `decode_group`, which checks the schema
-version, every field's type, every array's byte length and dtype, and then the contract
-itself (`RolloutGroup.validate`). Anything wrong raises `MalformedRollout`, so the buffer
-can quarantine the entry instead of crashing the learner.
+    [u32 little-endian: header length][msgpack map: ids, scalars, per-array byte counts]
+    [the arrays' little-endian bytes, back to back]
+
+Arrays are never inside the msgpack, so decoding views them where they lie in the bytes
+Redis returned (no copy), and nothing is ever unpickled. Everything read back from Redis
+goes through `decode_groups`, which checks the framing, the schema version, every
+field's type, every array's byte length and dtype, and then the contract itself
+(`check_columns`, for the whole batch at once). Anything wrong comes back as
+`MalformedRollout` for that entry, so the buffer can quarantine it instead of crashing
+the learner.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
-from buffer.schema import SCHEMA_VERSION, FinishReason, GroupColumns, MalformedRollout, RolloutGroup
+from buffer.schema import (
+    SCHEMA_VERSION,
+    ColumnCompletions,
+    FinishReason,
+    GroupColumns,
+    MalformedRollout,
+    RolloutGroup,
+    check_columns,
+)
 
 # Little-endian on the wire whatever the host is, so actors and learners on different
 # machines agree byte for byte. Completions travel as columns: one array per field for
@@ -34,121 +51,244 @@ _ARRAYS = {
     ]
 }
 _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
+_FIELDS = ("schema", *_STRINGS, "created_at", *_ARRAYS, "finish_reasons", "verifier_details")
+_FIELD_SET = frozenset(_FIELDS)
+_REASONS = {reason.value: reason for reason in FinishReason}
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 _MAX_ENCODED_BYTES = 256 * 1024 * 1024
+_HEADER_LENGTH = struct.Struct("<I")
+
+
+class EncodedGroup(NamedTuple):
+    """A group's bytes and what the buffer indexes it by."""
+
+    payload: bytes
+    min_version: int
+    max_version: int
+    n_tokens: int
+
+
+def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
+    """Validate `groups` (all at once) and encode them; raises `MalformedRollout` naming
+    the first invalid group before anything is written."""
+    columns = []
+    for group in groups:
+        try:
+            columns.append(group.columns())
+        except MalformedRollout as error:
+            raise MalformedRollout(f"group {group.group_id!r}: {error}") from None
+    for group, error in zip(groups, check_columns(columns), strict=True):
+        if error is not None:
+            raise MalformedRollout(f"group {group.group_id!r}: {error}")
+    return [
+        EncodedGroup(
+            _pack(group, c),
+            int(c.version_values.min()),
+            int(c.version_values.max()),
+            int(c.token_ids.size),
+        )
+        for group, c in zip(groups, columns, strict=True)
+    ]
 
 
 def encode_group(group: RolloutGroup) -> bytes:
     """Validate `group` and encode it; raises `MalformedRollout` before anything is written."""
-    columns = group.columns()
-    columns.validate()
-    payload: dict[str, Any] = {"schema": SCHEMA_VERSION}
-    payload.update({name: getattr(group, name) for name in _STRINGS})
-    payload["created_at"] = float(group.created_at)
-    for name, (wire, _) in _ARRAYS.items():
-        payload[name] = np.ascontiguousarray(getattr(columns, name), dtype=wire).tobytes()
-    payload["finish_reasons"] = [reason.value for reason in columns.finish_reasons]
-    payload["verifier_details"] = [dict(details) for details in columns.verifier_details]
-    return msgpack.packb(payload, use_bin_type=True)
+    return encode_groups([group])[0].payload
 
 
-def decode_group(raw: bytes) -> RolloutGroup:
-    """Decode and validate bytes from the buffer; raises `MalformedRollout` on any defect."""
+def _pack(group: RolloutGroup, columns: GroupColumns) -> bytes:
+    fields: dict[str, Any] = {"schema": SCHEMA_VERSION}
+    fields.update({name: getattr(group, name) for name in _STRINGS})
+    fields["created_at"] = float(group.created_at)
+    # FinishReason is a str enum: msgpack writes its value.
+    fields["finish_reasons"] = columns.finish_reasons
+    fields["verifier_details"] = columns.verifier_details
+    for name, (wire, host) in _ARRAYS.items():
+        array = getattr(columns, name)
+        if host == np.bool_:
+            array = array.view(np.uint8)
+        # Columns are fresh, contiguous host arrays: no copy unless the host is big-endian.
+        fields[name] = array if array.dtype == wire else np.ascontiguousarray(array, wire)
+    return write_fields(fields)
+
+
+def write_fields(fields: dict[str, Any]) -> bytes:
+    """Frame a group's fields: bytes-like array fields go after the header, the rest in it.
+
+    The inverse of `read_fields`; `encode_group` is the way to encode a group. Tests use
+    the pair to corrupt one field of an encoded group.
+    """
+    header, arrays = {}, {}
+    for name, value in fields.items():
+        if name in _ARRAYS and isinstance(value, (bytes, bytearray, memoryview, np.ndarray)):
+            arrays[name] = memoryview(value).cast("B")
+        else:
+            header[name] = value
+    header["arrays"] = {name: view.nbytes for name, view in arrays.items()}
+    packed = msgpack.packb(header, use_bin_type=True)
+    # One copy of every array, straight into the result.
+    return b"".join([_HEADER_LENGTH.pack(len(packed)), packed, *arrays.values()])
+
+
+def read_fields(raw: object) -> dict[str, Any]:
+    """A group's fields as framed by `write_fields`: arrays are memoryviews into `raw`.
+
+    Checks the framing only (lengths add up, the header is a msgpack map without
+    extension types); `decode_groups` checks the fields.
+    """
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedRollout(f"expected bytes, got {type(raw).__name__}")
-    if len(raw) > _MAX_ENCODED_BYTES:
-        raise MalformedRollout(f"encoded group is {len(raw)} bytes, over the limit")
+    view = memoryview(raw).cast("B")
+    if view.nbytes > _MAX_ENCODED_BYTES:
+        raise MalformedRollout(f"encoded group is {view.nbytes} bytes, over the limit")
+    if view.nbytes < _HEADER_LENGTH.size:
+        raise MalformedRollout(f"{view.nbytes} bytes: too short for a rollout header")
+    (header_length,) = _HEADER_LENGTH.unpack_from(view)
+    offset = _HEADER_LENGTH.size + header_length
+    if offset > view.nbytes:
+        raise MalformedRollout(f"header of {header_length} bytes runs past the payload")
     try:
-        payload = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
+        header = msgpack.unpackb(
+            view[_HEADER_LENGTH.size : offset],
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_reject_ext,
         )
     except MalformedRollout:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         # msgpack signals truncation, extra data and bad UTF-8 with these.
-        raise MalformedRollout(f"not a msgpack rollout: {error}") from None
-    if not isinstance(payload, dict):
-        raise MalformedRollout(f"group is a {type(payload).__name__}, expected a map")
-    fields = _Fields(payload)
-    schema = fields.get("schema", int)
-    if schema != SCHEMA_VERSION:
-        raise MalformedRollout(f"schema version {schema}, this decoder reads {SCHEMA_VERSION}")
-    strings = {name: fields.get(name, str) for name in _STRINGS}
-    created_at = fields.get("created_at", float)
-    arrays = {name: _from_wire(fields.get(name, bytes), name) for name in _ARRAYS}
-    columns = GroupColumns(
+        raise MalformedRollout(f"not a rollout header: {error}") from None
+    if type(header) is not dict:
+        raise MalformedRollout(f"header is a {type(header).__name__}, expected a map")
+    sizes = header.pop("arrays", None)
+    if type(sizes) is not dict:
+        raise MalformedRollout(f"arrays is a {_kind(sizes)}, expected a map of byte counts")
+    for name, size in sizes.items():
+        if type(size) is not int or size < 0 or name in header:
+            raise MalformedRollout(f"arrays[{name!r}] is not a byte count of a new field")
+        header[name] = view[offset : offset + size]
+        offset += size
+    if offset != view.nbytes:
+        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
+    return header
+
+
+def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollout]:
+    """Decode and validate bytes from the buffer: per entry, the group or what is wrong.
+
+    The groups' contents are validated together (one pass of numpy calls for the whole
+    batch); their completions stay columns until someone reads them (`ColumnCompletions`).
+    """
+    results: list[RolloutGroup | MalformedRollout | None] = [None] * len(raws)
+    parsed: list[tuple[int, dict[str, Any], GroupColumns]] = []
+    for i, raw in enumerate(raws):
+        try:
+            header, columns = _parse(raw)
+        except MalformedRollout as error:
+            results[i] = error
+        else:
+            parsed.append((i, header, columns))
+    errors = check_columns([columns for _, _, columns in parsed])
+    for (i, header, columns), error in zip(parsed, errors, strict=True):
+        if error is not None:
+            results[i] = error
+        else:
+            results[i] = RolloutGroup(
+                **header,
+                prompt_token_ids=columns.prompt_token_ids,
+                completions=ColumnCompletions(columns),
+            )
+    return results  # type: ignore[return-value]  # every entry was filled
+
+
+def decode_group(raw: object) -> RolloutGroup:
+    """Decode and validate bytes from the buffer; raises `MalformedRollout` on any defect."""
+    (result,) = decode_groups([raw])
+    if isinstance(result, MalformedRollout):
+        raise result
+    return result
+
+
+def _parse(raw: object) -> tuple[dict[str, Any], GroupColumns]:
+    """One entry's fields, type-checked, and its arrays as views of the bytes."""
+    payload = read_fields(raw)
+    if payload.keys() != _FIELD_SET:
+        _explain_fields(payload)
+    schema = payload["schema"]
+    if type(schema) is not int or schema != SCHEMA_VERSION:
+        raise MalformedRollout(f"schema version {schema!r}, this decoder reads {SCHEMA_VERSION}")
+    header: dict[str, Any] = {}
+    for name in _STRINGS:
+        value = payload[name]
+        if type(value) is not str or not value:
+            raise MalformedRollout(f"{name} must be a non-empty string, got {_kind(value)}")
+        header[name] = value
+    created_at = payload["created_at"]
+    if type(created_at) not in (float, int) or not math.isfinite(created_at):
+        raise MalformedRollout(f"created_at is a {_kind(created_at)}, expected a finite float")
+    header["created_at"] = float(created_at)
+    arrays = {}
+    for name, (wire, host) in _ARRAYS.items():
+        value = payload[name]
+        if type(value) is not memoryview:
+            raise MalformedRollout(f"{name} is a {_kind(value)}, expected an array's bytes")
+        if value.nbytes % wire.itemsize:
+            raise MalformedRollout(
+                f"{name} has {value.nbytes} bytes, not a multiple of {wire.itemsize}"
+            )
+        # On little-endian hosts this is the host dtype: a read-only view, no copy. The
+        # loss mask's bytes are viewed as bools; values other than 0 and 1 are caught by
+        # the contract check.
+        array = np.frombuffer(value, dtype=host if wire.itemsize == 1 else wire)
+        arrays[name] = array if array.dtype == host else array.astype(host)
+    return header, GroupColumns(
         **arrays,
-        finish_reasons=_finish_reasons(fields.get("finish_reasons", list)),
-        verifier_details=_verifier_details(fields.get("verifier_details", list)),
+        finish_reasons=_finish_reasons(payload["finish_reasons"]),
+        verifier_details=_verifier_details(payload["verifier_details"]),
     )
-    fields.expect_no_more()
-    columns.validate()
-    group = RolloutGroup(
-        **strings,
-        prompt_token_ids=columns.prompt_token_ids,
-        completions=columns.completions(),
-        created_at=created_at,
-    )
-    group.validate_header()
-    return group
 
 
-def _from_wire(raw: bytes, name: str) -> np.ndarray:
-    wire, host = _ARRAYS[name]
-    if len(raw) % wire.itemsize:
-        raise MalformedRollout(f"{name} has {len(raw)} bytes, not a multiple of {wire.itemsize}")
-    array = np.frombuffer(raw, dtype=wire)
-    if name == "loss_mask":
-        if array.size and array.max() > 1:
-            raise MalformedRollout("loss_mask holds a value other than 0 or 1")
-        return array.view(np.bool_)
-    # On little-endian hosts this is the same dtype: a read-only view, no copy.
-    return array if wire == host else array.astype(host)
+def _explain_fields(payload: dict) -> None:
+    for name in _FIELDS:
+        if name not in payload:
+            raise MalformedRollout(f"{name} is missing")
+    raise MalformedRollout(f"unknown fields {sorted(map(str, payload.keys() - _FIELD_SET))}")
 
 
-def _finish_reasons(values: list) -> list[FinishReason]:
+def _kind(value: object) -> str:
+    return "empty str" if value == "" else type(value).__name__
+
+
+def _finish_reasons(values: object) -> list[FinishReason]:
+    if type(values) is not list:
+        raise MalformedRollout(f"finish_reasons is a {_kind(values)}, expected a list")
     try:
-        return [FinishReason(value) for value in values]
-    except (ValueError, TypeError):
+        return [_REASONS[value] for value in values]
+    except (KeyError, TypeError):
         raise MalformedRollout(f"finish_reasons {values!r} holds an unknown reason") from None
 
 
-def _verifier_details(values: list) -> list[dict]:
+def _verifier_details(values: object) -> list[dict]:
+    if type(values) is not list:
+        raise MalformedRollout(f"verifier_details is a {_kind(values)}, expected a list")
+    # msgpack builds exact types, so a set of types says it all in one pass.
+    if {type(details) for details in values} <= {dict} and (
+        {type(key) for details in values for key in details} <= {str}
+        and {type(value) for details in values for value in details.values()} <= _SCALARS
+    ):
+        return values
     for i, details in enumerate(values):
-        if not isinstance(details, dict):
+        if type(details) is not dict:
             raise MalformedRollout(f"completions[{i}].verifier_details is not a map")
         for key, value in details.items():
-            if not isinstance(key, str) or not isinstance(
-                value, (str, int, float, bool, type(None))
-            ):
+            if type(key) is not str or type(value) not in _SCALARS:
                 raise MalformedRollout(
                     f"completions[{i}].verifier_details[{key!r}] is not a scalar"
                 )
-    return values
+    raise AssertionError("unreachable: some detail is not a scalar")
 
 
 def _reject_ext(code: int, data: bytes) -> None:
     raise MalformedRollout(f"msgpack extension type {code} is not part of the rollout schema")
-
-
-class _Fields:
-    """Typed access to the decoded msgpack map that names the offending field in errors."""
-
-    def __init__(self, payload: dict) -> None:
-        self.payload = payload
-        self.seen: set[str] = set()
-
-    def get(self, key: str, kind: type) -> Any:
-        if key not in self.payload:
-            raise MalformedRollout(f"{key} is missing")
-        value = self.payload[key]
-        self.seen.add(key)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise MalformedRollout(f"{key} is a {type(value).__name__}, expected {kind.__name__}")
-        return value
-
-    def expect_no_more(self) -> None:
-        extra = set(self.payload) - self.seen
-        if extra:
-            raise MalformedRollout(f"unknown fields {sorted(extra)}")

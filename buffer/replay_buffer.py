@@ -25,7 +25,7 @@ from importlib import resources
 import msgpack
 import redis
 
-from buffer.codec import decode_group, encode_group
+from buffer.codec import EncodedGroup, decode_groups, encode_groups
 from buffer.config import BufferConfig
 from buffer.schema import MalformedRollout, RolloutGroup
 
@@ -173,17 +173,15 @@ class ReplayBuffer:
         A group whose id is stored, or was acked within `dedup_window_s`, is not stored
         again, so a producer may safely retry a put whose reply it did not see.
         """
-        encoded = [encode_group(group) for group in groups]
+        encoded = encode_groups(groups)
         leases = list(leases) or [""] * len(groups)
         pending = list(range(len(groups)))
         stored = duplicates = 0
         deadline = time.monotonic() + self.config.put_timeout_s
         wait = _POLL_S[0]
         while pending:
-            # One script call for the whole batch; safe to redo (put is idempotent per id).
-            (statuses,) = self._eval_many(
-                [("put", self._put_args(groups, encoded, leases, pending, producer_id))]
-            )
+            # One transaction for the whole batch; safe to redo (put is idempotent per id).
+            statuses = self._put_batch(encoded, groups, leases, pending, producer_id)
             full = []
             for i, status in zip(pending, statuses, strict=True):
                 if status == b"ok":
@@ -205,10 +203,33 @@ class ReplayBuffer:
                 wait = min(wait * 2, _POLL_S[1])
         return PutResult(stored, duplicates)
 
+    def _put_batch(
+        self,
+        encoded: list[EncodedGroup],
+        groups: Sequence[RolloutGroup],
+        leases: list[str],
+        indices: list[int],
+        producer: str,
+    ) -> list[bytes]:
+        """Write the payloads with SET NX and index them with put.lua, in one MULTI.
+
+        The payloads never pass through Lua (which would copy every byte twice more), and
+        MULTI makes the writes and the script one step: no client sees a payload without
+        its index, and a producer dying mid-call leaves nothing behind. EVAL, not EVALSHA,
+        because a NOSCRIPT error inside MULTI would leave the SETs done without the script;
+        Redis caches the compiled script, so EVAL costs only the source's bytes.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        for i in indices:
+            pipe.set(self.payload_key(groups[i].group_id), encoded[i].payload, nx=True)
+        args = self._put_args(encoded, groups, leases, indices, producer)
+        pipe.eval(self._sources["put"], len(self.keys), *self.keys, *args)
+        return pipe.execute()[-1]
+
     def _put_args(
         self,
+        encoded: list[EncodedGroup],
         groups: Sequence[RolloutGroup],
-        encoded: list[bytes],
         leases: list[str],
         indices: list[int],
         producer: str,
@@ -222,13 +243,12 @@ class ReplayBuffer:
             f"{self.config.key_prefix}:producer:{producer}",
         ]
         for i in indices:
-            group = groups[i]
+            entry = encoded[i]
             args += [
-                group.group_id,
-                group.min_version,
-                group.max_version,
-                encoded[i],
-                sum(c.n_tokens for c in group.completions),
+                groups[i].group_id,
+                entry.min_version,
+                entry.max_version,
+                entry.n_tokens,
                 leases[i],
             ]
         return args
@@ -294,8 +314,9 @@ class ReplayBuffer:
         entry_ids = [entry_id.decode() for entry_id in flat[0::3]]
         if not entry_ids:
             return []
-        payloads = self.client.hmget(self._key["payload"], entry_ids)
+        payloads = self.client.mget([self.payload_key(entry_id) for entry_id in entry_ids])
         groups = []
+        results = iter(decode_groups([payload for payload in payloads if payload is not None]))
         for entry_id, payload, min_version, reuse in zip(
             entry_ids, payloads, flat[1::3], flat[2::3], strict=True
         ):
@@ -303,11 +324,10 @@ class ReplayBuffer:
                 # Only a claim that outlived its visibility timeout can lose its entry.
                 log.warning("claimed entry %s vanished before it was read", entry_id)
                 continue
-            try:
-                group = decode_group(payload)
-            except MalformedRollout as error:
-                self._run("quarantine", entry_id, token, str(error)[:500])
-                log.warning("quarantined buffer entry %s: %s", entry_id, error)
+            group = next(results)
+            if isinstance(group, MalformedRollout):
+                self._run("quarantine", entry_id, token, str(group)[:500])
+                log.warning("quarantined buffer entry %s: %s", entry_id, group)
                 continue
             groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
@@ -426,6 +446,10 @@ class ReplayBuffer:
     def key(self, name: str) -> str:
         """The Redis key of one of the buffer's structures (for stats and tests)."""
         return self._key[name]
+
+    def payload_key(self, entry_id: str) -> str:
+        """The Redis key holding one stored group's encoded bytes."""
+        return f"{self._key['payload']}:{entry_id}"
 
     def _run(self, script: str, *args: object) -> list:
         (reply,) = self._eval_many([(script, list(args))])

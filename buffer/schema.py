@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped whenever the encoded layout changes; decoders reject other versions."""
 
 MAX_TOKEN_ID = 2**31 - 1
@@ -141,7 +142,8 @@ class RolloutGroup:
     prompt_id: str
     prompt_token_ids: np.ndarray
     """int32 [P]: the prompt as the policy saw it (chat template applied)."""
-    completions: list[Completion]
+    completions: Sequence[Completion]
+    """A list when built by an actor; a `ColumnCompletions` when decoded from the buffer."""
     actor_id: str
     created_at: float
     """Unix time (s) when the group was finished and handed to the buffer."""
@@ -149,14 +151,20 @@ class RolloutGroup:
     @property
     def min_version(self) -> int:
         """Oldest policy version of any token: what staleness is measured against."""
+        if isinstance(self.completions, ColumnCompletions):
+            return int(self.completions.columns.version_values.min())
         return min(c.policy_versions.min_version for c in self.completions)
 
     @property
     def max_version(self) -> int:
+        if isinstance(self.completions, ColumnCompletions):
+            return int(self.completions.columns.version_values.max())
         return max(c.policy_versions.max_version for c in self.completions)
 
     @property
     def rewards(self) -> np.ndarray:
+        if isinstance(self.completions, ColumnCompletions):
+            return self.completions.columns.rewards
         return np.array([c.reward for c in self.completions], dtype=np.float64)
 
     def __eq__(self, other: object) -> bool:
@@ -166,7 +174,7 @@ class RolloutGroup:
         return (
             all(getattr(self, name) == getattr(other, name) for name in scalars)
             and np.array_equal(self.prompt_token_ids, other.prompt_token_ids)
-            and self.completions == other.completions
+            and list(self.completions) == list(other.completions)
         )
 
     def validate(self) -> None:
@@ -182,40 +190,88 @@ class RolloutGroup:
             raise MalformedRollout("created_at is not finite")
 
     def columns(self) -> GroupColumns:
-        """The completions' arrays concatenated: the layout that is encoded and validated."""
+        """The completions' arrays concatenated: the layout that is encoded and validated.
+
+        Checks every array's type, dtype and length on the way; the values are checked by
+        `GroupColumns.validate` (or `check_columns` for many groups at once).
+        """
         self.validate_header()
+        if isinstance(self.completions, ColumnCompletions):
+            return self.completions.columns
         if not self.completions:
             raise MalformedRollout("a group needs at least one completion")
-        for i, c in enumerate(self.completions):
-            where = f"completions[{i}]"
-            for name, dtype in _COMPLETION_DTYPES.items():
-                _check_array(f"{where}.{name}", getattr(c, name), dtype)
-            _check_array(f"{where}.policy_versions.versions", c.policy_versions.versions, np.int64)
-            _check_array(f"{where}.policy_versions.lengths", c.policy_versions.lengths, np.int32)
-            for name in ("behaviour_logprobs", "loss_mask"):
-                if getattr(c, name).size != c.token_ids.size:
-                    raise MalformedRollout(
-                        f"{where}.{name} has {getattr(c, name).size} entries "
-                        f"for {c.token_ids.size} tokens"
-                    )
-            if not isinstance(c.finish_reason, FinishReason):
-                raise MalformedRollout(f"{where}.finish_reason is not a FinishReason")
-        _check_array("prompt_token_ids", self.prompt_token_ids, np.int32)
         cs = self.completions
+        arrays = {
+            "token_ids": [c.token_ids for c in cs],
+            "behaviour_logprobs": [c.behaviour_logprobs for c in cs],
+            "loss_mask": [c.loss_mask for c in cs],
+            "policy_versions.versions": [c.policy_versions.versions for c in cs],
+            "policy_versions.lengths": [c.policy_versions.lengths for c in cs],
+        }
+        if not _arrays_well_formed(arrays, cs):
+            _check_completions(cs)
+        _check_array("prompt_token_ids", self.prompt_token_ids, np.int32)
         return GroupColumns(
             prompt_token_ids=self.prompt_token_ids,
-            completion_lengths=np.array([c.token_ids.size for c in cs], np.int32),
-            token_ids=np.concatenate([c.token_ids for c in cs]),
-            behaviour_logprobs=np.concatenate([c.behaviour_logprobs for c in cs]),
-            loss_mask=np.concatenate([c.loss_mask for c in cs]),
-            version_values=np.concatenate([c.policy_versions.versions for c in cs]),
-            version_lengths=np.concatenate([c.policy_versions.lengths for c in cs]),
-            runs_per_completion=np.array([c.policy_versions.versions.size for c in cs], np.int32),
+            completion_lengths=np.array([a.size for a in arrays["token_ids"]], np.int32),
+            token_ids=np.concatenate(arrays["token_ids"]),
+            behaviour_logprobs=np.concatenate(arrays["behaviour_logprobs"]),
+            loss_mask=np.concatenate(arrays["loss_mask"]),
+            version_values=np.concatenate(arrays["policy_versions.versions"]),
+            version_lengths=np.concatenate(arrays["policy_versions.lengths"]),
+            runs_per_completion=np.array(
+                [a.size for a in arrays["policy_versions.versions"]], np.int32
+            ),
             rewards=np.array([c.reward for c in cs], np.float64),
             generation_s=np.array([c.generation_s for c in cs], np.float64),
             finish_reasons=[c.finish_reason for c in cs],
             verifier_details=[c.verifier_details for c in cs],
         )
+
+
+_ARRAY_DTYPES = {
+    "token_ids": np.dtype(np.int32),
+    "behaviour_logprobs": np.dtype(np.float32),
+    "loss_mask": np.dtype(np.bool_),
+    "policy_versions.versions": np.dtype(np.int64),
+    "policy_versions.lengths": np.dtype(np.int32),
+}
+
+
+def _arrays_well_formed(arrays: dict[str, list], completions: Sequence[Completion]) -> bool:
+    """One pass over every completion's arrays: 1-D numpy of the contract's dtype, and
+    per-token arrays as long as the tokens. False sends the caller to the slow path that
+    names the offending completion (and accepts what is merely unusual, like a subclass)."""
+    try:
+        for name, dtype in _ARRAY_DTYPES.items():
+            if {(type(a), a.ndim, a.dtype) for a in arrays[name]} != {(np.ndarray, 1, dtype)}:
+                return False
+    except AttributeError:
+        return False
+    sizes = [a.size for a in arrays["token_ids"]]
+    return (
+        [a.size for a in arrays["behaviour_logprobs"]] == sizes
+        and [a.size for a in arrays["loss_mask"]] == sizes
+        and {type(c.finish_reason) for c in completions} == {FinishReason}
+    )
+
+
+def _check_completions(completions: Sequence[Completion]) -> None:
+    """Raise `MalformedRollout` for the first completion whose arrays break the contract."""
+    for i, c in enumerate(completions):
+        where = f"completions[{i}]"
+        for name, dtype in _COMPLETION_DTYPES.items():
+            _check_array(f"{where}.{name}", getattr(c, name), dtype)
+        _check_array(f"{where}.policy_versions.versions", c.policy_versions.versions, np.int64)
+        _check_array(f"{where}.policy_versions.lengths", c.policy_versions.lengths, np.int32)
+        for name in ("behaviour_logprobs", "loss_mask"):
+            if getattr(c, name).size != c.token_ids.size:
+                raise MalformedRollout(
+                    f"{where}.{name} has {getattr(c, name).size} entries "
+                    f"for {c.token_ids.size} tokens"
+                )
+        if not isinstance(c.finish_reason, FinishReason):
+            raise MalformedRollout(f"{where}.finish_reason is not a FinishReason")
 
 
 _COMPLETION_DTYPES = {
@@ -275,10 +331,16 @@ class GroupColumns:
                 )
         if self.token_ids.min() < 0:
             self._fail(lengths, self.token_ids < 0, "token_ids has a negative token id")
-        sampled = self.behaviour_logprobs[self.loss_mask]
-        if sampled.size and not np.isfinite(sampled.sum()):
-            bad = self.loss_mask & ~np.isfinite(self.behaviour_logprobs)
+        if self.loss_mask.view(np.uint8).max() > 1:
+            self._fail(
+                lengths,
+                self.loss_mask.view(np.uint8) > 1,
+                "loss_mask holds a value other than 0 or 1",
+            )
+        bad = self.loss_mask & ~np.isfinite(self.behaviour_logprobs)
+        if bad.any():
             self._fail(lengths, bad, "behaviour_logprobs has NaN or inf on sampled tokens")
+        sampled = self.behaviour_logprobs[self.loss_mask]
         if sampled.size and sampled.max() > LOGPROB_TOLERANCE:
             bad = self.loss_mask & (self.behaviour_logprobs > LOGPROB_TOLERANCE)
             self._fail(
@@ -314,6 +376,23 @@ class GroupColumns:
                 f"completions[{i}].generation_s must be a finite non-negative number"
             )
 
+    def sizes_agree(self) -> bool:
+        """The checks of `validate` that need only the arrays' sizes (no numpy calls)."""
+        n = self.completion_lengths.size
+        n_tokens = self.token_ids.size
+        return (
+            self.prompt_token_ids.size > 0
+            and n > 0
+            and self.runs_per_completion.size == n
+            and self.rewards.size == n
+            and self.generation_s.size == n
+            and len(self.finish_reasons) == n
+            and len(self.verifier_details) == n
+            and self.behaviour_logprobs.size == n_tokens
+            and self.loss_mask.size == n_tokens
+            and self.version_lengths.size == self.version_values.size
+        )
+
     @staticmethod
     def _fail(sizes: np.ndarray, bad: np.ndarray, message: str) -> None:
         """Raise for the completion holding the first bad element; `sizes`: its elements each."""
@@ -345,6 +424,121 @@ class GroupColumns:
             )
             token_start, run_start = token_end, run_end
         return out
+
+
+def check_columns(groups: Sequence[GroupColumns]) -> list[MalformedRollout | None]:
+    """Validate many groups at once: what is wrong with each, or None where it is valid.
+
+    The same contract as `GroupColumns.validate`, checked on the groups' columns
+    concatenated: a few numpy calls for the whole batch instead of a few dozen per group,
+    which is what decoding a sampled batch costs otherwise. Only when something is wrong
+    are the groups checked one by one, to say which group and which completion.
+    """
+    if all(g.sizes_agree() for g in groups) and all(map(_values_valid, _chunks(groups))):
+        return [None] * len(groups)
+    errors: list[MalformedRollout | None] = []
+    for columns in groups:
+        try:
+            columns.validate()
+        except MalformedRollout as error:
+            errors.append(error)
+        else:
+            errors.append(None)
+    return errors
+
+
+_CHUNK_TOKENS = 131072
+"""Groups are concatenated for checking until a chunk holds this many tokens: enough to
+amortise numpy's per-call cost, and no copying of groups that are big on their own."""
+
+
+def _chunks(groups: Sequence[GroupColumns]) -> Iterator[Sequence[GroupColumns]]:
+    start, tokens = 0, 0
+    for end, columns in enumerate(groups, 1):
+        tokens += columns.token_ids.size
+        if tokens >= _CHUNK_TOKENS:
+            yield groups[start:end]
+            start, tokens = end, 0
+    if start < len(groups):
+        yield groups[start:]
+
+
+def _values_valid(groups: Sequence[GroupColumns]) -> bool:
+    """`GroupColumns.validate` of groups whose sizes agree, as one pass over all of them."""
+    if len(groups) == 1:
+        (g,) = groups
+        columns = [getattr(g, name) for name in _NUMERIC_COLUMNS]
+    else:
+        columns = [np.concatenate([getattr(g, name) for g in groups]) for name in _NUMERIC_COLUMNS]
+    prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = columns
+    if prompts.min() < 0 or lengths.min() <= 0 or runs.min() <= 0:
+        return False
+    # Each group's completions cover exactly its tokens and runs.
+    per_group = [g.completion_lengths.size for g in groups]
+    starts = np.cumsum(per_group) - per_group
+    if not np.array_equal(
+        np.add.reduceat(lengths, starts, dtype=np.int64), [g.token_ids.size for g in groups]
+    ) or not np.array_equal(
+        np.add.reduceat(runs, starts, dtype=np.int64), [g.version_values.size for g in groups]
+    ):
+        return False
+    if tokens.min() < 0 or mask.view(np.uint8).max() > 1:
+        return False
+    sampled = logprobs[mask]
+    # NaN fails both comparisons.
+    if sampled.size and not (sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE):
+        return False
+    if values.min() < 0 or run_lengths.min() <= 0:
+        return False
+    run_starts = np.cumsum(runs, dtype=np.int64) - runs
+    if not np.array_equal(np.add.reduceat(run_lengths, run_starts, dtype=np.int64), lengths):
+        return False
+    return bool(
+        rewards.min() > -np.inf
+        and rewards.max() < np.inf
+        and seconds.min() >= 0
+        and seconds.max() < np.inf
+    )
+
+
+_NUMERIC_COLUMNS = (
+    "prompt_token_ids", "completion_lengths", "token_ids", "behaviour_logprobs", "loss_mask",
+    "version_values", "version_lengths", "runs_per_completion", "rewards", "generation_s",
+)  # fmt: skip
+
+
+class ColumnCompletions(Sequence[Completion]):
+    """The completions of a group decoded from the buffer, kept as its columns.
+
+    The learner reads the columns; `Completion` objects (views into the columns) are
+    built on first use, so decoding a batch does not pay for objects nobody reads.
+    """
+
+    __slots__ = ("_built", "columns")
+
+    def __init__(self, columns: GroupColumns) -> None:
+        self.columns = columns
+        self._built: list[Completion] | None = None
+
+    def _completions(self) -> list[Completion]:
+        if self._built is None:
+            self._built = self.columns.completions()
+        return self._built
+
+    def __len__(self) -> int:
+        return int(self.columns.completion_lengths.size)
+
+    def __getitem__(self, index: int) -> Completion:  # type: ignore[override]
+        return self._completions()[index]
+
+    def __iter__(self) -> Iterator[Completion]:
+        return iter(self._completions())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"ColumnCompletions({len(self)} completions)"
 
 
 def _check_array(name: str, array: object, dtype: type) -> None:

@@ -20,17 +20,25 @@ local function call_chunked(command, key, items)
   end
 end
 
+-- Each group's encoded bytes are a string key of their own, so that `put` can write them
+-- with plain SETs (never copied through Lua) and `sample` can read them with MGET.
+local function payload_key(id)
+  return K_PAYLOAD .. ':' .. id
+end
+
 -- Forget stored groups entirely: payloads, indexes, byte and version counts.
 local function remove_entries(ids)
   if #ids == 0 then return end
   local versions = redis.call('ZMSCORE', K_LIVE, unpack(ids))
   local freed = 0
   local per_version = {}
+  local keys = {}
   for i, id in ipairs(ids) do
-    freed = freed + redis.call('HSTRLEN', K_PAYLOAD, id)
+    keys[i] = payload_key(id)
+    freed = freed + redis.call('STRLEN', keys[i])
     if versions[i] then per_version[versions[i]] = (per_version[versions[i]] or 0) + 1 end
   end
-  call_chunked('HDEL', K_PAYLOAD, ids)
+  for i = 1, #keys, 512 do redis.call('DEL', unpack(keys, i, math.min(i + 511, #keys))) end
   call_chunked('ZREM', K_READY, ids)
   call_chunked('ZREM', K_LIVE, ids)
   call_chunked('HDEL', K_REUSE, ids)

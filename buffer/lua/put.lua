@@ -1,6 +1,8 @@
--- Store a batch of encoded groups. ARGV: producer, capacity_groups, capacity_bytes,
--- overflow ('block'|'drop_oldest'), dedup_window_ms, producer_key, then six values per
--- group: id, min_version, max_version, payload, n_tokens, lease ('' without admission).
+-- Index a batch of groups whose bytes the same MULTI transaction has just written with
+-- SET NX to their payload keys (so payloads never pass through Lua). ARGV: producer,
+-- capacity_groups, capacity_bytes, overflow ('block'|'drop_oldest'), dedup_window_ms,
+-- producer_key, then five values per group: id, min_version, max_version, n_tokens,
+-- lease ('' without admission).
 -- Returns one status per group: 'ok', 'duplicate' or 'full' (that group not written).
 local producer, capacity_groups, capacity_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local overflow, dedup_window_ms, producer_key = ARGV[4], tonumber(ARGV[5]), ARGV[6]
@@ -16,19 +18,26 @@ local function fits(size)
   return stored_groups + 1 <= capacity_groups and stored_bytes + size <= capacity_bytes
 end
 
-for i = 7, #ARGV, 6 do
-  local id, min_version, version, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  local n_tokens, lease = tonumber(ARGV[i + 4]), ARGV[i + 5]
-  local size = #payload
+for i = 7, #ARGV, 5 do
+  local id, min_version, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local n_tokens, lease = tonumber(ARGV[i + 3]), ARGV[i + 4]
+  local key = payload_key(id)
   local status = 'ok'
   -- A retried put of a group that is stored, or was acked recently, is not stored twice.
-  if redis.call('HEXISTS', K_PAYLOAD, id) == 1 or redis.call('ZSCORE', K_ACKED, id) then
+  -- A stored group's bytes were left alone by SET NX; a tombstoned one's were just written.
+  if redis.call('ZSCORE', K_LIVE, id) then
     status = 'duplicate'
+  elseif redis.call('ZSCORE', K_ACKED, id) then
+    status = 'duplicate'
+    redis.call('DEL', key)
+  end
+  if status == 'duplicate' then
     duplicates = duplicates + 1
     if lease ~= '' and redis.call('ZREM', K_LEASES, lease) == 1 then
       returned_leases = returned_leases + 1
     end
   else
+    local size = redis.call('STRLEN', key)
     -- Evict the oldest ready groups when allowed (never claimed ones: a learner has them).
     while not fits(size) and overflow == 'drop_oldest' do
       local oldest = redis.call('ZRANGE', K_READY, 0, 0)
@@ -40,8 +49,8 @@ for i = 7, #ARGV, 6 do
     end
     if not fits(size) then
       status = 'full'
+      redis.call('DEL', key)
     else
-      redis.call('HSET', K_PAYLOAD, id, payload)
       redis.call('ZADD', K_READY, min_version, id)
       redis.call('ZADD', K_LIVE, min_version, id)
       redis.call('HINCRBY', K_VCOUNT, min_version, 1)

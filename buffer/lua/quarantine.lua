@@ -2,7 +2,7 @@
 -- ARGV: id, token, reason. Returns 1 when quarantined, 0 when the claim was not ours.
 local id, token, reason = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HGET', K_CLAIM_TOKEN, id) ~= token then return 0 end
-local payload = redis.call('HGET', K_PAYLOAD, id) or ''
+local payload = redis.call('GET', payload_key(id)) or ''
 redis.call('ZREM', K_CLAIMED, id)
 redis.call('HDEL', K_CLAIM_TOKEN, id)
 remove_entries({id})

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buffer.codec import decode_group, encode_group
+from buffer.codec import decode_group, encode_group, read_fields, write_fields
 from buffer.schema import SCHEMA_VERSION, MalformedRollout, RolloutGroup
 from tests.buffer.factories import make_completion, make_group
 from tests.buffer.strategies import rollout_groups
@@ -26,13 +26,22 @@ def test_round_trip(group: RolloutGroup) -> None:
 
 @given(rollout_groups())
 def test_arrays_are_little_endian_columns(group: RolloutGroup) -> None:
-    payload = msgpack.unpackb(encode_group(group))
+    raw = encode_group(group)
+    payload = read_fields(raw)
     assert payload["schema"] == SCHEMA_VERSION
     assert payload["prompt_token_ids"] == group.prompt_token_ids.astype("<i4").tobytes()
     logprobs = np.concatenate([c.behaviour_logprobs for c in group.completions])
     assert payload["behaviour_logprobs"] == logprobs.astype("<f4").tobytes()
     lengths = [c.n_tokens for c in group.completions]
     assert payload["completion_lengths"] == np.array(lengths, "<i4").tobytes()
+    # The header is msgpack (no arrays inside); the arrays follow it back to back.
+    header_length = int.from_bytes(raw[:4], "little")
+    header = msgpack.unpackb(raw[4 : 4 + header_length])
+    assert "token_ids" not in header and "run_id" in header
+    assert len(raw) == 4 + header_length + sum(header["arrays"].values())
+    # Decoded arrays are views into the bytes Redis returned, not copies.
+    decoded = decode_group(raw).completions[0].token_ids
+    assert not decoded.flags.owndata and not decoded.flags.writeable
 
 
 @given(rollout_groups(), st.data())
@@ -70,9 +79,9 @@ def test_pickle_is_never_unpickled() -> None:
 
 
 def _reencode(mutate: object) -> bytes:
-    payload = msgpack.unpackb(encode_group(make_group()))
+    payload = read_fields(encode_group(make_group()))
     mutate(payload)
-    return msgpack.packb(payload, use_bin_type=True)
+    return write_fields(payload)
 
 
 def _i4(*values: int) -> bytes:
@@ -103,11 +112,35 @@ def _i4(*values: int) -> bytes:
         (lambda p: p.update(verifier_details=[{"x": [1]}]), "not a scalar"),
         (lambda p: p.update(version_lengths=_i4(9)), r"completions\[0\].policy_versions covers 9"),
         (lambda p: p.update(runs_per_completion=_i4(2)), "mismatched or empty runs"),
+        (lambda p: p.update(token_ids=7), "token_ids is a int, expected an array's bytes"),
+        (lambda p: p.pop("rewards"), "rewards is missing"),
     ],
 )
 def test_decoder_names_what_is_wrong(mutate: object, message: str) -> None:
     with pytest.raises(MalformedRollout, match=message):
         decode_group(_reencode(mutate))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x01\x00", "too short"),
+        (b"\xff\xff\x00\x00{}", "runs past the payload"),
+        (b"\x01\x00\x00\x00\x90", "header is a list"),
+        (b"\x01\x00\x00\x00\x80", "arrays is a NoneType"),
+    ],
+)
+def test_framing_errors_are_named(raw: bytes, message: str) -> None:
+    with pytest.raises(MalformedRollout, match=message):
+        decode_group(raw)
+
+
+def test_arrays_must_fill_the_payload_exactly() -> None:
+    raw = encode_group(make_group())
+    with pytest.raises(MalformedRollout, match="arrays need"):
+        decode_group(raw + b"\x00")
+    with pytest.raises(MalformedRollout, match="arrays need"):
+        decode_group(raw[:-1])
 
 
 def test_encode_refuses_an_invalid_group() -> None:

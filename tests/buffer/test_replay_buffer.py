@@ -10,11 +10,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
-from buffer.codec import encode_group
+from buffer.codec import encode_group, read_fields, write_fields
 from buffer.config import RedisServerConfig
 from buffer.replay_buffer import BufferFull, ReplayBuffer
 from buffer.server import RedisServer, RedisServerError
@@ -166,15 +165,15 @@ def test_garbage_pickle_and_nan_entries_are_quarantined_not_executed(
 ) -> None:
     buffer = make_buffer()
     _Exploit.marker = tmp_path / "pwned"
-    nan_reward = msgpack.unpackb(encode_group(versioned_group("nan", 0)))
+    nan_reward = read_fields(encode_group(versioned_group("nan", 0)))
     nan_reward["rewards"] = np.array([float("nan"), 1.0]).tobytes()
     planted = {
         "garbage": os.urandom(64),
         "pickle": pickle.dumps(_Exploit()),
-        "nan": msgpack.packb(nan_reward, use_bin_type=True),
+        "nan": write_fields(nan_reward),
     }
     for entry_id, payload in planted.items():  # written straight into the keys
-        buffer.client.hset(buffer.key("payload"), entry_id, payload)
+        buffer.client.set(buffer.payload_key(entry_id), payload)
         buffer.client.zadd(buffer.key("ready"), {entry_id: 0})
         buffer.client.zadd(buffer.key("live"), {entry_id: 0})
     buffer.put([versioned_group("good", 0)], "actor-0")
@@ -343,7 +342,7 @@ def test_a_quarantined_group_frees_its_admission(make_buffer: object) -> None:
     buffer = make_buffer(max_staleness=0, groups_per_version=1)
     _, leases = buffer.reserve("actor-0", 1)
     buffer.put([versioned_group("doomed", 0)], "actor-0", leases)
-    buffer.client.hset(buffer.key("payload"), "doomed", b"\x00garbage")  # corrupted at rest
+    buffer.client.set(buffer.payload_key("doomed"), b"\x00garbage")  # corrupted at rest
     assert buffer.reserve("actor-0", 1)[1] == []  # the budget for version 0 is spent
     assert buffer.sample(1, timeout_s=0.2).groups == []  # quarantined, never trained...
     _, leases = buffer.reserve("actor-0", 1)  # ...so its slot comes back
