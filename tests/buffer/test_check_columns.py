@@ -1,0 +1,129 @@
+"""Whole-batch validation agrees with validating each group on its own (property tests).
+
+`check_columns` checks many groups' columns concatenated, and only falls back to
+`GroupColumns.validate` one group at a time when something is wrong. A corruption the
+batch check missed would hand a malformed group to the learner, so every kind of value
+corruption is tried at random positions in random batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from buffer.codec import decode_groups, encode_groups
+from buffer.schema import ColumnCompletions, GroupColumns, MalformedRollout, check_columns
+from tests.buffer.factories import versioned_group
+from tests.buffer.strategies import rollout_groups
+
+
+def _corrupt(columns: GroupColumns, kind: str, position: int) -> GroupColumns:
+    """A copy of `columns` with one value broken; sizes stay consistent."""
+
+    def at(array: np.ndarray) -> int:
+        return position % array.size
+
+    changes: dict[str, np.ndarray] = {}
+    if kind == "negative_token":
+        changes["token_ids"] = columns.token_ids.copy()
+        changes["token_ids"][at(columns.token_ids)] = -1
+    elif kind == "negative_prompt_token":
+        changes["prompt_token_ids"] = columns.prompt_token_ids.copy()
+        changes["prompt_token_ids"][at(columns.prompt_token_ids)] = -7
+    elif kind == "mask_byte":
+        mask = columns.loss_mask.view(np.uint8).copy()
+        mask[at(mask)] = 2
+        changes["loss_mask"] = mask.view(np.bool_)
+    elif kind in ("nan_logprob", "positive_logprob", "inf_logprob"):
+        logprobs, mask = columns.behaviour_logprobs.copy(), columns.loss_mask.copy()
+        k = at(logprobs)
+        mask[k] = True  # only sampled tokens are checked
+        logprobs[k] = {"nan_logprob": np.nan, "positive_logprob": 0.5, "inf_logprob": -np.inf}[kind]
+        changes.update(behaviour_logprobs=logprobs, loss_mask=mask)
+    elif kind == "negative_version":
+        changes["version_values"] = columns.version_values.copy()
+        changes["version_values"][at(columns.version_values)] = -1
+    elif kind == "run_too_long":
+        changes["version_lengths"] = columns.version_lengths.copy()
+        changes["version_lengths"][at(columns.version_lengths)] += 1
+    elif kind == "empty_run":
+        changes["version_lengths"] = columns.version_lengths.copy()
+        changes["version_lengths"][at(columns.version_lengths)] = 0
+    elif kind == "lengths_shifted":
+        lengths = columns.completion_lengths.copy()
+        lengths[at(lengths)] += 1
+        changes["completion_lengths"] = lengths
+    elif kind == "runs_shifted":
+        runs = columns.runs_per_completion.copy()
+        runs[at(runs)] += 1
+        changes["runs_per_completion"] = runs
+    elif kind in ("nan_reward", "inf_reward"):
+        changes["rewards"] = columns.rewards.copy()
+        changes["rewards"][at(columns.rewards)] = np.nan if kind == "nan_reward" else np.inf
+    elif kind == "negative_generation_s":
+        changes["generation_s"] = columns.generation_s.copy()
+        changes["generation_s"][at(columns.generation_s)] = -1.0
+    return dataclasses.replace(columns, **changes)
+
+
+_KINDS = [
+    "negative_token", "negative_prompt_token", "mask_byte", "nan_logprob",
+    "positive_logprob", "inf_logprob", "negative_version", "run_too_long", "empty_run",
+    "lengths_shifted", "runs_shifted", "nan_reward", "inf_reward", "negative_generation_s",
+]  # fmt: skip
+
+
+def _valid_alone(columns: GroupColumns) -> bool:
+    try:
+        columns.validate()
+    except MalformedRollout:
+        return False
+    return True
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(rollout_groups(), min_size=1, max_size=5),
+    st.lists(st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))),
+)
+def test_batch_check_finds_every_group_that_fails_alone(
+    groups: list, corruptions: list[tuple[int, str, int]]
+) -> None:
+    batch = [group.columns() for group in groups]
+    for index, kind, position in corruptions:
+        if index < len(batch):
+            batch[index] = _corrupt(batch[index], kind, position)
+    errors = check_columns(batch)
+    assert [error is None for error in errors] == [_valid_alone(c) for c in batch]
+    for error, columns in zip(errors, batch, strict=True):
+        if error is not None:  # the same message as checking the group alone
+            try:
+                columns.validate()
+            except MalformedRollout as alone:
+                assert str(alone) == str(error)
+
+
+@given(st.lists(rollout_groups(), min_size=1, max_size=6))
+def test_a_batch_decodes_to_the_groups_with_lazy_completions(groups: list) -> None:
+    decoded = decode_groups([encoded.payload for encoded in encode_groups(groups)])
+    assert decoded == groups
+    for group, original in zip(decoded, groups, strict=True):
+        assert isinstance(group.completions, ColumnCompletions)
+        assert (group.min_version, group.max_version) == (
+            original.min_version,
+            original.max_version,
+        )
+        assert group.rewards.tolist() == original.rewards.tolist()
+        assert len(group.completions) == len(original.completions)
+
+
+def test_one_bad_entry_in_a_batch_is_reported_alone() -> None:
+    groups = [versioned_group(f"g{i}", version=i) for i in range(3)]
+    payloads = [encoded.payload for encoded in encode_groups(groups)]
+    payloads[1] = b"\x00garbage"
+    decoded = decode_groups(payloads)
+    assert isinstance(decoded[1], MalformedRollout)
+    assert decoded[0] == groups[0] and decoded[2] == groups[2]
