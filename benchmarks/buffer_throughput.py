@@ -282,7 +282,11 @@ def main() -> None:
             "automatic AOF rewrites off while measuring (compacted between runs)"
         ),
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
-        "client": "redis-py, one connection, batches of 16 groups",
+        "client": (
+            f"redis-py {redis.__version__}"
+            f"{' with hiredis' if redis.utils.HIREDIS_AVAILABLE else ''}, "
+            "one connection, batches of 16 groups"
+        ),
         "repeats": args.repeats,
         "statistic": "median over repeats (each ratio's runs listed beside it)",
         "sizes": results,
