@@ -50,6 +50,17 @@ _ARRAYS = {
         ("generation_s", "<f8", np.float64),
     ]
 }
+# How each array is viewed in the bytes: on little-endian hosts as the host dtype itself,
+# a read-only view with no copy (host None); big-endian hosts convert. The loss mask's
+# bytes are viewed as bools; values other than 0 and 1 are caught by the contract check.
+_VIEWS = [
+    (
+        name,
+        host if wire.itemsize == 1 else wire,
+        None if wire == host or wire.itemsize == 1 else host,
+    )
+    for name, (wire, host) in _ARRAYS.items()
+]
 _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
 _FIELDS = ("schema", *_STRINGS, "created_at", *_ARRAYS, "finish_reasons", "verifier_details")
 _FIELD_SET = frozenset(_FIELDS)
@@ -230,19 +241,16 @@ def _parse(raw: object) -> tuple[dict[str, Any], GroupColumns]:
         raise MalformedRollout(f"created_at is a {_kind(created_at)}, expected a finite float")
     header["created_at"] = float(created_at)
     arrays = {}
-    for name, (wire, host) in _ARRAYS.items():
+    for name, view_dtype, host in _VIEWS:
         value = payload[name]
         if type(value) is not memoryview:
             raise MalformedRollout(f"{name} is a {_kind(value)}, expected an array's bytes")
-        if value.nbytes % wire.itemsize:
+        if value.nbytes % view_dtype.itemsize:
             raise MalformedRollout(
-                f"{name} has {value.nbytes} bytes, not a multiple of {wire.itemsize}"
+                f"{name} has {value.nbytes} bytes, not a multiple of {view_dtype.itemsize}"
             )
-        # On little-endian hosts this is the host dtype: a read-only view, no copy. The
-        # loss mask's bytes are viewed as bools; values other than 0 and 1 are caught by
-        # the contract check.
-        array = np.frombuffer(value, dtype=host if wire.itemsize == 1 else wire)
-        arrays[name] = array if array.dtype == host else array.astype(host)
+        array = np.frombuffer(value, dtype=view_dtype)
+        arrays[name] = array if host is None else array.astype(host)
     return header, GroupColumns(
         **arrays,
         finish_reasons=_finish_reasons(payload["finish_reasons"]),
