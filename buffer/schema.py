@@ -447,15 +447,24 @@ def check_columns(groups: Sequence[GroupColumns]) -> list[MalformedRollout | Non
     return errors
 
 
-_CHUNK_TOKENS = 131072
-"""Groups are concatenated for checking until a chunk holds this many tokens: enough to
-amortise numpy's per-call cost, and no copying of groups that are big on their own."""
+_CHUNK_TOKENS = 65536
+"""Small groups are concatenated for checking until a chunk holds this many tokens: enough
+to amortise numpy's per-call cost. Groups of `_ALONE_TOKENS` or more are checked alone:
+copying them costs more than the calls it saves (measured: 4x slower for 8 x 4,096)."""
+_ALONE_TOKENS = 16384
 
 
 def _chunks(groups: Sequence[GroupColumns]) -> Iterator[Sequence[GroupColumns]]:
     start, tokens = 0, 0
     for end, columns in enumerate(groups, 1):
-        tokens += columns.token_ids.size
+        size = columns.token_ids.size
+        if size >= _ALONE_TOKENS:
+            if start < end - 1:
+                yield groups[start : end - 1]
+            yield groups[end - 1 : end]
+            start, tokens = end, 0
+            continue
+        tokens += size
         if tokens >= _CHUNK_TOKENS:
             yield groups[start:end]
             start, tokens = end, 0
@@ -484,7 +493,8 @@ def _values_valid(groups: Sequence[GroupColumns]) -> bool:
         return False
     if tokens.min() < 0 or mask.view(np.uint8).max() > 1:
         return False
-    sampled = logprobs[mask]
+    # Single-turn completions are sampled throughout: no copy of the log-probs then.
+    sampled = logprobs if mask.all() else logprobs[mask]
     # NaN fails both comparisons.
     if sampled.size and not (sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE):
         return False
