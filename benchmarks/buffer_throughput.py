@@ -27,7 +27,7 @@ import redis
 
 from buffer.codec import decode_groups, encode_group
 from buffer.config import BufferConfig, RedisServerConfig
-from buffer.replay_buffer import ReplayBuffer
+from buffer.replay_buffer import HeldBatch, ReplayBuffer
 from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
 from buffer.server import RedisServer
 
@@ -161,8 +161,8 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
     sample_s = time.perf_counter() - started
 
     # Where sample+ack time goes: decoding and validating alone (batches of BATCH, as
-    # `sample` does), and the buffer's transport alone (claim + MGET of the bytes + ack,
-    # as `sample` does, no decoding).
+    # `sample` does), and the buffer's transport alone (the round trip `sample` makes:
+    # ack the previous batch, claim, read the bytes; no decoding).
     started = time.perf_counter()
     for i in range(0, n_groups, BATCH):
         decode_groups(encoded[i : i + BATCH])
@@ -170,17 +170,14 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
     # A fresh prefix: the first pass's acks would refuse these group ids as retries.
     transport = ReplayBuffer(client, config.model_copy(update={"key_prefix": f"transport-{name}"}))
     transport.put(groups, "bench")
-    visibility_ms = int(config.visibility_timeout_s * 1000)
-    claim = ("sample", [BATCH, 1, config.max_staleness, visibility_ms, "bench", ""])
     started = time.perf_counter()
     taken = 0
-    ids: list = []
+    previous = None
     while taken < n_groups:
-        *_, reply = transport._eval_many([("ack", ["bench", 0, *ids]), claim] if ids else [claim])
-        ids = [entry_id.decode() for entry_id in reply[1::3]]
-        transport.client.mget([transport.payload_key(entry_id) for entry_id in ids])
-        taken += len(ids)
-    transport._run("ack", "bench", 0, *ids)
+        _, reply, _ = transport._claim(BATCH, 1, "bench", "", previous)
+        previous = HeldBatch("bench", [entry_id.decode() for entry_id in reply[1::3]])
+        taken += len(previous.entry_ids)
+    transport.commit("bench", [previous])
     transport_s = time.perf_counter() - started
 
     mb = payload_bytes / 1e6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class BufferConfig(BaseModel):
@@ -15,7 +15,8 @@ class BufferConfig(BaseModel):
     url: str | None = None
     """redis:// or rediss:// (TLS) URL with password; None starts an embedded redis-server."""
     key_prefix: str = Field("relay", min_length=1)
-    """Namespace of every key; actors and learner of one experiment must share it."""
+    """Namespace of every key; actors and learner of one experiment must share it (no `*`:
+    `sample` reads payloads with a key pattern)."""
     max_staleness: int = Field(4, ge=0)
     """Learner version minus the oldest token version a trained group may have."""
     admission_control: bool = True
@@ -38,6 +39,13 @@ class BufferConfig(BaseModel):
     """Extra times a group may be trained on (deliberate off-policy replay); 0 = once."""
     dedup_window_s: float = Field(3600.0, gt=0)
     """A group id acked within this window is refused if put again (producer retries)."""
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_pattern_characters(cls, prefix: str) -> str:
+        if "*" in prefix:
+            raise ValueError("must not contain '*': sample reads payloads by the key pattern")
+        return prefix
 
 
 class RedisServerConfig(BaseModel):

@@ -277,27 +277,14 @@ class ReplayBuffer:
         while True:
             missing = n_groups - len(claimed)
             # The first claim is all or nothing; replacements of quarantined entries may be partial.
-            calls = [
-                (
-                    "sample",
-                    [
-                        missing,
-                        missing if not claimed else 1,
-                        self.config.max_staleness,
-                        int(self.config.visibility_timeout_s * 1000),
-                        token,
-                        hold_as or "",
-                    ],
-                )
-            ]
-            if ack is not None and previous_ack is None and ack.groups:
-                calls.insert(0, self._ack_call(ack))
-                ack_reply, reply = self._eval_many(calls)
+            ack_now = ack if ack is not None and previous_ack is None and ack.groups else None
+            ack_reply, reply, payloads = self._claim(
+                missing, missing if not claimed else 1, token, hold_as or "", ack_now
+            )
+            if ack_reply is not None:
                 previous_ack = self._ack_result(ack_reply)
-            else:
-                (reply,) = self._eval_many(calls)
             version = int(reply[0])
-            claimed += self._decode_claims(reply[1:], version, token)
+            claimed += self._decode_claims(reply[1:], payloads, version, token)
             if len(claimed) == n_groups:
                 return Batch(token, version, claimed, previous_ack)
             if time.monotonic() >= deadline:
@@ -310,11 +297,35 @@ class ReplayBuffer:
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             wait = min(wait * 2, _POLL_S[1])
 
-    def _decode_claims(self, flat: list, version: int, token: str) -> list[SampledGroup]:
+    def _claim(
+        self, n: int, min_n: int, token: str, hold_as: str, ack: Batch | HeldBatch | None
+    ) -> tuple[list | None, list, list]:
+        """One round trip: ack `ack` (if any), claim up to `n` groups, read their payloads.
+
+        Returns the ack script's reply (None without `ack`), the sample script's reply
+        ({version, id, min_version, reuse, ...}) and the claimed payloads in claim order.
+        """
+        listed = f"{self.config.key_prefix}:listed:{token}"
+        visibility_ms = int(self.config.visibility_timeout_s * 1000)
+        claim = [n, min_n, self.config.max_staleness, visibility_ms, token, hold_as, listed]
+        calls = [("sample", claim)]
+        if ack is not None:
+            calls.insert(0, self._ack_call(ack))
+        *replies, payloads, _ = self._eval_many(
+            calls,
+            then=[
+                ("SORT", listed, "BY", "nosort", "GET", self.payload_key("*")),
+                ("DEL", listed),
+            ],
+        )
+        return (replies[0] if ack is not None else None), replies[-1], payloads
+
+    def _decode_claims(
+        self, flat: list, payloads: list, version: int, token: str
+    ) -> list[SampledGroup]:
         entry_ids = [entry_id.decode() for entry_id in flat[0::3]]
         if not entry_ids:
             return []
-        payloads = self.client.mget([self.payload_key(entry_id) for entry_id in entry_ids])
         groups = []
         results = iter(decode_groups([payload for payload in payloads if payload is not None]))
         for entry_id, payload, min_version, reuse in zip(
@@ -455,12 +466,13 @@ class ReplayBuffer:
         (reply,) = self._eval_many([(script, list(args))])
         return reply
 
-    def _eval_many(self, calls: list[tuple[str, list]]) -> list:
-        """Run scripts in one round trip with EVALSHA.
+    def _eval_many(self, calls: list[tuple[str, list]], then: Sequence[tuple] = ()) -> list:
+        """Run scripts, then the plain commands `then`, in one round trip with EVALSHA.
 
-        redis-py's Script in a pipeline adds a SCRIPT EXISTS round trip, so scripts are
-        loaded once; after a Redis restart (NOSCRIPT) they are reloaded and only the
-        calls that did not run are sent again.
+        Returns the scripts' replies followed by the commands'. redis-py's Script in a
+        pipeline adds a SCRIPT EXISTS round trip, so scripts are loaded once; after a
+        Redis restart (NOSCRIPT) they are reloaded, and the calls that did not run are
+        sent again, followed by `then` again (it reads what the scripts wrote).
         """
         replies: list = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -469,9 +481,11 @@ class ReplayBuffer:
             for i in todo:
                 name, args = calls[i]
                 pipe.evalsha(self._shas[name], len(self.keys), *self.keys, *args)
+            for command in then:
+                pipe.execute_command(*command)
             results = pipe.execute(raise_on_error=False)
             missing = []
-            for i, result in zip(todo, results, strict=True):
+            for i, result in zip(todo, results, strict=False):
                 if isinstance(result, redis.exceptions.NoScriptError) and not attempt:
                     missing.append(i)
                 elif isinstance(result, Exception):
@@ -479,7 +493,11 @@ class ReplayBuffer:
                 else:
                     replies[i] = result
             if not missing:
-                return replies
+                extra = results[len(todo) :]
+                for result in extra:
+                    if isinstance(result, Exception):
+                        raise result
+                return replies + extra
             self._load_scripts()
             todo = missing
         raise AssertionError("unreachable: scripts were reloaded")

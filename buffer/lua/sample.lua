@@ -1,12 +1,14 @@
 -- Claim up to n groups within max_staleness of the learner's version, oldest first.
--- ARGV: n, min_n, max_staleness, visibility_ms, token, hold_as. A non-empty hold_as
--- records the claim in the journal of held claims (field "hold_as|token") in the same
--- step, so a consumer that dies right after sampling leaves nothing unrecorded.
+-- ARGV: n, min_n, max_staleness, visibility_ms, token, hold_as, listed. A non-empty
+-- hold_as records the claim in the journal of held claims (field "hold_as|token") in the
+-- same step, so a consumer that dies right after sampling leaves nothing unrecorded.
 -- Returns {version, id1, min_version1, reuse1, id2, ...}; no claims when fewer than min_n
--- groups are admissible, so a waiting learner holds nothing. Payloads are fetched by the
--- client with HMGET: returning them from here would copy every payload through Lua.
+-- groups are admissible, so a waiting learner holds nothing. The claimed ids are also
+-- written, in order, to the list `listed`: the client's next command in the same round
+-- trip, SORT listed BY nosort GET <payload>:*, reads their payloads without copying them
+-- through Lua (returning them from here would), and the one after deletes the list.
 local n, min_n, max_staleness = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local visibility_ms, token, hold_as = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local visibility_ms, token, hold_as, listed = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local now = now_ms()
 local version = current_version()
 requeue_expired_claims(now)
@@ -33,6 +35,10 @@ for i = 1, #chosen, 2 do
   table.insert(tokens, token)
   staleness[lag] = (staleness[lag] or 0) + 1
 end
+redis.call('DEL', listed)
+call_chunked('RPUSH', listed, ids)
+-- Should the client never delete it (its connection dropped mid-pipeline).
+redis.call('PEXPIRE', listed, visibility_ms)
 call_chunked('ZREM', K_READY, ids)
 call_chunked('ZADD', K_CLAIMED, deadlines)
 call_chunked('HSET', K_CLAIM_TOKEN, tokens)

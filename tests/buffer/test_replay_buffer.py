@@ -409,3 +409,23 @@ def test_rates_between_two_snapshots(make_buffer: object) -> None:
     assert after.rates["acked_per_s"] == pytest.approx(4 / elapsed)
     assert after.rates["put_tokens_per_s"] == pytest.approx(60 / elapsed)
     assert after.metrics()["buffer/acked_per_s"] == pytest.approx(4 / elapsed)
+
+
+def test_sample_reads_payloads_in_the_claiming_round_trip_and_leaves_no_list(
+    make_buffer: object,
+) -> None:
+    buffer = make_buffer()
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(3)], "actor-0")
+    batch = buffer.sample(3)
+    assert sorted(g.group.group_id for g in batch.groups) == ["g0", "g1", "g2"]
+    prefix = buffer.config.key_prefix
+    assert buffer.client.keys(f"{prefix}:listed:*") == []
+    # A client whose connection dropped between the claim and its SORT leaves the list
+    # behind: it expires with the claims' visibility timeout.
+    buffer.ack(batch)
+    buffer.put([versioned_group("late", 0)], "actor-0")
+    listed = f"{prefix}:listed:orphan"
+    timeout_ms = int(buffer.config.visibility_timeout_s * 1000)
+    buffer._run("sample", 1, 1, buffer.config.max_staleness, timeout_ms, "orphan", "", listed)
+    assert buffer.client.lrange(listed, 0, -1) == [b"late"]
+    assert 0 < buffer.client.pttl(listed) <= timeout_ms

@@ -77,6 +77,7 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
             ["buffer.max_staleness=-1"],
             "buffer.max_staleness: input should be greater than or equal to 0",
         ),
+        (["buffer.key_prefix=run*1"], "buffer.key_prefix: value error, must not contain '*'"),
         (["seed"], "override 'seed' must look like section.key=value"),
         (["seed=1", "seed.x=2"], "seed is not a section"),
     ],
