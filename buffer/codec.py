@@ -30,6 +30,7 @@ from buffer.schema import (
     MalformedRollout,
     RolloutGroup,
     check_columns,
+    gather_columns,
 )
 
 # Little-endian on the wire whatever the host is, so actors and learners on different
@@ -82,13 +83,16 @@ class EncodedGroup(NamedTuple):
 def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
     """Validate `groups` (all at once) and encode them; raises `MalformedRollout` naming
     the first invalid group before anything is written."""
-    columns = []
-    for group in groups:
-        try:
-            columns.append(group.columns())
-        except MalformedRollout as error:
-            raise MalformedRollout(f"group {group.group_id!r}: {error}") from None
-    for group, error in zip(groups, check_columns(columns), strict=True):
+    try:
+        columns, joined = gather_columns(groups)
+    except MalformedRollout:
+        for group in groups:  # which group, to say so
+            try:
+                group.columns()
+            except MalformedRollout as error:
+                raise MalformedRollout(f"group {group.group_id!r}: {error}") from None
+        raise
+    for group, error in zip(groups, check_columns(columns, joined), strict=True):
         if error is not None:
             raise MalformedRollout(f"group {group.group_id!r}: {error}")
     return [

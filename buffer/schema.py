@@ -195,38 +195,86 @@ class RolloutGroup:
         Checks every array's type, dtype and length on the way; the values are checked by
         `GroupColumns.validate` (or `check_columns` for many groups at once).
         """
-        self.validate_header()
         if isinstance(self.completions, ColumnCompletions):
+            self.validate_header()
             return self.completions.columns
-        if not self.completions:
+        return gather_columns([self])[0][0]
+
+
+def gather_columns(
+    groups: Sequence[RolloutGroup],
+) -> tuple[list[GroupColumns], list[np.ndarray] | None]:
+    """Every group's completions as columns, concatenated once for all the groups.
+
+    Returns each group's `GroupColumns`, views into one array per column for the whole
+    batch, and those batch arrays for `check_columns(..., joined=...)` (None when a group
+    is already columns: a decoded group). One concatenation per column for the batch,
+    not one per group and another to check them together, is what encoding costs most.
+    Checks every array's type, dtype and length; values are checked by `check_columns`.
+    """
+    for group in groups:
+        group.validate_header()
+        if not group.completions:
             raise MalformedRollout("a group needs at least one completion")
-        cs = self.completions
-        arrays = {
-            "token_ids": [c.token_ids for c in cs],
-            "behaviour_logprobs": [c.behaviour_logprobs for c in cs],
-            "loss_mask": [c.loss_mask for c in cs],
-            "policy_versions.versions": [c.policy_versions.versions for c in cs],
-            "policy_versions.lengths": [c.policy_versions.lengths for c in cs],
-        }
-        if not _arrays_well_formed(arrays, cs):
-            _check_completions(cs)
-        _check_array("prompt_token_ids", self.prompt_token_ids, np.int32)
-        return GroupColumns(
-            prompt_token_ids=self.prompt_token_ids,
-            completion_lengths=np.array([a.size for a in arrays["token_ids"]], np.int32),
-            token_ids=np.concatenate(arrays["token_ids"]),
-            behaviour_logprobs=np.concatenate(arrays["behaviour_logprobs"]),
-            loss_mask=np.concatenate(arrays["loss_mask"]),
-            version_values=np.concatenate(arrays["policy_versions.versions"]),
-            version_lengths=np.concatenate(arrays["policy_versions.lengths"]),
-            runs_per_completion=np.array(
-                [a.size for a in arrays["policy_versions.versions"]], np.int32
-            ),
-            rewards=np.array([c.reward for c in cs], np.float64),
-            generation_s=np.array([c.generation_s for c in cs], np.float64),
-            finish_reasons=[c.finish_reason for c in cs],
-            verifier_details=[c.verifier_details for c in cs],
+        _check_array("prompt_token_ids", group.prompt_token_ids, np.int32)
+    if any(isinstance(group.completions, ColumnCompletions) for group in groups):
+        return [group.columns() for group in groups], None
+    cs = [c for group in groups for c in group.completions]
+    arrays = {
+        "token_ids": [c.token_ids for c in cs],
+        "behaviour_logprobs": [c.behaviour_logprobs for c in cs],
+        "loss_mask": [c.loss_mask for c in cs],
+        "policy_versions.versions": [c.policy_versions.versions for c in cs],
+        "policy_versions.lengths": [c.policy_versions.lengths for c in cs],
+    }
+    if not _arrays_well_formed(arrays, cs):
+        for group in groups:
+            _check_completions(group.completions)
+    token_counts = [a.size for a in arrays["token_ids"]]
+    run_counts = [a.size for a in arrays["policy_versions.versions"]]
+    batch = [
+        np.concatenate([group.prompt_token_ids for group in groups]),
+        np.array(token_counts, np.int32),
+        np.concatenate(arrays["token_ids"]),
+        np.concatenate(arrays["behaviour_logprobs"]),
+        np.concatenate(arrays["loss_mask"]),
+        np.concatenate(arrays["policy_versions.versions"]),
+        np.concatenate(arrays["policy_versions.lengths"]),
+        np.array(run_counts, np.int32),
+        np.array([c.reward for c in cs], np.float64),
+        np.array([c.generation_s for c in cs], np.float64),
+    ]  # in _NUMERIC_COLUMNS order
+    prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = batch
+    finish_reasons = [c.finish_reason for c in cs]
+    verifier_details = [c.verifier_details for c in cs]
+    out = []
+    completion = token = run = prompt = 0
+    for group in groups:
+        completion_end = completion + len(group.completions)
+        token_end = token + sum(token_counts[completion:completion_end])
+        run_end = run + sum(run_counts[completion:completion_end])
+        prompt_end = prompt + group.prompt_token_ids.size
+        at_completions = slice(completion, completion_end)
+        at_tokens = slice(token, token_end)
+        at_runs = slice(run, run_end)
+        out.append(
+            GroupColumns(
+                prompt_token_ids=prompts[prompt:prompt_end],
+                completion_lengths=lengths[at_completions],
+                token_ids=tokens[at_tokens],
+                behaviour_logprobs=logprobs[at_tokens],
+                loss_mask=mask[at_tokens],
+                version_values=values[at_runs],
+                version_lengths=run_lengths[at_runs],
+                runs_per_completion=runs[at_completions],
+                rewards=rewards[at_completions],
+                generation_s=seconds[at_completions],
+                finish_reasons=finish_reasons[at_completions],
+                verifier_details=verifier_details[at_completions],
+            )
         )
+        completion, token, run, prompt = completion_end, token_end, run_end, prompt_end
+    return out, batch
 
 
 _ARRAY_DTYPES = {
@@ -426,7 +474,9 @@ class GroupColumns:
         return out
 
 
-def check_columns(groups: Sequence[GroupColumns]) -> list[MalformedRollout | None]:
+def check_columns(
+    groups: Sequence[GroupColumns], joined: Sequence[np.ndarray] | None = None
+) -> list[MalformedRollout | None]:
     """Validate many groups at once: what is wrong with each, or None where it is valid.
 
     The same contract as `GroupColumns.validate`, checked on the groups' columns
@@ -434,7 +484,11 @@ def check_columns(groups: Sequence[GroupColumns]) -> list[MalformedRollout | Non
     which is what decoding a sampled batch costs otherwise. Only when something is wrong
     are the groups checked one by one, to say which group and which completion.
     """
-    if all(g.sizes_agree() for g in groups) and all(map(_values_valid, _chunks(groups))):
+    if all(g.sizes_agree() for g in groups) and (
+        _values_valid(groups, joined)
+        if joined is not None
+        else all(_values_valid(chunk, _joined(chunk)) for chunk in _chunks(groups))
+    ):
         return [None] * len(groups)
     errors: list[MalformedRollout | None] = []
     for columns in groups:
@@ -472,14 +526,17 @@ def _chunks(groups: Sequence[GroupColumns]) -> Iterator[Sequence[GroupColumns]]:
         yield groups[start:]
 
 
-def _values_valid(groups: Sequence[GroupColumns]) -> bool:
-    """`GroupColumns.validate` of groups whose sizes agree, as one pass over all of them."""
+def _joined(groups: Sequence[GroupColumns]) -> list[np.ndarray]:
+    """The groups' numeric columns concatenated, in `_NUMERIC_COLUMNS` order."""
     if len(groups) == 1:
-        (g,) = groups
-        columns = [getattr(g, name) for name in _NUMERIC_COLUMNS]
-    else:
-        columns = [np.concatenate([getattr(g, name) for g in groups]) for name in _NUMERIC_COLUMNS]
-    prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = columns
+        return [getattr(groups[0], name) for name in _NUMERIC_COLUMNS]
+    return [np.concatenate([getattr(g, name) for g in groups]) for name in _NUMERIC_COLUMNS]
+
+
+def _values_valid(groups: Sequence[GroupColumns], joined: Sequence[np.ndarray]) -> bool:
+    """`GroupColumns.validate` of groups whose sizes agree, as one pass over all of them;
+    `joined`: their numeric columns concatenated (`_joined`)."""
+    prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = joined
     if prompts.min() < 0 or lengths.min() <= 0 or runs.min() <= 0:
         return False
     # Each group's completions cover exactly its tokens and runs.

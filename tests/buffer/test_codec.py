@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buffer.codec import decode_group, encode_group, read_fields, write_fields
+from buffer.codec import decode_group, encode_group, encode_groups, read_fields, write_fields
 from buffer.schema import SCHEMA_VERSION, MalformedRollout, RolloutGroup
 from tests.buffer.factories import make_completion, make_group
 from tests.buffer.strategies import rollout_groups
@@ -147,3 +147,19 @@ def test_encode_refuses_an_invalid_group() -> None:
     bad = make_group(make_completion(reward=float("inf")))
     with pytest.raises(MalformedRollout, match="reward"):
         encode_group(bad)
+
+
+def test_encoding_a_batch_names_the_invalid_group() -> None:
+    good = make_group(group_id="good")
+    nan_reward = make_group(make_completion(reward=float("nan")), group_id="nan")
+    wide = make_group(make_completion(token_ids=np.arange(4, dtype=np.int64)), group_id="wide")
+    with pytest.raises(MalformedRollout, match=r"group 'nan': completions\[0\]\.reward"):
+        encode_groups([good, nan_reward, good])
+    with pytest.raises(MalformedRollout, match=r"group 'wide': .*dtype int64"):
+        encode_groups([good, wide])
+    # A valid batch round-trips group by group, each payload alone.
+    groups = [
+        make_group(group_id=f"g{i}", prompt_token_ids=np.arange(i + 1, dtype=np.int32))
+        for i in range(3)
+    ]
+    assert [decode_group(e.payload) for e in encode_groups(groups)] == groups
