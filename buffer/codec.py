@@ -14,6 +14,7 @@ the learner.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Sequence
@@ -23,45 +24,45 @@ import msgpack
 import numpy as np
 
 from buffer.schema import (
+    NUMERIC_COLUMNS,
     SCHEMA_VERSION,
+    BatchColumns,
     ColumnCompletions,
     FinishReason,
     GroupColumns,
     MalformedRollout,
     RolloutGroup,
-    check_columns,
+    chunk_slices,
     gather_columns,
 )
 
 # Little-endian on the wire whatever the host is, so actors and learners on different
 # machines agree byte for byte. Completions travel as columns: one array per field for
 # the whole group, plus per-completion lengths (see GroupColumns).
-_ARRAYS = {
-    name: (np.dtype(wire), np.dtype(host))
-    for name, wire, host in [
-        ("prompt_token_ids", "<i4", np.int32),
-        ("completion_lengths", "<i4", np.int32),
-        ("token_ids", "<i4", np.int32),
-        ("behaviour_logprobs", "<f4", np.float32),
-        ("loss_mask", "u1", np.bool_),
-        ("version_values", "<i8", np.int64),
-        ("version_lengths", "<i4", np.int32),
-        ("runs_per_completion", "<i4", np.int32),
-        ("rewards", "<f8", np.float64),
-        ("generation_s", "<f8", np.float64),
-    ]
+_WIRE_DTYPES = {
+    "prompt_token_ids": ("<i4", np.int32),
+    "completion_lengths": ("<i4", np.int32),
+    "token_ids": ("<i4", np.int32),
+    "behaviour_logprobs": ("<f4", np.float32),
+    "loss_mask": ("u1", np.bool_),
+    "version_values": ("<i8", np.int64),
+    "version_lengths": ("<i4", np.int32),
+    "runs_per_completion": ("<i4", np.int32),
+    "rewards": ("<f8", np.float64),
+    "generation_s": ("<f8", np.float64),
+}
+_ARRAYS = {  # wire and host dtypes, in the order of the columns (and of the wire format)
+    name: (np.dtype(_WIRE_DTYPES[name][0]), np.dtype(_WIRE_DTYPES[name][1]))
+    for name in NUMERIC_COLUMNS
 }
 # How each array is viewed in the bytes: on little-endian hosts as the host dtype itself,
 # a read-only view with no copy (host None); big-endian hosts convert. The loss mask's
 # bytes are viewed as bools; values other than 0 and 1 are caught by the contract check.
 _VIEWS = [
-    (
-        name,
-        host if wire.itemsize == 1 else wire,
-        None if wire == host or wire.itemsize == 1 else host,
-    )
-    for name, (wire, host) in _ARRAYS.items()
+    (host if wire.itemsize == 1 else wire, None if wire == host or wire.itemsize == 1 else host)
+    for wire, host in _ARRAYS.values()
 ]
+_TOKEN_IDS = NUMERIC_COLUMNS.index("token_ids")
 _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
 _FIELDS = ("schema", *_STRINGS, "created_at", *_ARRAYS, "finish_reasons", "verifier_details")
 _FIELD_SET = frozenset(_FIELDS)
@@ -84,7 +85,7 @@ def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
     """Validate `groups` (all at once) and encode them; raises `MalformedRollout` naming
     the first invalid group before anything is written."""
     try:
-        columns, joined = gather_columns(groups)
+        batch = gather_columns(groups)
     except MalformedRollout:
         for group in groups:  # which group, to say so
             try:
@@ -92,18 +93,22 @@ def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
             except MalformedRollout as error:
                 raise MalformedRollout(f"group {group.group_id!r}: {error}") from None
         raise
-    for group, error in zip(groups, check_columns(columns, joined), strict=True):
+    for group, error in zip(groups, batch.errors(), strict=True):
         if error is not None:
             raise MalformedRollout(f"group {group.group_id!r}: {error}")
-    return [
-        EncodedGroup(
-            _pack(group, c),
-            int(c.version_values.min()),
-            int(c.version_values.max()),
-            int(c.token_ids.size),
+    encoded = []
+    for i, group in enumerate(groups):
+        columns = batch.group(i)
+        versions = columns.version_values
+        encoded.append(
+            EncodedGroup(
+                _pack(group, columns),
+                int(versions.min()),
+                int(versions.max()),
+                int(columns.token_ids.size),
+            )
         )
-        for group, c in zip(groups, columns, strict=True)
-    ]
+    return encoded
 
 
 def encode_group(group: RolloutGroup) -> bytes:
@@ -193,29 +198,58 @@ def read_fields(raw: object) -> dict[str, Any]:
 def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollout]:
     """Decode and validate bytes from the buffer: per entry, the group or what is wrong.
 
-    The groups' contents are validated together (one pass of numpy calls for the whole
-    batch); their completions stay columns until someone reads them (`ColumnCompletions`).
+    Small groups' arrays are joined into one array per column for a chunk of groups
+    (`BatchColumns`) and validated with one pass of numpy calls; a big group's arrays
+    are viewed where they lie in its bytes. Either way, a group's columns and completions
+    are built only when someone reads them (`ColumnCompletions`).
     """
     results: list[RolloutGroup | MalformedRollout | None] = [None] * len(raws)
-    parsed: list[tuple[int, dict[str, Any], GroupColumns]] = []
+    entries: list[_Entry] = []
     for i, raw in enumerate(raws):
         try:
-            header, columns = _parse(raw)
+            entries.append(_parse(i, raw))
         except MalformedRollout as error:
             results[i] = error
-        else:
-            parsed.append((i, header, columns))
-    errors = check_columns([columns for _, _, columns in parsed])
-    for (i, header, columns), error in zip(parsed, errors, strict=True):
-        if error is not None:
-            results[i] = error
-        else:
-            results[i] = RolloutGroup(
-                **header,
-                prompt_token_ids=columns.prompt_token_ids,
-                completions=ColumnCompletions(columns),
+    token_counts = [entry.arrays[_TOKEN_IDS].nbytes // 4 for entry in entries]
+    for chunk in chunk_slices(token_counts):
+        batch = _batch(entries[chunk])
+        prompts, prompt_bounds = batch.arrays[0], batch.bounds[0]
+        for k, (entry, error) in enumerate(zip(entries[chunk], batch.errors(), strict=True)):
+            results[entry.index] = error or RolloutGroup(
+                **entry.header,
+                prompt_token_ids=prompts[prompt_bounds[k] : prompt_bounds[k + 1]],
+                completions=ColumnCompletions(batch, k),
             )
     return results  # type: ignore[return-value]  # every entry was filled
+
+
+class _Entry(NamedTuple):
+    """One well-formed entry: its position, header fields and array bytes."""
+
+    index: int
+    header: dict[str, Any]
+    finish_reasons: list[FinishReason]
+    verifier_details: list[dict]
+    arrays: list[memoryview]
+    """In `NUMERIC_COLUMNS` order."""
+
+
+def _batch(entries: Sequence[_Entry]) -> BatchColumns:
+    """The entries' arrays, one per column: joined (one copy) or, alone, a view."""
+    arrays, bounds = [], []
+    for k, (view_dtype, host) in enumerate(_VIEWS):
+        pieces = [entry.arrays[k] for entry in entries]
+        joined = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        array = np.frombuffer(joined, dtype=view_dtype)
+        arrays.append(array if host is None else array.astype(host))
+        counts = (piece.nbytes // view_dtype.itemsize for piece in pieces)
+        bounds.append(list(itertools.accumulate(counts, initial=0)))
+    return BatchColumns(
+        arrays,
+        bounds,
+        [entry.finish_reasons for entry in entries],
+        [entry.verifier_details for entry in entries],
+    )
 
 
 def decode_group(raw: object) -> RolloutGroup:
@@ -226,8 +260,8 @@ def decode_group(raw: object) -> RolloutGroup:
     return result
 
 
-def _parse(raw: object) -> tuple[dict[str, Any], GroupColumns]:
-    """One entry's fields, type-checked, and its arrays as views of the bytes."""
+def _parse(index: int, raw: object) -> _Entry:
+    """One entry's fields, type-checked; its arrays as views of the bytes."""
     payload = read_fields(raw)
     if payload.keys() != _FIELD_SET:
         _explain_fields(payload)
@@ -244,8 +278,8 @@ def _parse(raw: object) -> tuple[dict[str, Any], GroupColumns]:
     if type(created_at) not in (float, int) or not math.isfinite(created_at):
         raise MalformedRollout(f"created_at is a {_kind(created_at)}, expected a finite float")
     header["created_at"] = float(created_at)
-    arrays = {}
-    for name, view_dtype, host in _VIEWS:
+    arrays = []
+    for name, (view_dtype, _) in zip(_ARRAYS, _VIEWS, strict=True):
         value = payload[name]
         if type(value) is not memoryview:
             raise MalformedRollout(f"{name} is a {_kind(value)}, expected an array's bytes")
@@ -253,12 +287,13 @@ def _parse(raw: object) -> tuple[dict[str, Any], GroupColumns]:
             raise MalformedRollout(
                 f"{name} has {value.nbytes} bytes, not a multiple of {view_dtype.itemsize}"
             )
-        array = np.frombuffer(value, dtype=view_dtype)
-        arrays[name] = array if host is None else array.astype(host)
-    return header, GroupColumns(
-        **arrays,
-        finish_reasons=_finish_reasons(payload["finish_reasons"]),
-        verifier_details=_verifier_details(payload["verifier_details"]),
+        arrays.append(value)
+    return _Entry(
+        index,
+        header,
+        _finish_reasons(payload["finish_reasons"]),
+        _verifier_details(payload["verifier_details"]),
+        arrays,
     )
 
 

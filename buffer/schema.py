@@ -10,6 +10,7 @@ splits one completion between two versions.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -198,19 +199,15 @@ class RolloutGroup:
         if isinstance(self.completions, ColumnCompletions):
             self.validate_header()
             return self.completions.columns
-        return gather_columns([self])[0][0]
+        return gather_columns([self]).group(0)
 
 
-def gather_columns(
-    groups: Sequence[RolloutGroup],
-) -> tuple[list[GroupColumns], list[np.ndarray] | None]:
+def gather_columns(groups: Sequence[RolloutGroup]) -> BatchColumns:
     """Every group's completions as columns, concatenated once for all the groups.
 
-    Returns each group's `GroupColumns`, views into one array per column for the whole
-    batch, and those batch arrays for `check_columns(..., joined=...)` (None when a group
-    is already columns: a decoded group). One concatenation per column for the batch,
-    not one per group and another to check them together, is what encoding costs most.
-    Checks every array's type, dtype and length; values are checked by `check_columns`.
+    One concatenation per column for the batch, not one per group and another to check
+    them together, is what encoding costs most. Checks every array's type, dtype and
+    length on the way; the values are checked by `BatchColumns.errors`.
     """
     for group in groups:
         group.validate_header()
@@ -218,7 +215,7 @@ def gather_columns(
             raise MalformedRollout("a group needs at least one completion")
         _check_array("prompt_token_ids", group.prompt_token_ids, np.int32)
     if any(isinstance(group.completions, ColumnCompletions) for group in groups):
-        return [group.columns() for group in groups], None
+        return BatchColumns.of([group.columns() for group in groups])
     cs = [c for group in groups for c in group.completions]
     arrays = {
         "token_ids": [c.token_ids for c in cs],
@@ -232,49 +229,42 @@ def gather_columns(
             _check_completions(group.completions)
     token_counts = [a.size for a in arrays["token_ids"]]
     run_counts = [a.size for a in arrays["policy_versions.versions"]]
-    batch = [
-        np.concatenate([group.prompt_token_ids for group in groups]),
-        np.array(token_counts, np.int32),
-        np.concatenate(arrays["token_ids"]),
-        np.concatenate(arrays["behaviour_logprobs"]),
-        np.concatenate(arrays["loss_mask"]),
-        np.concatenate(arrays["policy_versions.versions"]),
-        np.concatenate(arrays["policy_versions.lengths"]),
-        np.array(run_counts, np.int32),
-        np.array([c.reward for c in cs], np.float64),
-        np.array([c.generation_s for c in cs], np.float64),
-    ]  # in _NUMERIC_COLUMNS order
-    prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = batch
-    finish_reasons = [c.finish_reason for c in cs]
-    verifier_details = [c.verifier_details for c in cs]
-    out = []
-    completion = token = run = prompt = 0
-    for group in groups:
-        completion_end = completion + len(group.completions)
-        token_end = token + sum(token_counts[completion:completion_end])
-        run_end = run + sum(run_counts[completion:completion_end])
-        prompt_end = prompt + group.prompt_token_ids.size
-        at_completions = slice(completion, completion_end)
-        at_tokens = slice(token, token_end)
-        at_runs = slice(run, run_end)
-        out.append(
-            GroupColumns(
-                prompt_token_ids=prompts[prompt:prompt_end],
-                completion_lengths=lengths[at_completions],
-                token_ids=tokens[at_tokens],
-                behaviour_logprobs=logprobs[at_tokens],
-                loss_mask=mask[at_tokens],
-                version_values=values[at_runs],
-                version_lengths=run_lengths[at_runs],
-                runs_per_completion=runs[at_completions],
-                rewards=rewards[at_completions],
-                generation_s=seconds[at_completions],
-                finish_reasons=finish_reasons[at_completions],
-                verifier_details=verifier_details[at_completions],
-            )
-        )
-        completion, token, run, prompt = completion_end, token_end, run_end, prompt_end
-    return out, batch
+    per_completion = list(itertools.accumulate((len(g.completions) for g in groups), initial=0))
+    per_token = [sum(token_counts[a:b]) for a, b in itertools.pairwise(per_completion)]
+    per_run = [sum(run_counts[a:b]) for a, b in itertools.pairwise(per_completion)]
+    prompt_bounds = list(itertools.accumulate((g.prompt_token_ids.size for g in groups), initial=0))
+    token_bounds = list(itertools.accumulate(per_token, initial=0))
+    run_bounds = list(itertools.accumulate(per_run, initial=0))
+    reasons = [c.finish_reason for c in cs]
+    details = [c.verifier_details for c in cs]
+    return BatchColumns(
+        arrays=[
+            np.concatenate([group.prompt_token_ids for group in groups]),
+            np.array(token_counts, np.int32),
+            np.concatenate(arrays["token_ids"]),
+            np.concatenate(arrays["behaviour_logprobs"]),
+            np.concatenate(arrays["loss_mask"]),
+            np.concatenate(arrays["policy_versions.versions"]),
+            np.concatenate(arrays["policy_versions.lengths"]),
+            np.array(run_counts, np.int32),
+            np.array([c.reward for c in cs], np.float64),
+            np.array([c.generation_s for c in cs], np.float64),
+        ],
+        bounds=[
+            prompt_bounds,
+            per_completion,
+            token_bounds,
+            token_bounds,
+            token_bounds,
+            run_bounds,
+            run_bounds,
+            per_completion,
+            per_completion,
+            per_completion,
+        ],
+        finish_reasons=[reasons[a:b] for a, b in itertools.pairwise(per_completion)],
+        verifier_details=[details[a:b] for a, b in itertools.pairwise(per_completion)],
+    )
 
 
 _ARRAY_DTYPES = {
@@ -424,23 +414,6 @@ class GroupColumns:
                 f"completions[{i}].generation_s must be a finite non-negative number"
             )
 
-    def sizes_agree(self) -> bool:
-        """The checks of `validate` that need only the arrays' sizes (no numpy calls)."""
-        n = self.completion_lengths.size
-        n_tokens = self.token_ids.size
-        return (
-            self.prompt_token_ids.size > 0
-            and n > 0
-            and self.runs_per_completion.size == n
-            and self.rewards.size == n
-            and self.generation_s.size == n
-            and len(self.finish_reasons) == n
-            and len(self.verifier_details) == n
-            and self.behaviour_logprobs.size == n_tokens
-            and self.loss_mask.size == n_tokens
-            and self.version_lengths.size == self.version_values.size
-        )
-
     @staticmethod
     def _fail(sizes: np.ndarray, bad: np.ndarray, message: str) -> None:
         """Raise for the completion holding the first bad element; `sizes`: its elements each."""
@@ -474,30 +447,16 @@ class GroupColumns:
         return out
 
 
-def check_columns(
-    groups: Sequence[GroupColumns], joined: Sequence[np.ndarray] | None = None
-) -> list[MalformedRollout | None]:
+def check_columns(groups: Sequence[GroupColumns]) -> list[MalformedRollout | None]:
     """Validate many groups at once: what is wrong with each, or None where it is valid.
 
     The same contract as `GroupColumns.validate`, checked on the groups' columns
-    concatenated: a few numpy calls for the whole batch instead of a few dozen per group,
-    which is what decoding a sampled batch costs otherwise. Only when something is wrong
-    are the groups checked one by one, to say which group and which completion.
+    concatenated (`BatchColumns.errors`): a few numpy calls for a whole chunk of groups
+    instead of a few dozen per group.
     """
-    if all(g.sizes_agree() for g in groups) and (
-        _values_valid(groups, joined)
-        if joined is not None
-        else all(_values_valid(chunk, _joined(chunk)) for chunk in _chunks(groups))
-    ):
-        return [None] * len(groups)
     errors: list[MalformedRollout | None] = []
-    for columns in groups:
-        try:
-            columns.validate()
-        except MalformedRollout as error:
-            errors.append(error)
-        else:
-            errors.append(None)
+    for chunk in chunk_slices([g.token_ids.size for g in groups]):
+        errors += BatchColumns.of(groups[chunk]).errors()
     return errors
 
 
@@ -508,84 +467,175 @@ copying them costs more than the calls it saves (measured: 4x slower for 8 x 4,0
 _ALONE_TOKENS = 16384
 
 
-def _chunks(groups: Sequence[GroupColumns]) -> Iterator[Sequence[GroupColumns]]:
-    start, tokens = 0, 0
-    for end, columns in enumerate(groups, 1):
-        size = columns.token_ids.size
+def chunk_slices(token_counts: Sequence[int]) -> list[slice]:
+    """Consecutive groups worth concatenating, given each group's number of tokens."""
+    chunks, start, tokens = [], 0, 0
+    for end, size in enumerate(token_counts, 1):
         if size >= _ALONE_TOKENS:
             if start < end - 1:
-                yield groups[start : end - 1]
-            yield groups[end - 1 : end]
+                chunks.append(slice(start, end - 1))
+            chunks.append(slice(end - 1, end))
             start, tokens = end, 0
             continue
         tokens += size
         if tokens >= _CHUNK_TOKENS:
-            yield groups[start:end]
+            chunks.append(slice(start, end))
             start, tokens = end, 0
-    if start < len(groups):
-        yield groups[start:]
+    if start < len(token_counts):
+        chunks.append(slice(start, len(token_counts)))
+    return chunks
 
 
-def _joined(groups: Sequence[GroupColumns]) -> list[np.ndarray]:
-    """The groups' numeric columns concatenated, in `_NUMERIC_COLUMNS` order."""
-    if len(groups) == 1:
-        return [getattr(groups[0], name) for name in _NUMERIC_COLUMNS]
-    return [np.concatenate([getattr(g, name) for g in groups]) for name in _NUMERIC_COLUMNS]
-
-
-def _values_valid(groups: Sequence[GroupColumns], joined: Sequence[np.ndarray]) -> bool:
-    """`GroupColumns.validate` of groups whose sizes agree, as one pass over all of them;
-    `joined`: their numeric columns concatenated (`_joined`)."""
-    prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = joined
-    if prompts.min() < 0 or lengths.min() <= 0 or runs.min() <= 0:
-        return False
-    # Each group's completions cover exactly its tokens and runs.
-    per_group = [g.completion_lengths.size for g in groups]
-    starts = np.cumsum(per_group) - per_group
-    if not np.array_equal(
-        np.add.reduceat(lengths, starts, dtype=np.int64), [g.token_ids.size for g in groups]
-    ) or not np.array_equal(
-        np.add.reduceat(runs, starts, dtype=np.int64), [g.version_values.size for g in groups]
-    ):
-        return False
-    if tokens.min() < 0 or mask.view(np.uint8).max() > 1:
-        return False
-    # Single-turn completions are sampled throughout: no copy of the log-probs then.
-    sampled = logprobs if mask.all() else logprobs[mask]
-    # NaN fails both comparisons.
-    if sampled.size and not (sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE):
-        return False
-    if values.min() < 0 or run_lengths.min() <= 0:
-        return False
-    run_starts = np.cumsum(runs, dtype=np.int64) - runs
-    if not np.array_equal(np.add.reduceat(run_lengths, run_starts, dtype=np.int64), lengths):
-        return False
-    return bool(
-        rewards.min() > -np.inf
-        and rewards.max() < np.inf
-        and seconds.min() >= 0
-        and seconds.max() < np.inf
-    )
-
-
-_NUMERIC_COLUMNS = (
+NUMERIC_COLUMNS = (
     "prompt_token_ids", "completion_lengths", "token_ids", "behaviour_logprobs", "loss_mask",
     "version_values", "version_lengths", "runs_per_completion", "rewards", "generation_s",
 )  # fmt: skip
+"""`GroupColumns`' arrays, in the order `BatchColumns` and the wire format keep them."""
+
+
+@dataclass(frozen=True, eq=False)
+class BatchColumns:
+    """Several groups' columns concatenated: one array per column for all of them.
+
+    `bounds[k]` holds where each group's entries of column k start, then the end: group
+    i's part of column k is `arrays[k][bounds[k][i]:bounds[k][i + 1]]`. Validation runs
+    on the whole batch at once, and decoded groups are views into it.
+    """
+
+    arrays: list[np.ndarray]
+    """The numeric columns, in `NUMERIC_COLUMNS` order."""
+    bounds: list[list[int]]
+    finish_reasons: list[list[FinishReason]]
+    """Per group."""
+    verifier_details: list[list[VerifierDetails]]
+    """Per group."""
+
+    @classmethod
+    def of(cls, groups: Sequence[GroupColumns]) -> BatchColumns:
+        """Concatenate groups' columns (no copy for a single group)."""
+        columns = [[getattr(g, name) for g in groups] for name in NUMERIC_COLUMNS]
+        return cls(
+            [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in columns],
+            [list(itertools.accumulate((a.size for a in parts), initial=0)) for parts in columns],
+            [g.finish_reasons for g in groups],
+            [g.verifier_details for g in groups],
+        )
+
+    def __len__(self) -> int:
+        return len(self.finish_reasons)
+
+    def group(self, i: int) -> GroupColumns:
+        """Group i's columns: views into the batch's arrays."""
+        views = {
+            name: array[bounds[i] : bounds[i + 1]]
+            for name, array, bounds in zip(NUMERIC_COLUMNS, self.arrays, self.bounds, strict=True)
+        }
+        return GroupColumns(
+            **views,
+            finish_reasons=self.finish_reasons[i],
+            verifier_details=self.verifier_details[i],
+        )
+
+    def errors(self) -> list[MalformedRollout | None]:
+        """What is wrong with each group, or None; the one-by-one check runs only when
+        the batch check finds something, to say which group and which completion."""
+        if not len(self) or (self._sizes_agree() and self._values_valid()):
+            return [None] * len(self)
+        errors: list[MalformedRollout | None] = []
+        for i in range(len(self)):
+            try:
+                self.group(i).validate()
+            except MalformedRollout as error:
+                errors.append(error)
+            else:
+                errors.append(None)
+        return errors
+
+    def _counts(self, column: int) -> list[int]:
+        bounds = self.bounds[column]
+        return [end - start for start, end in itertools.pairwise(bounds)]
+
+    def _sizes_agree(self) -> bool:
+        """The checks of `GroupColumns.validate` that need only sizes, from the bounds."""
+        (
+            prompts,
+            completions,
+            tokens,
+            logprobs,
+            mask,
+            values,
+            run_lengths,
+            runs,
+            rewards,
+            seconds,
+        ) = (self._counts(column) for column in range(len(NUMERIC_COLUMNS)))
+        return (
+            min(prompts) > 0
+            and min(completions) > 0
+            and runs == completions
+            and rewards == completions
+            and seconds == completions
+            and [len(reasons) for reasons in self.finish_reasons] == completions
+            and [len(details) for details in self.verifier_details] == completions
+            and logprobs == tokens
+            and mask == tokens
+            and run_lengths == values
+        )
+
+    def _values_valid(self) -> bool:
+        """`GroupColumns.validate` of every group (whose sizes agree) in one pass."""
+        prompts, lengths, tokens, logprobs, mask, values, run_lengths, runs, rewards, seconds = (
+            self.arrays
+        )
+        if prompts.min() < 0 or lengths.min() <= 0 or runs.min() <= 0:
+            return False
+        # Each group's completions cover exactly its tokens and runs.
+        starts = self.bounds[1][:-1]
+        if not np.array_equal(
+            np.add.reduceat(lengths, starts, dtype=np.int64), self._counts(2)
+        ) or not np.array_equal(np.add.reduceat(runs, starts, dtype=np.int64), self._counts(5)):
+            return False
+        if tokens.min() < 0 or mask.view(np.uint8).max() > 1:
+            return False
+        # Single-turn completions are sampled throughout: no copy of the log-probs then.
+        sampled = logprobs if mask.all() else logprobs[mask]
+        # NaN fails both comparisons.
+        if sampled.size and not (sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE):
+            return False
+        if values.min() < 0 or run_lengths.min() <= 0:
+            return False
+        run_starts = np.cumsum(runs, dtype=np.int64) - runs
+        if not np.array_equal(np.add.reduceat(run_lengths, run_starts, dtype=np.int64), lengths):
+            return False
+        return bool(
+            rewards.min() > -np.inf
+            and rewards.max() < np.inf
+            and seconds.min() >= 0
+            and seconds.max() < np.inf
+        )
 
 
 class ColumnCompletions(Sequence[Completion]):
-    """The completions of a group decoded from the buffer, kept as its columns.
+    """The completions of a group decoded from the buffer: its part of a `BatchColumns`.
 
-    The learner reads the columns; `Completion` objects (views into the columns) are
-    built on first use, so decoding a batch does not pay for objects nobody reads.
+    The group's `GroupColumns` and its `Completion` objects (views into the columns) are
+    built the first time someone reads them, so decoding a batch does not pay for
+    objects nobody reads.
     """
 
-    __slots__ = ("_built", "columns")
+    __slots__ = ("_batch", "_built", "_columns", "_index")
 
-    def __init__(self, columns: GroupColumns) -> None:
-        self.columns = columns
+    def __init__(self, batch: BatchColumns, index: int) -> None:
+        self._batch = batch
+        self._index = index
+        self._columns: GroupColumns | None = None
         self._built: list[Completion] | None = None
+
+    @property
+    def columns(self) -> GroupColumns:
+        if self._columns is None:
+            self._columns = self._batch.group(self._index)
+        return self._columns
 
     def _completions(self) -> list[Completion]:
         if self._built is None:
@@ -593,7 +643,8 @@ class ColumnCompletions(Sequence[Completion]):
         return self._built
 
     def __len__(self) -> int:
-        return int(self.columns.completion_lengths.size)
+        bounds = self._batch.bounds[1]
+        return bounds[self._index + 1] - bounds[self._index]
 
     def __getitem__(self, index: int) -> Completion:  # type: ignore[override]
         return self._completions()[index]

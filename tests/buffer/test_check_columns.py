@@ -14,8 +14,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buffer.codec import decode_groups, encode_groups
-from buffer.schema import ColumnCompletions, GroupColumns, MalformedRollout, check_columns
+from buffer.codec import decode_groups, encode_groups, read_fields, write_fields
+from buffer.schema import (
+    NUMERIC_COLUMNS,
+    ColumnCompletions,
+    GroupColumns,
+    MalformedRollout,
+    RolloutGroup,
+    check_columns,
+)
 from tests.buffer.factories import versioned_group
 from tests.buffer.strategies import rollout_groups
 
@@ -66,6 +73,14 @@ def _corrupt(columns: GroupColumns, kind: str, position: int) -> GroupColumns:
     elif kind == "negative_generation_s":
         changes["generation_s"] = columns.generation_s.copy()
         changes["generation_s"][at(columns.generation_s)] = -1.0
+    elif kind == "extra_finish_reason":
+        return dataclasses.replace(
+            columns, finish_reasons=[*columns.finish_reasons, columns.finish_reasons[0]]
+        )
+    elif kind.startswith("extra_"):  # one entry too many: the sizes disagree
+        name = kind.removeprefix("extra_")
+        array = getattr(columns, name)
+        changes[name] = np.concatenate([array, array[:1]])
     return dataclasses.replace(columns, **changes)
 
 
@@ -73,6 +88,7 @@ _KINDS = [
     "negative_token", "negative_prompt_token", "mask_byte", "nan_logprob",
     "positive_logprob", "inf_logprob", "negative_version", "run_too_long", "empty_run",
     "lengths_shifted", "runs_shifted", "nan_reward", "inf_reward", "negative_generation_s",
+    *(f"extra_{name}" for name in NUMERIC_COLUMNS), "extra_finish_reason",
 ]  # fmt: skip
 
 
@@ -127,3 +143,36 @@ def test_one_bad_entry_in_a_batch_is_reported_alone() -> None:
     decoded = decode_groups(payloads)
     assert isinstance(decoded[1], MalformedRollout)
     assert decoded[0] == groups[0] and decoded[2] == groups[2]
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(rollout_groups(), min_size=1, max_size=5),
+    st.lists(st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))),
+)
+def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
+    groups: list, corruptions: list[tuple[int, str, int]]
+) -> None:
+    # The same corruptions, written into encoded entries: decoding joins the entries'
+    # arrays into one batch, and must still attribute each defect to its entry.
+    columns = [group.columns() for group in groups]
+    for index, kind, position in corruptions:
+        if index < len(columns):
+            columns[index] = _corrupt(columns[index], kind, position)
+    payloads = []
+    for group, corrupted in zip(groups, columns, strict=True):
+        fields = read_fields(encode_groups([group])[0].payload)
+        for name in NUMERIC_COLUMNS:
+            array = getattr(corrupted, name)
+            fields[name] = array.view(np.uint8) if array.dtype == np.bool_ else array
+        fields["finish_reasons"] = [reason.value for reason in corrupted.finish_reasons]
+        payloads.append(write_fields(fields))
+    decoded = decode_groups(payloads)
+    for result, corrupted in zip(decoded, columns, strict=True):
+        if _valid_alone(corrupted):
+            assert isinstance(result, RolloutGroup)
+            for name in NUMERIC_COLUMNS:  # byte for byte what was written
+                decoded_bytes = getattr(result.columns(), name).tobytes()
+                assert decoded_bytes == getattr(corrupted, name).tobytes(), name
+        else:
+            assert isinstance(result, MalformedRollout)
