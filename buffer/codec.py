@@ -238,12 +238,16 @@ def _batch(entries: Sequence[_Entry]) -> BatchColumns:
     """The entries' arrays, one per column: joined (one copy) or, alone, a view."""
     arrays, bounds = [], []
     for k, (view_dtype, host) in enumerate(_VIEWS):
-        pieces = [entry.arrays[k] for entry in entries]
-        joined = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        array = np.frombuffer(joined, dtype=view_dtype)
+        if len(entries) == 1:
+            array = np.frombuffer(entries[0].arrays[k], dtype=view_dtype)
+            bounds.append([0, array.size])
+        else:
+            pieces = [entry.arrays[k] for entry in entries]
+            array = np.frombuffer(b"".join(pieces), dtype=view_dtype)
+            size = view_dtype.itemsize
+            counts = [piece.nbytes // size for piece in pieces]
+            bounds.append(list(itertools.accumulate(counts, initial=0)))
         arrays.append(array if host is None else array.astype(host))
-        counts = (piece.nbytes // view_dtype.itemsize for piece in pieces)
-        bounds.append(list(itertools.accumulate(counts, initial=0)))
     return BatchColumns(
         arrays,
         bounds,

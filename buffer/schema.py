@@ -10,6 +10,7 @@ splits one completion between two versions.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -551,9 +552,12 @@ class BatchColumns:
                 errors.append(None)
         return errors
 
-    def _counts(self, column: int) -> list[int]:
-        bounds = self.bounds[column]
-        return [end - start for start, end in itertools.pairwise(bounds)]
+    @functools.cached_property
+    def _counts(self) -> list[list[int]]:
+        """Per column, each group's number of entries."""
+        if len(self) == 1:  # big groups come alone
+            return [[bounds[1] - bounds[0]] for bounds in self.bounds]
+        return [[end - start for start, end in itertools.pairwise(b)] for b in self.bounds]
 
     def _sizes_agree(self) -> bool:
         """The checks of `GroupColumns.validate` that need only sizes, from the bounds."""
@@ -568,7 +572,7 @@ class BatchColumns:
             runs,
             rewards,
             seconds,
-        ) = (self._counts(column) for column in range(len(NUMERIC_COLUMNS)))
+        ) = self._counts
         return (
             min(prompts) > 0
             and min(completions) > 0
@@ -592,8 +596,8 @@ class BatchColumns:
         # Each group's completions cover exactly its tokens and runs.
         starts = self.bounds[1][:-1]
         if not np.array_equal(
-            np.add.reduceat(lengths, starts, dtype=np.int64), self._counts(2)
-        ) or not np.array_equal(np.add.reduceat(runs, starts, dtype=np.int64), self._counts(5)):
+            np.add.reduceat(lengths, starts, dtype=np.int64), self._counts[2]
+        ) or not np.array_equal(np.add.reduceat(runs, starts, dtype=np.int64), self._counts[5]):
             return False
         if tokens.min() < 0 or mask.view(np.uint8).max() > 1:
             return False
