@@ -66,6 +66,8 @@ _TOKEN_IDS = NUMERIC_COLUMNS.index("token_ids")
 _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
 _FIELDS = ("schema", *_STRINGS, "created_at", *_ARRAYS, "finish_reasons", "verifier_details")
 _FIELD_SET = frozenset(_FIELDS)
+_ARRAY_NAMES = list(_ARRAYS)
+_HEADER_FIELDS = _FIELD_SET - set(_ARRAYS)
 _REASONS = {reason.value: reason for reason in FinishReason}
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _MAX_ENCODED_BYTES = 256 * 1024 * 1024
@@ -156,6 +158,19 @@ def read_fields(raw: object) -> dict[str, Any]:
     Checks the framing only (lengths add up, the header is a msgpack map without
     extension types); `decode_groups` checks the fields.
     """
+    view, header, sizes, offset = _frame(raw)
+    for name, size in sizes.items():
+        if type(size) is not int or size < 0 or name in header:
+            raise MalformedRollout(f"arrays[{name!r}] is not a byte count of a new field")
+        header[name] = view[offset : offset + size]
+        offset += size
+    if offset != view.nbytes:
+        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
+    return header
+
+
+def _frame(raw: object) -> tuple[memoryview, dict[str, Any], dict, int]:
+    """An entry's bytes, header map, arrays' byte counts, and where the arrays start."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedRollout(f"expected bytes, got {type(raw).__name__}")
     view = memoryview(raw).cast("B")
@@ -185,14 +200,7 @@ def read_fields(raw: object) -> dict[str, Any]:
     sizes = header.pop("arrays", None)
     if type(sizes) is not dict:
         raise MalformedRollout(f"arrays is a {_kind(sizes)}, expected a map of byte counts")
-    for name, size in sizes.items():
-        if type(size) is not int or size < 0 or name in header:
-            raise MalformedRollout(f"arrays[{name!r}] is not a byte count of a new field")
-        header[name] = view[offset : offset + size]
-        offset += size
-    if offset != view.nbytes:
-        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
-    return header
+    return view, header, sizes, offset
 
 
 def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollout]:
@@ -266,24 +274,32 @@ def decode_group(raw: object) -> RolloutGroup:
 
 def _parse(index: int, raw: object) -> _Entry:
     """One entry's fields, type-checked; its arrays as views of the bytes."""
-    payload = read_fields(raw)
+    view, header, sizes, offset = _frame(raw)
+    if header.keys() != _HEADER_FIELDS or list(sizes) != _ARRAY_NAMES:
+        # Something missing, extra, misplaced or in another order: the general path.
+        return _parse_fields(index, read_fields(raw))
+    arrays = []
+    for name, (view_dtype, _) in zip(_ARRAY_NAMES, _VIEWS, strict=True):
+        size = sizes[name]
+        if type(size) is not int or size < 0:
+            raise MalformedRollout(f"arrays[{name!r}] is not a byte count")
+        if size % view_dtype.itemsize:
+            raise MalformedRollout(
+                f"{name} has {size} bytes, not a multiple of {view_dtype.itemsize}"
+            )
+        arrays.append(view[offset : offset + size])
+        offset += size
+    if offset != view.nbytes:
+        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
+    return _entry(index, header, arrays)
+
+
+def _parse_fields(index: int, payload: dict[str, Any]) -> _Entry:
+    """`_parse` of fields as `read_fields` returns them, naming whatever is wrong."""
     if payload.keys() != _FIELD_SET:
         _explain_fields(payload)
-    schema = payload["schema"]
-    if type(schema) is not int or schema != SCHEMA_VERSION:
-        raise MalformedRollout(f"schema version {schema!r}, this decoder reads {SCHEMA_VERSION}")
-    header: dict[str, Any] = {}
-    for name in _STRINGS:
-        value = payload[name]
-        if type(value) is not str or not value:
-            raise MalformedRollout(f"{name} must be a non-empty string, got {_kind(value)}")
-        header[name] = value
-    created_at = payload["created_at"]
-    if type(created_at) not in (float, int) or not math.isfinite(created_at):
-        raise MalformedRollout(f"created_at is a {_kind(created_at)}, expected a finite float")
-    header["created_at"] = float(created_at)
     arrays = []
-    for name, (view_dtype, _) in zip(_ARRAYS, _VIEWS, strict=True):
+    for name, (view_dtype, _) in zip(_ARRAY_NAMES, _VIEWS, strict=True):
         value = payload[name]
         if type(value) is not memoryview:
             raise MalformedRollout(f"{name} is a {_kind(value)}, expected an array's bytes")
@@ -292,11 +308,29 @@ def _parse(index: int, raw: object) -> _Entry:
                 f"{name} has {value.nbytes} bytes, not a multiple of {view_dtype.itemsize}"
             )
         arrays.append(value)
+    return _entry(index, payload, arrays)
+
+
+def _entry(index: int, fields: dict[str, Any], arrays: list[memoryview]) -> _Entry:
+    """Check an entry's header fields."""
+    schema = fields["schema"]
+    if type(schema) is not int or schema != SCHEMA_VERSION:
+        raise MalformedRollout(f"schema version {schema!r}, this decoder reads {SCHEMA_VERSION}")
+    header: dict[str, Any] = {}
+    for name in _STRINGS:
+        value = fields[name]
+        if type(value) is not str or not value:
+            raise MalformedRollout(f"{name} must be a non-empty string, got {_kind(value)}")
+        header[name] = value
+    created_at = fields["created_at"]
+    if type(created_at) not in (float, int) or not math.isfinite(created_at):
+        raise MalformedRollout(f"created_at is a {_kind(created_at)}, expected a finite float")
+    header["created_at"] = float(created_at)
     return _Entry(
         index,
         header,
-        _finish_reasons(payload["finish_reasons"]),
-        _verifier_details(payload["verifier_details"]),
+        _finish_reasons(fields["finish_reasons"]),
+        _verifier_details(fields["verifier_details"]),
         arrays,
     )
 
@@ -324,12 +358,7 @@ def _finish_reasons(values: object) -> list[FinishReason]:
 def _verifier_details(values: object) -> list[dict]:
     if type(values) is not list:
         raise MalformedRollout(f"verifier_details is a {_kind(values)}, expected a list")
-    # msgpack builds exact types, so a set of types says it all in one pass.
-    if {type(details) for details in values} <= {dict} and (
-        {type(key) for details in values for key in details} <= {str}
-        and {type(value) for details in values for value in details.values()} <= _SCALARS
-    ):
-        return values
+    # msgpack builds exact types, so checking `type(...)` is enough (and quickest).
     for i, details in enumerate(values):
         if type(details) is not dict:
             raise MalformedRollout(f"completions[{i}].verifier_details is not a map")
@@ -338,7 +367,7 @@ def _verifier_details(values: object) -> list[dict]:
                 raise MalformedRollout(
                     f"completions[{i}].verifier_details[{key!r}] is not a scalar"
                 )
-    raise AssertionError("unreachable: some detail is not a scalar")
+    return values
 
 
 def _reject_ext(code: int, data: bytes) -> None:
