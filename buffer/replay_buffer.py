@@ -219,21 +219,6 @@ class ReplayBuffer:
         because a NOSCRIPT error inside MULTI would leave the SETs done without the script;
         Redis caches the compiled script, so EVAL costs only the source's bytes.
         """
-        pipe = self.client.pipeline(transaction=True)
-        for i in indices:
-            pipe.set(self.payload_key(groups[i].group_id), encoded[i].payload, nx=True)
-        args = self._put_args(encoded, groups, leases, indices, producer)
-        pipe.eval(self._sources["put"], len(self.keys), *self.keys, *args)
-        return pipe.execute()[-1]
-
-    def _put_args(
-        self,
-        encoded: list[EncodedGroup],
-        groups: Sequence[RolloutGroup],
-        leases: list[str],
-        indices: list[int],
-        producer: str,
-    ) -> list:
         args: list = [
             producer,
             self.config.capacity_groups,
@@ -242,16 +227,13 @@ class ReplayBuffer:
             int(self.config.dedup_window_s * 1000),
             f"{self.config.key_prefix}:producer:{producer}",
         ]
+        pipe = self.client.pipeline(transaction=True)
         for i in indices:
-            entry = encoded[i]
-            args += [
-                groups[i].group_id,
-                entry.min_version,
-                entry.max_version,
-                entry.n_tokens,
-                leases[i],
-            ]
-        return args
+            entry, group_id = encoded[i], groups[i].group_id
+            pipe.set(self.payload_key(group_id), entry.payload, nx=True)
+            args += [group_id, entry.min_version, entry.max_version, entry.n_tokens, leases[i]]
+        pipe.eval(self._sources["put"], len(self.keys), *self.keys, *args)
+        return pipe.execute()[-1]
 
     # -- consumers -----------------------------------------------------------------------
     def sample(
