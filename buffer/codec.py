@@ -67,7 +67,6 @@ _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
 _FIELDS = ("schema", *_STRINGS, "created_at", *_ARRAYS, "finish_reasons", "verifier_details")
 _FIELD_SET = frozenset(_FIELDS)
 _ARRAY_NAMES = list(_ARRAYS)
-_HEADER_FIELDS = _FIELD_SET - set(_ARRAYS)
 _REASONS = {reason.value: reason for reason in FinishReason}
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _MAX_ENCODED_BYTES = 256 * 1024 * 1024
@@ -158,19 +157,6 @@ def read_fields(raw: object) -> dict[str, Any]:
     Checks the framing only (lengths add up, the header is a msgpack map without
     extension types); `decode_groups` checks the fields.
     """
-    view, header, sizes, offset = _frame(raw)
-    for name, size in sizes.items():
-        if type(size) is not int or size < 0 or name in header:
-            raise MalformedRollout(f"arrays[{name!r}] is not a byte count of a new field")
-        header[name] = view[offset : offset + size]
-        offset += size
-    if offset != view.nbytes:
-        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
-    return header
-
-
-def _frame(raw: object) -> tuple[memoryview, dict[str, Any], dict, int]:
-    """An entry's bytes, header map, arrays' byte counts, and where the arrays start."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedRollout(f"expected bytes, got {type(raw).__name__}")
     view = memoryview(raw).cast("B")
@@ -200,7 +186,14 @@ def _frame(raw: object) -> tuple[memoryview, dict[str, Any], dict, int]:
     sizes = header.pop("arrays", None)
     if type(sizes) is not dict:
         raise MalformedRollout(f"arrays is a {_kind(sizes)}, expected a map of byte counts")
-    return view, header, sizes, offset
+    for name, size in sizes.items():
+        if type(size) is not int or size < 0 or name in header:
+            raise MalformedRollout(f"arrays[{name!r}] is not a byte count of a new field")
+        header[name] = view[offset : offset + size]
+        offset += size
+    if offset != view.nbytes:
+        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
+    return header
 
 
 def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollout]:
@@ -274,28 +267,7 @@ def decode_group(raw: object) -> RolloutGroup:
 
 def _parse(index: int, raw: object) -> _Entry:
     """One entry's fields, type-checked; its arrays as views of the bytes."""
-    view, header, sizes, offset = _frame(raw)
-    if header.keys() != _HEADER_FIELDS or list(sizes) != _ARRAY_NAMES:
-        # Something missing, extra, misplaced or in another order: the general path.
-        return _parse_fields(index, read_fields(raw))
-    arrays = []
-    for name, (view_dtype, _) in zip(_ARRAY_NAMES, _VIEWS, strict=True):
-        size = sizes[name]
-        if type(size) is not int or size < 0:
-            raise MalformedRollout(f"arrays[{name!r}] is not a byte count")
-        if size % view_dtype.itemsize:
-            raise MalformedRollout(
-                f"{name} has {size} bytes, not a multiple of {view_dtype.itemsize}"
-            )
-        arrays.append(view[offset : offset + size])
-        offset += size
-    if offset != view.nbytes:
-        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
-    return _entry(index, header, arrays)
-
-
-def _parse_fields(index: int, payload: dict[str, Any]) -> _Entry:
-    """`_parse` of fields as `read_fields` returns them, naming whatever is wrong."""
+    payload = read_fields(raw)
     if payload.keys() != _FIELD_SET:
         _explain_fields(payload)
     arrays = []
