@@ -1,21 +1,26 @@
-"""The wire format of `RolloutGroup`: a msgpack header, then the arrays' raw bytes.
+"""The wire format of `RolloutGroup`: a fixed binary prefix, a msgpack header, the arrays.
 
-    [u32 little-endian: header length][msgpack map: ids, scalars, per-array byte counts]
-    [the arrays' little-endian bytes, back to back]
+    [u32 schema version][u32 header length][u32 byte count of each array, 10 of them]
+    [msgpack array: run_id, group_id, env_name, prompt_id, actor_id, created_at,
+                    finish_reasons, verifier_details]
+    [the arrays' little-endian bytes, back to back, in `NUMERIC_COLUMNS` order]
 
-Arrays are never inside the msgpack, so decoding views them where they lie in the bytes
-Redis returned (no copy), and nothing is ever unpickled. Everything read back from Redis
-goes through `decode_groups`, which checks the framing, the schema version, every
-field's type, every array's byte length and dtype, and then the contract itself
-(`check_columns`, for the whole batch at once). Anything wrong comes back as
-`MalformedRollout` for that entry, so the buffer can quarantine it instead of crashing
-the learner.
+All integers little-endian. Arrays are never inside the msgpack, so decoding views them
+where they lie in the bytes Redis returned (no copy), and nothing is ever unpickled. The
+header is positional and the byte counts are fixed-width, because decoding a sampled
+batch is on the learner's hot path: a map of named fields cost twice as much to unpack
+and check. Everything read back from Redis goes through `decode_groups`, which checks the
+framing, the schema version, every header field's type, every array's byte length, and
+then the contract itself (`check_columns`, for the whole batch at once). Anything wrong
+comes back as `MalformedRollout` for that entry, so the buffer can quarantine it instead
+of crashing the learner.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -64,13 +69,15 @@ _VIEWS = [
 ]
 _TOKEN_IDS = NUMERIC_COLUMNS.index("token_ids")
 _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
-_FIELDS = ("schema", *_STRINGS, "created_at", *_ARRAYS, "finish_reasons", "verifier_details")
-_FIELD_SET = frozenset(_FIELDS)
-_ARRAY_NAMES = list(_ARRAYS)
+_HEADER = (*_STRINGS, "created_at", "finish_reasons", "verifier_details")
+"""The msgpack header's fields, in order."""
+_PREFIX = struct.Struct(f"<II{len(_ARRAYS)}I")
+"""Schema version, header length, each array's byte count."""
+_ITEM_MASKS = [wire.itemsize - 1 for wire, _ in _ARRAYS.values()]
+"""Item sizes are powers of two: a byte count holds whole items when `count & mask` is 0."""
 _REASONS = {reason.value: reason for reason in FinishReason}
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _MAX_ENCODED_BYTES = 256 * 1024 * 1024
-_HEADER_LENGTH = struct.Struct("<I")
 
 
 class EncodedGroup(NamedTuple):
@@ -118,59 +125,85 @@ def encode_group(group: RolloutGroup) -> bytes:
 
 
 def _pack(group: RolloutGroup, columns: GroupColumns) -> bytes:
-    fields: dict[str, Any] = {"schema": SCHEMA_VERSION}
-    fields.update({name: getattr(group, name) for name in _STRINGS})
-    fields["created_at"] = float(group.created_at)
-    # FinishReason is a str enum: msgpack writes its value.
-    fields["finish_reasons"] = columns.finish_reasons
-    fields["verifier_details"] = columns.verifier_details
+    header = [
+        group.run_id,
+        group.group_id,
+        group.env_name,
+        group.prompt_id,
+        group.actor_id,
+        float(group.created_at),
+        columns.finish_reasons,  # FinishReason is a str enum: msgpack writes its value
+        columns.verifier_details,
+    ]
+    arrays = []
     for name, (wire, host) in _ARRAYS.items():
         array = getattr(columns, name)
         if host == np.bool_:
             array = array.view(np.uint8)
         # Columns are fresh, contiguous host arrays: no copy unless the host is big-endian.
-        fields[name] = array if array.dtype == wire else np.ascontiguousarray(array, wire)
-    return write_fields(fields)
+        arrays.append(array if array.dtype == wire else np.ascontiguousarray(array, wire))
+    return _frame(SCHEMA_VERSION, header, arrays)
+
+
+def _frame(schema: int, header: list, arrays: Sequence[object]) -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    views = [memoryview(array).cast("B") for array in arrays]  # type: ignore[arg-type]
+    prefix = _PREFIX.pack(schema, len(packed), *(view.nbytes for view in views))
+    # One copy of every array, straight into the result.
+    return b"".join([prefix, packed, *views])
 
 
 def write_fields(fields: dict[str, Any]) -> bytes:
-    """Frame a group's fields: bytes-like array fields go after the header, the rest in it.
+    """Frame a group's fields, named as `read_fields` names them (arrays as bytes-likes).
 
     The inverse of `read_fields`; `encode_group` is the way to encode a group. Tests use
     the pair to corrupt one field of an encoded group.
     """
-    header, arrays = {}, {}
-    for name, value in fields.items():
-        if name in _ARRAYS and isinstance(value, (bytes, bytearray, memoryview, np.ndarray)):
-            arrays[name] = memoryview(value).cast("B")
-        else:
-            header[name] = value
-    header["arrays"] = {name: view.nbytes for name, view in arrays.items()}
-    packed = msgpack.packb(header, use_bin_type=True)
-    # One copy of every array, straight into the result.
-    return b"".join([_HEADER_LENGTH.pack(len(packed)), packed, *arrays.values()])
+    return _frame(
+        fields.get("schema", SCHEMA_VERSION),
+        [fields[name] for name in _HEADER],
+        [fields[name] for name in _ARRAYS],
+    )
 
 
 def read_fields(raw: object) -> dict[str, Any]:
-    """A group's fields as framed by `write_fields`: arrays are memoryviews into `raw`.
+    """A group's fields by name, as framed by `write_fields`: arrays are memoryviews into
+    `raw`. Checks the framing only; `decode_groups` checks the fields."""
+    header, offsets, view = _unframe(raw)
+    fields = {"schema": SCHEMA_VERSION, **dict(zip(_HEADER, header, strict=True))}
+    for name, start, end in zip(_ARRAYS, offsets, offsets[1:], strict=False):
+        fields[name] = view[start:end]
+    return fields
 
-    Checks the framing only (lengths add up, the header is a msgpack map without
-    extension types); `decode_groups` checks the fields.
+
+def _unframe(raw: object) -> tuple[list, list[int], memoryview]:
+    """Check an entry's framing: the prefix, byte counts that add up to the payload and
+    hold whole items, a header that is a msgpack array of the header's fields.
+
+    Returns the header, where each array starts followed by the end, and a view of `raw`.
     """
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedRollout(f"expected bytes, got {type(raw).__name__}")
     view = memoryview(raw).cast("B")
     if view.nbytes > _MAX_ENCODED_BYTES:
         raise MalformedRollout(f"encoded group is {view.nbytes} bytes, over the limit")
-    if view.nbytes < _HEADER_LENGTH.size:
-        raise MalformedRollout(f"{view.nbytes} bytes: too short for a rollout header")
-    (header_length,) = _HEADER_LENGTH.unpack_from(view)
-    offset = _HEADER_LENGTH.size + header_length
-    if offset > view.nbytes:
-        raise MalformedRollout(f"header of {header_length} bytes runs past the payload")
+    if view.nbytes < _PREFIX.size:
+        raise MalformedRollout(f"{view.nbytes} bytes: too short for a rollout's prefix")
+    schema, header_length, *sizes = _PREFIX.unpack_from(view)
+    if schema != SCHEMA_VERSION:
+        raise MalformedRollout(f"schema version {schema}, this decoder reads {SCHEMA_VERSION}")
+    offsets = list(itertools.accumulate(sizes, initial=_PREFIX.size + header_length))
+    if offsets[-1] != view.nbytes:
+        raise MalformedRollout(
+            f"header and arrays need {offsets[-1]} bytes, the payload has {view.nbytes}"
+        )
+    if any(map(operator.and_, sizes, _ITEM_MASKS)):
+        for name, size, mask in zip(_ARRAYS, sizes, _ITEM_MASKS, strict=True):
+            if size & mask:
+                raise MalformedRollout(f"{name} has {size} bytes, not a multiple of {mask + 1}")
     try:
         header = msgpack.unpackb(
-            view[_HEADER_LENGTH.size : offset],
+            view[_PREFIX.size : offsets[0]],
             raw=False,
             strict_map_key=True,
             use_list=True,
@@ -181,19 +214,12 @@ def read_fields(raw: object) -> dict[str, Any]:
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         # msgpack signals truncation, extra data and bad UTF-8 with these.
         raise MalformedRollout(f"not a rollout header: {error}") from None
-    if type(header) is not dict:
-        raise MalformedRollout(f"header is a {type(header).__name__}, expected a map")
-    sizes = header.pop("arrays", None)
-    if type(sizes) is not dict:
-        raise MalformedRollout(f"arrays is a {_kind(sizes)}, expected a map of byte counts")
-    for name, size in sizes.items():
-        if type(size) is not int or size < 0 or name in header:
-            raise MalformedRollout(f"arrays[{name!r}] is not a byte count of a new field")
-        header[name] = view[offset : offset + size]
-        offset += size
-    if offset != view.nbytes:
-        raise MalformedRollout(f"arrays need {offset} bytes, the payload has {view.nbytes}")
-    return header
+    if type(header) is not list or len(header) != len(_HEADER):
+        found = f"{len(header)} fields" if type(header) is list else f"a {_kind(header)}"
+        raise MalformedRollout(
+            f"header holds {found}, expected a list of {len(_HEADER)}: {', '.join(_HEADER)}"
+        )
+    return header, offsets, view
 
 
 def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollout]:
@@ -211,28 +237,36 @@ def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollou
             entries.append(_parse(i, raw))
         except MalformedRollout as error:
             results[i] = error
-    token_counts = [entry.arrays[_TOKEN_IDS].nbytes // 4 for entry in entries]
-    for chunk in chunk_slices(token_counts):
+    token_bytes = [entry.offsets[_TOKEN_IDS + 1] - entry.offsets[_TOKEN_IDS] for entry in entries]
+    for chunk in chunk_slices([size // 4 for size in token_bytes]):
         batch = _batch(entries[chunk])
         prompts, prompt_bounds = batch.arrays[0], batch.bounds[0]
         for k, (entry, error) in enumerate(zip(entries[chunk], batch.errors(), strict=True)):
             results[entry.index] = error or RolloutGroup(
-                **entry.header,
+                run_id=entry.strings[0],
+                group_id=entry.strings[1],
+                env_name=entry.strings[2],
+                prompt_id=entry.strings[3],
                 prompt_token_ids=prompts[prompt_bounds[k] : prompt_bounds[k + 1]],
                 completions=ColumnCompletions(batch, k),
+                actor_id=entry.strings[4],
+                created_at=entry.created_at,
             )
     return results  # type: ignore[return-value]  # every entry was filled
 
 
 class _Entry(NamedTuple):
-    """One well-formed entry: its position, header fields and array bytes."""
+    """One well-formed entry: its position, header fields and where its arrays lie."""
 
     index: int
-    header: dict[str, Any]
+    strings: list[str]
+    """`_STRINGS`, in order."""
+    created_at: float
     finish_reasons: list[FinishReason]
     verifier_details: list[dict]
-    arrays: list[memoryview]
-    """In `NUMERIC_COLUMNS` order."""
+    view: memoryview
+    offsets: list[int]
+    """Where each array (in `NUMERIC_COLUMNS` order) starts in `view`, then the end."""
 
 
 def _batch(entries: Sequence[_Entry]) -> BatchColumns:
@@ -240,14 +274,16 @@ def _batch(entries: Sequence[_Entry]) -> BatchColumns:
     arrays, bounds = [], []
     for k, (view_dtype, host) in enumerate(_VIEWS):
         if len(entries) == 1:
-            array = np.frombuffer(entries[0].arrays[k], dtype=view_dtype)
+            (entry,) = entries
+            array = np.frombuffer(
+                entry.view[entry.offsets[k] : entry.offsets[k + 1]], dtype=view_dtype
+            )
             bounds.append([0, array.size])
         else:
-            pieces = [entry.arrays[k] for entry in entries]
+            pieces = [entry.view[entry.offsets[k] : entry.offsets[k + 1]] for entry in entries]
             array = np.frombuffer(b"".join(pieces), dtype=view_dtype)
             size = view_dtype.itemsize
-            counts = [piece.nbytes // size for piece in pieces]
-            bounds.append(list(itertools.accumulate(counts, initial=0)))
+            bounds.append(list(itertools.accumulate((p.nbytes // size for p in pieces), initial=0)))
         arrays.append(array if host is None else array.astype(host))
     return BatchColumns(
         arrays,
@@ -266,52 +302,24 @@ def decode_group(raw: object) -> RolloutGroup:
 
 
 def _parse(index: int, raw: object) -> _Entry:
-    """One entry's fields, type-checked; its arrays as views of the bytes."""
-    payload = read_fields(raw)
-    if payload.keys() != _FIELD_SET:
-        _explain_fields(payload)
-    arrays = []
-    for name, (view_dtype, _) in zip(_ARRAY_NAMES, _VIEWS, strict=True):
-        value = payload[name]
-        if type(value) is not memoryview:
-            raise MalformedRollout(f"{name} is a {_kind(value)}, expected an array's bytes")
-        if value.nbytes % view_dtype.itemsize:
-            raise MalformedRollout(
-                f"{name} has {value.nbytes} bytes, not a multiple of {view_dtype.itemsize}"
-            )
-        arrays.append(value)
-    return _entry(index, payload, arrays)
-
-
-def _entry(index: int, fields: dict[str, Any], arrays: list[memoryview]) -> _Entry:
-    """Check an entry's header fields."""
-    schema = fields["schema"]
-    if type(schema) is not int or schema != SCHEMA_VERSION:
-        raise MalformedRollout(f"schema version {schema!r}, this decoder reads {SCHEMA_VERSION}")
-    header: dict[str, Any] = {}
-    for name in _STRINGS:
-        value = fields[name]
+    """One entry's framing and header fields, type-checked."""
+    header, offsets, view = _unframe(raw)
+    strings = header[:5]
+    for name, value in zip(_STRINGS, strings, strict=True):
         if type(value) is not str or not value:
             raise MalformedRollout(f"{name} must be a non-empty string, got {_kind(value)}")
-        header[name] = value
-    created_at = fields["created_at"]
+    created_at = header[5]
     if type(created_at) not in (float, int) or not math.isfinite(created_at):
         raise MalformedRollout(f"created_at is a {_kind(created_at)}, expected a finite float")
-    header["created_at"] = float(created_at)
     return _Entry(
         index,
-        header,
-        _finish_reasons(fields["finish_reasons"]),
-        _verifier_details(fields["verifier_details"]),
-        arrays,
+        strings,
+        float(created_at),
+        _finish_reasons(header[6]),
+        _verifier_details(header[7]),
+        view,
+        offsets,
     )
-
-
-def _explain_fields(payload: dict) -> None:
-    for name in _FIELDS:
-        if name not in payload:
-            raise MalformedRollout(f"{name} is missing")
-    raise MalformedRollout(f"unknown fields {sorted(map(str, payload.keys() - _FIELD_SET))}")
 
 
 def _kind(value: object) -> str:

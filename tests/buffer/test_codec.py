@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 
 import msgpack
 import numpy as np
@@ -34,11 +35,14 @@ def test_arrays_are_little_endian_columns(group: RolloutGroup) -> None:
     assert payload["behaviour_logprobs"] == logprobs.astype("<f4").tobytes()
     lengths = [c.n_tokens for c in group.completions]
     assert payload["completion_lengths"] == np.array(lengths, "<i4").tobytes()
-    # The header is msgpack (no arrays inside); the arrays follow it back to back.
-    header_length = int.from_bytes(raw[:4], "little")
-    header = msgpack.unpackb(raw[4 : 4 + header_length])
-    assert "token_ids" not in header and "run_id" in header
-    assert len(raw) == 4 + header_length + sum(header["arrays"].values())
+    # A fixed prefix (schema version, header length, each array's byte count), then a
+    # positional msgpack header (no arrays inside), then the arrays back to back.
+    schema, header_length, *sizes = struct.unpack_from("<II10I", raw)
+    assert schema == SCHEMA_VERSION
+    header = msgpack.unpackb(raw[48 : 48 + header_length])
+    assert header[:2] == [group.run_id, group.group_id] and len(header) == 8
+    assert sizes[2] == sum(c.n_tokens for c in group.completions) * 4  # token_ids
+    assert len(raw) == 48 + header_length + sum(sizes)
     # Decoded arrays are views into the bytes Redis returned, not copies.
     decoded = decode_group(raw).completions[0].token_ids
     assert not decoded.flags.owndata and not decoded.flags.writeable
@@ -93,9 +97,7 @@ def _i4(*values: int) -> bytes:
     ("mutate", "message"),
     [
         (lambda p: p.update(schema=SCHEMA_VERSION + 1), "schema version"),
-        (lambda p: p.pop("run_id"), "run_id is missing"),
         (lambda p: p.update(run_id=""), "run_id must be a non-empty string"),
-        (lambda p: p.update(extra=1), "unknown fields"),
         (lambda p: p.update(created_at="now"), "created_at is a str"),
         (
             lambda p: p.update(rewards=np.array([np.nan]).tobytes()),
@@ -112,8 +114,8 @@ def _i4(*values: int) -> bytes:
         (lambda p: p.update(verifier_details=[{"x": [1]}]), "not a scalar"),
         (lambda p: p.update(version_lengths=_i4(9)), r"completions\[0\].policy_versions covers 9"),
         (lambda p: p.update(runs_per_completion=_i4(2)), "mismatched or empty runs"),
-        (lambda p: p.update(token_ids=7), "token_ids is a int, expected an array's bytes"),
-        (lambda p: p.pop("rewards"), "rewards is missing"),
+        (lambda p: p.update(rewards=b""), "rewards has 0 entries for 1 completions"),
+        (lambda p: p.update(generation_s=b"\x00" * 12), "not a multiple of 8"),
     ],
 )
 def test_decoder_names_what_is_wrong(mutate: object, message: str) -> None:
@@ -121,13 +123,21 @@ def test_decoder_names_what_is_wrong(mutate: object, message: str) -> None:
         decode_group(_reencode(mutate))
 
 
+def _framed(header: bytes, sizes: tuple = (0,) * 10, schema: int = SCHEMA_VERSION) -> bytes:
+    return struct.pack("<II10I", schema, len(header), *sizes) + header
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (b"\x01\x00", "too short"),
-        (b"\xff\xff\x00\x00{}", "runs past the payload"),
-        (b"\x01\x00\x00\x00\x90", "header is a list"),
-        (b"\x01\x00\x00\x00\x80", "arrays is a NoneType"),
+        (b"\x03\x00", "too short"),
+        (struct.pack("<II10I", SCHEMA_VERSION, 10**6, *[0] * 10), "need 1000048 bytes"),
+        (_framed(b"\x90", schema=2), "schema version 2, this decoder reads"),
+        (_framed(b"\x90"), "header holds 0 fields, expected a list of 8: run_id, group_id"),
+        (_framed(b"\x80"), "header holds a dict"),
+        (_framed(b"\xc1"), "not a rollout header"),
+        (_framed(msgpack.packb(1), sizes=(1,) + (0,) * 9) + b"\x00", "not a multiple of 4"),
+        (_framed(b"\xd4\x01\x00"), "extension type 1"),
     ],
 )
 def test_framing_errors_are_named(raw: bytes, message: str) -> None:
@@ -137,9 +147,9 @@ def test_framing_errors_are_named(raw: bytes, message: str) -> None:
 
 def test_arrays_must_fill_the_payload_exactly() -> None:
     raw = encode_group(make_group())
-    with pytest.raises(MalformedRollout, match="arrays need"):
+    with pytest.raises(MalformedRollout, match="header and arrays need"):
         decode_group(raw + b"\x00")
-    with pytest.raises(MalformedRollout, match="arrays need"):
+    with pytest.raises(MalformedRollout, match="header and arrays need"):
         decode_group(raw[:-1])
 
 
