@@ -20,6 +20,7 @@ import json
 import platform
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +175,9 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
     taken = 0
     previous = None
     while taken < n_groups:
-        _, reply, _ = transport._claim(BATCH, 1, "bench", "", previous)
-        previous = HeldBatch("bench", [entry_id.decode() for entry_id in reply[1::3]])
+        token = uuid.uuid4().hex  # one per claim, as `sample` does
+        _, reply, _ = transport._claim(BATCH, 1, token, "", previous)
+        previous = HeldBatch(token, [entry_id.decode() for entry_id in reply[1::3]])
         taken += len(previous.entry_ids)
     transport.commit("bench", [previous])
     transport_s = time.perf_counter() - started

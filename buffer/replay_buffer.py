@@ -32,7 +32,7 @@ from buffer.schema import MalformedRollout, RolloutGroup
 log = logging.getLogger(__name__)
 
 _KEY_NAMES = (
-    "payload", "ready", "live", "claimed", "claim_token", "reuse", "vcount",
+    "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
     "held",
 )  # fmt: skip
@@ -272,7 +272,7 @@ class ReplayBuffer:
             if time.monotonic() >= deadline:
                 if claimed:
                     # Give back a partial batch rather than holding it: expire it now.
-                    self.unclaim([g.entry_id for g in claimed])
+                    self._run("extend", token, -1, *[g.entry_id for g in claimed])
                     if hold_as:
                         self._forget_held(hold_as, [Batch(token, version)])
                 return Batch(token, version, [], previous_ack)
@@ -324,16 +324,6 @@ class ReplayBuffer:
                 continue
             groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
-
-    def unclaim(self, entry_ids: Sequence[str]) -> None:
-        """Return claims to the buffer now instead of at their visibility timeout."""
-        if not entry_ids:
-            return
-        # Setting the deadline to 0 makes the next sample requeue them.
-        pipe = self.client.pipeline(transaction=False)
-        for entry_id in entry_ids:
-            pipe.zadd(self._key["claimed"], {entry_id: 0}, xx=True)
-        pipe.execute()
 
     def ack(self, batch: Batch) -> AckResult:
         """Finish the batch's claims after the learner step that used them."""

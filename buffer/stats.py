@@ -101,12 +101,12 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     pipe.hgetall(buffer.key("vcount"))
     pipe.hgetall(buffer.key("sampled_staleness"))
     pipe.zcard(buffer.key("ready"))
-    pipe.zcard(buffer.key("claimed"))
+    pipe.zcard(buffer.key("live"))  # stored groups: ready ones and claimed ones
     pipe.zcard(buffer.key("leases"))
     pipe.smembers(buffer.key("producers"))
     pipe.zrange(buffer.key("ready"), 0, 0, withscores=True)
     pipe.time()
-    (version, counters, vcount, sampled, depth, claimed, leases, producer_ids, oldest,
+    (version, counters, vcount, sampled, depth, stored, leases, producer_ids, oldest,
      now) = pipe.execute()  # fmt: skip
     version = int(version or 0)
     now_s = now[0] + now[1] / 1e6
@@ -144,7 +144,7 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     return BufferStats(
         learner_version=version,
         depth=int(depth),
-        claimed=int(claimed),
+        claimed=int(stored) - int(depth),  # claims are recorded per batch, not per group
         in_flight=int(leases),
         bytes=counters.get("bytes", 0),
         staleness_histogram=dict(sorted(staleness.items())),

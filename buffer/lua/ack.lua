@@ -5,30 +5,23 @@
 local token, max_reuse = ARGV[1], tonumber(ARGV[2])
 local result = {0, 0}
 if #ARGV < 3 then return result end
-local ids = {unpack(ARGV, 3)}
-local holders = redis.call('HMGET', K_CLAIM_TOKEN, unpack(ids))
-local mine = {}
-for i, id in ipairs(ids) do
-  if holders[i] == token then table.insert(mine, id) end
-end
-local stale = #ids - #mine
+local mine, others = release_claims(token, {unpack(ARGV, 3)})
+local stale = #others
 if #mine > 0 then
-  call_chunked('ZREM', K_CLAIMED, mine)
-  call_chunked('HDEL', K_CLAIM_TOKEN, mine)
   local uses = redis.call('HMGET', K_REUSE, unpack(mine))
   local finished, tombstones, replay, replay_uses = {}, {}, {}, {}
-  local now = now_ms()
+  local stamp = tostring(now_ms())  -- converted once, not once per tombstone
   for i, id in ipairs(mine) do
     local used = tonumber(uses[i] or '0')
     if used < max_reuse then
-      table.insert(replay, id)
-      table.insert(replay_uses, used + 1)
+      replay[#replay + 1] = id
+      replay_uses[#replay_uses + 1] = used + 1
     else
-      table.insert(finished, id)
-      table.insert(tombstones, now)
-      table.insert(tombstones, id)
+      finished[#finished + 1] = id
+      tombstones[#tombstones + 1] = stamp
+      tombstones[#tombstones + 1] = id
     end
-    table.insert(result, id)
+    result[#result + 1] = id
   end
   if #replay > 0 then
     -- Deliberate off-policy replay: back to ready under its version, its use counted.

@@ -1,5 +1,5 @@
 -- Shared by every script (prepended by replay_buffer.py). KEYS is always the same list:
-local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIM_TOKEN, K_REUSE, K_VCOUNT,
+local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIMS, K_REUSE, K_VCOUNT,
       K_COUNTERS, K_SAMPLED, K_ACKED, K_LEASES, K_QUARANTINE, K_VERSION, K_PRODUCERS, K_HELD =
       KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
       KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
@@ -51,16 +51,58 @@ local function remove_entries(ids)
   return freed
 end
 
+-- Claims are recorded per `sample` call (its token), not per group: `claimed` holds each
+-- token's visibility deadline and `claims` the ids it still holds, packed. Claiming or
+-- acking a batch then costs a few commands whatever its size; per-group records made up
+-- a third of the claim script's server time.
+local function held_ids(token)
+  local packed = redis.call('HGET', K_CLAIMS, token)
+  if not packed then return {} end
+  return cmsgpack.unpack(packed)
+end
+
+-- Split `ids` into those `token` holds (each once) and the rest; the token keeps only
+-- the ids it held that are not in `ids`.
+local function release_claims(token, ids)
+  local held = held_ids(token)
+  local holding = {}
+  for _, id in ipairs(held) do holding[id] = true end
+  local mine, others, kept = {}, {}, {}
+  for _, id in ipairs(ids) do
+    if holding[id] then
+      mine[#mine + 1] = id
+      holding[id] = false
+    else
+      others[#others + 1] = id
+    end
+  end
+  if #mine == 0 then return mine, others end
+  for _, id in ipairs(held) do
+    if holding[id] then kept[#kept + 1] = id end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', K_CLAIMS, token)
+    redis.call('ZREM', K_CLAIMED, token)
+  else
+    redis.call('HSET', K_CLAIMS, token, cmsgpack.pack(kept))
+  end
+  return mine, others
+end
+
 -- Claims whose visibility deadline passed go back to ready: their consumer died.
 local function requeue_expired_claims(now)
   local expired = redis.call('ZRANGEBYSCORE', K_CLAIMED, '-inf', now)
-  for _, id in ipairs(expired) do
-    redis.call('ZREM', K_CLAIMED, id)
-    redis.call('HDEL', K_CLAIM_TOKEN, id)
-    local version = redis.call('ZSCORE', K_LIVE, id)
-    if version then redis.call('ZADD', K_READY, version, id) end
+  local requeued = 0
+  for _, token in ipairs(expired) do
+    for _, id in ipairs(held_ids(token)) do
+      local version = redis.call('ZSCORE', K_LIVE, id)
+      if version then redis.call('ZADD', K_READY, version, id) end
+      requeued = requeued + 1
+    end
+    redis.call('HDEL', K_CLAIMS, token)
+    redis.call('ZREM', K_CLAIMED, token)
   end
-  if #expired > 0 then redis.call('HINCRBY', K_COUNTERS, 'redelivered', #expired) end
+  if requeued > 0 then redis.call('HINCRBY', K_COUNTERS, 'redelivered', requeued) end
 end
 
 -- An admitted slot that will never be trained (lease expired or released, group dropped,

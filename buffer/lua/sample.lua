@@ -25,15 +25,10 @@ end
 local chosen = redis.call('ZRANGEBYSCORE', K_READY, oldest_allowed, '+inf', 'WITHSCORES', 'LIMIT', 0, n)
 local result = {version}
 if #chosen / 2 < min_n or #chosen == 0 then return result end
-local ids, deadlines, tokens, staleness = {}, {}, {}, {}
--- Indexed writes and one deadline string: table.insert, and converting a number for
--- every argument of redis.call, were a measurable part of this script's server time.
-local deadline = tostring(now + visibility_ms)
+local ids, staleness = {}, {}
 for i = 1, #chosen / 2 do
   local id, lag = chosen[2 * i - 1], version - tonumber(chosen[2 * i])
   ids[i] = id
-  deadlines[2 * i - 1], deadlines[2 * i] = deadline, id
-  tokens[2 * i - 1], tokens[2 * i] = id, token
   staleness[lag] = (staleness[lag] or 0) + 1
 end
 redis.call('DEL', listed)
@@ -41,15 +36,19 @@ call_chunked('RPUSH', listed, ids)
 -- Should the client never delete it (its connection dropped mid-pipeline).
 redis.call('PEXPIRE', listed, visibility_ms)
 call_chunked('ZREM', K_READY, ids)
-call_chunked('ZADD', K_CLAIMED, deadlines)
-call_chunked('HSET', K_CLAIM_TOKEN, tokens)
+-- The token's claim record; a call that claims again (replacing quarantined entries) adds
+-- to it, and the batch's deadline restarts.
+local held = held_ids(token)
+for _, id in ipairs(ids) do held[#held + 1] = id end
+redis.call('HSET', K_CLAIMS, token, cmsgpack.pack(held))
+redis.call('ZADD', K_CLAIMED, now + visibility_ms, token)
 for lag, count in pairs(staleness) do redis.call('HINCRBY', K_SAMPLED, lag, count) end
 redis.call('HINCRBY', K_COUNTERS, 'sampled', #ids)
 if hold_as ~= '' then
   local field = hold_as .. '|' .. token
-  local held = cjson.decode(redis.call('HGET', K_HELD, field) or '[]')
-  for _, id in ipairs(ids) do table.insert(held, id) end
-  redis.call('HSET', K_HELD, field, cjson.encode(held))
+  local journal = cjson.decode(redis.call('HGET', K_HELD, field) or '[]')
+  for _, id in ipairs(ids) do table.insert(journal, id) end
+  redis.call('HSET', K_HELD, field, cjson.encode(journal))
 end
 local reuses = redis.call('HMGET', K_REUSE, unpack(ids))
 for i, id in ipairs(ids) do

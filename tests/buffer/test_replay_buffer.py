@@ -85,6 +85,24 @@ def test_visibility_timeout_redelivers_and_fences_the_late_owner(make_buffer: ob
     assert (counters["redelivered"], counters["acked"], counters["stale_acks"]) == (2, 2, 2)
 
 
+def test_claims_are_recorded_per_batch_and_acked_in_parts(make_buffer: object) -> None:
+    buffer = make_buffer()
+    buffer.put([versioned_group(f"p{i}", 0) for i in range(4)], "actor-0")
+    batch = buffer.sample(4)
+    # One deadline per sample call; the claimed count is still in groups.
+    assert buffer.client.zrange(buffer.key("claimed"), 0, -1) == [batch.token.encode()]
+    assert read_stats(buffer).claimed == 4
+    first, second = batch.entry_ids[:1], batch.entry_ids[1:]
+    part = buffer._ack_result(buffer._run("ack", batch.token, 0, *first, *first))
+    assert (part.acked_ids, part.stale_claims) == (first, 1)  # a repeated id is acked once
+    assert read_stats(buffer).claimed == 3
+    rest = buffer.ack(batch)  # the acked id again, and the three still held
+    assert (sorted(rest.acked_ids), rest.stale_claims) == (sorted(second), 1)
+    stats = read_stats(buffer)
+    assert (stats.claimed, stats.counters["acked"]) == (0, 4)
+    assert not buffer.client.exists(buffer.key("claimed"), buffer.key("claims"))
+
+
 def test_many_producers_and_crashing_consumers_deliver_each_group_exactly_once(
     make_buffer: object, redis_server: RedisServer, tmp_path: Path
 ) -> None:
