@@ -31,14 +31,15 @@ import numpy as np
 from buffer.schema import (
     NUMERIC_COLUMNS,
     SCHEMA_VERSION,
+    TOKEN_COLUMNS,
     BatchColumns,
     ColumnCompletions,
     FinishReason,
     GroupColumns,
     MalformedRollout,
     RolloutGroup,
-    chunk_slices,
     gather_columns,
+    plan_batches,
 )
 
 # Little-endian on the wire whatever the host is, so actors and learners on different
@@ -238,10 +239,11 @@ def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollou
         except MalformedRollout as error:
             results[i] = error
     token_bytes = [entry.offsets[_TOKEN_IDS + 1] - entry.offsets[_TOKEN_IDS] for entry in entries]
-    for chunk in chunk_slices([size // 4 for size in token_bytes]):
-        batch = _batch(entries[chunk])
+    for indices, join_tokens in plan_batches([size // 4 for size in token_bytes]):
+        chunk = [entries[i] for i in indices]
+        batch = _batch(chunk, join_tokens)
         prompts, prompt_bounds = batch.arrays[0], batch.bounds[0]
-        for k, (entry, error) in enumerate(zip(entries[chunk], batch.errors(), strict=True)):
+        for k, (entry, error) in enumerate(zip(chunk, batch.errors(), strict=True)):
             results[entry.index] = error or RolloutGroup(
                 run_id=entry.strings[0],
                 group_id=entry.strings[1],
@@ -269,22 +271,24 @@ class _Entry(NamedTuple):
     """Where each array (in `NUMERIC_COLUMNS` order) starts in `view`, then the end."""
 
 
-def _batch(entries: Sequence[_Entry]) -> BatchColumns:
-    """The entries' arrays, one per column: joined (one copy) or, alone, a view."""
-    arrays, bounds = [], []
+def _batch(entries: Sequence[_Entry], join_tokens: bool) -> BatchColumns:
+    """The entries' arrays, one per column, joined (one copy) or, alone, a view; with
+    `join_tokens` False, the token columns are views of each entry's bytes instead."""
+    arrays: list = []
+    bounds = []
     for k, (view_dtype, host) in enumerate(_VIEWS):
-        if len(entries) == 1:
-            (entry,) = entries
-            array = np.frombuffer(
-                entry.view[entry.offsets[k] : entry.offsets[k + 1]], dtype=view_dtype
-            )
-            bounds.append([0, array.size])
+        pieces = [entry.view[entry.offsets[k] : entry.offsets[k + 1]] for entry in entries]
+        size = view_dtype.itemsize
+        bounds.append(list(itertools.accumulate((p.nbytes // size for p in pieces), initial=0)))
+        per_group = k in TOKEN_COLUMNS and not join_tokens
+        if per_group or len(pieces) == 1:
+            parts = [np.frombuffer(piece, dtype=view_dtype) for piece in pieces]
+            if host is not None:
+                parts = [part.astype(host) for part in parts]
+            arrays.append(parts if per_group else parts[0])
         else:
-            pieces = [entry.view[entry.offsets[k] : entry.offsets[k + 1]] for entry in entries]
             array = np.frombuffer(b"".join(pieces), dtype=view_dtype)
-            size = view_dtype.itemsize
-            bounds.append(list(itertools.accumulate((p.nbytes // size for p in pieces), initial=0)))
-        arrays.append(array if host is None else array.astype(host))
+            arrays.append(array if host is None else array.astype(host))
     return BatchColumns(
         arrays,
         bounds,

@@ -455,36 +455,44 @@ def check_columns(groups: Sequence[GroupColumns]) -> list[MalformedRollout | Non
     concatenated (`BatchColumns.errors`): a few numpy calls for a whole chunk of groups
     instead of a few dozen per group.
     """
-    errors: list[MalformedRollout | None] = []
-    for chunk in chunk_slices([g.token_ids.size for g in groups]):
-        errors += BatchColumns.of(groups[chunk]).errors()
+    errors: list[MalformedRollout | None] = [None] * len(groups)
+    for indices, join_tokens in plan_batches([g.token_ids.size for g in groups]):
+        batch = BatchColumns.of([groups[i] for i in indices], join_tokens)
+        for i, error in zip(indices, batch.errors(), strict=True):
+            errors[i] = error
     return errors
 
 
 _CHUNK_TOKENS = 65536
 """Small groups are concatenated for checking until a chunk holds this many tokens: enough
-to amortise numpy's per-call cost. Groups of `_ALONE_TOKENS` or more are checked alone:
-copying them costs more than the calls it saves (measured: 4x slower for 8 x 4,096)."""
-_ALONE_TOKENS = 16384
+to amortise numpy's per-call cost."""
+_BIG_TOKENS = 16384
+"""Groups of this many tokens or more are not worth copying into one array (measured: 4x
+slower for 8 x 4,096): their token columns are checked group by group, and only their
+other, small columns are joined."""
 
 
-def chunk_slices(token_counts: Sequence[int]) -> list[slice]:
-    """Consecutive groups worth concatenating, given each group's number of tokens."""
-    chunks, start, tokens = [], 0, 0
-    for end, size in enumerate(token_counts, 1):
-        if size >= _ALONE_TOKENS:
-            if start < end - 1:
-                chunks.append(slice(start, end - 1))
-            chunks.append(slice(end - 1, end))
-            start, tokens = end, 0
+def plan_batches(token_counts: Sequence[int]) -> list[tuple[list[int], bool]]:
+    """Which groups to check together, given each group's number of tokens, and whether
+    to join their token columns: small groups by chunks, joined; big groups all at once,
+    their token columns per group."""
+    plan: list[tuple[list[int], bool]] = []
+    chunk: list[int] = []
+    tokens = 0
+    for i, size in enumerate(token_counts):
+        if size >= _BIG_TOKENS:
             continue
+        chunk.append(i)
         tokens += size
         if tokens >= _CHUNK_TOKENS:
-            chunks.append(slice(start, end))
-            start, tokens = end, 0
-    if start < len(token_counts):
-        chunks.append(slice(start, len(token_counts)))
-    return chunks
+            plan.append((chunk, True))
+            chunk, tokens = [], 0
+    if chunk:
+        plan.append((chunk, True))
+    big = [i for i, size in enumerate(token_counts) if size >= _BIG_TOKENS]
+    if big:
+        plan.append((big, False))
+    return plan
 
 
 NUMERIC_COLUMNS = (
@@ -492,6 +500,10 @@ NUMERIC_COLUMNS = (
     "version_values", "version_lengths", "runs_per_completion", "rewards", "generation_s",
 )  # fmt: skip
 """`GroupColumns`' arrays, in the order `BatchColumns` and the wire format keep them."""
+TOKEN_COLUMNS = frozenset(
+    NUMERIC_COLUMNS.index(name) for name in ("token_ids", "behaviour_logprobs", "loss_mask")
+)
+"""Indices of the columns with an entry per token."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -501,10 +513,14 @@ class BatchColumns:
     `bounds[k]` holds where each group's entries of column k start, then the end: group
     i's part of column k is `arrays[k][bounds[k][i]:bounds[k][i + 1]]`. Validation runs
     on the whole batch at once, and decoded groups are views into it.
+
+    Big groups' token columns are not worth copying into one array: for them
+    `arrays[k]` of a token column is a list of each group's array instead, and the
+    checks of those columns run group by group (the other columns are still joined).
     """
 
-    arrays: list[np.ndarray]
-    """The numeric columns, in `NUMERIC_COLUMNS` order."""
+    arrays: list[np.ndarray | list[np.ndarray]]
+    """The numeric columns, in `NUMERIC_COLUMNS` order; token columns may be per group."""
     bounds: list[list[int]]
     finish_reasons: list[list[FinishReason]]
     """Per group."""
@@ -512,11 +528,19 @@ class BatchColumns:
     """Per group."""
 
     @classmethod
-    def of(cls, groups: Sequence[GroupColumns]) -> BatchColumns:
-        """Concatenate groups' columns (no copy for a single group)."""
+    def of(cls, groups: Sequence[GroupColumns], join_tokens: bool = True) -> BatchColumns:
+        """Concatenate groups' columns (no copy for a single group); with `join_tokens`
+        False, the token columns stay per group."""
         columns = [[getattr(g, name) for g in groups] for name in NUMERIC_COLUMNS]
         return cls(
-            [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in columns],
+            [
+                parts
+                if not join_tokens and k in TOKEN_COLUMNS
+                else parts[0]
+                if len(parts) == 1
+                else np.concatenate(parts)
+                for k, parts in enumerate(columns)
+            ],
             [list(itertools.accumulate((a.size for a in parts), initial=0)) for parts in columns],
             [g.finish_reasons for g in groups],
             [g.verifier_details for g in groups],
@@ -528,7 +552,7 @@ class BatchColumns:
     def group(self, i: int) -> GroupColumns:
         """Group i's columns: views into the batch's arrays."""
         views = {
-            name: array[bounds[i] : bounds[i + 1]]
+            name: array[i] if type(array) is list else array[bounds[i] : bounds[i + 1]]
             for name, array, bounds in zip(NUMERIC_COLUMNS, self.arrays, self.bounds, strict=True)
         }
         return GroupColumns(
@@ -601,13 +625,18 @@ class BatchColumns:
             or np.add.reduceat(runs, starts, dtype=np.int64).tolist() != self._counts[5]
         ):
             return False
-        if tokens.min() < 0 or mask.view(np.uint8).max() > 1:
-            return False
-        # Single-turn completions are sampled throughout: no copy of the log-probs then.
-        sampled = logprobs if mask.all() else logprobs[mask]
-        # NaN fails both comparisons.
-        if sampled.size and not (sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE):
-            return False
+        if type(tokens) is not list:  # joined, or per group (see the class)
+            tokens, logprobs, mask = [tokens], [logprobs], [mask]
+        for group_tokens, group_logprobs, group_mask in zip(tokens, logprobs, mask, strict=True):
+            if group_tokens.min() < 0 or group_mask.view(np.uint8).max() > 1:
+                return False
+            # Single-turn completions are sampled throughout: no copy of the log-probs then.
+            sampled = group_logprobs if group_mask.all() else group_logprobs[group_mask]
+            # NaN fails both comparisons.
+            if sampled.size and not (
+                sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE
+            ):
+                return False
         if values.min() < 0 or run_lengths.min() <= 0:
             return False
         run_starts = np.cumsum(runs, dtype=np.int64) - runs

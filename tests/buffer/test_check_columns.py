@@ -4,16 +4,23 @@
 `GroupColumns.validate` one group at a time when something is wrong. A corruption the
 batch check missed would hand a malformed group to the learner, so every kind of value
 corruption is tried at random positions in random batches.
+
+Big groups' token columns are checked group by group instead of joined; the tests draw
+the size at which a group counts as big, so that both ways (and batches mixing them) are
+held to the same standard.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from buffer import schema
 from buffer.codec import decode_groups, encode_groups, read_fields, write_fields
 from buffer.schema import (
     NUMERIC_COLUMNS,
@@ -100,19 +107,25 @@ def _valid_alone(columns: GroupColumns) -> bool:
     return True
 
 
+_BIG = st.sampled_from([1, 8, 20, 16384])
+"""Tokens from which a group's token columns are checked alone (16384 in production)."""
+
+
 @settings(max_examples=300)
 @given(
     st.lists(rollout_groups(), min_size=1, max_size=5),
     st.lists(st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))),
+    _BIG,
 )
 def test_batch_check_finds_every_group_that_fails_alone(
-    groups: list, corruptions: list[tuple[int, str, int]]
+    groups: list, corruptions: list[tuple[int, str, int]], big_tokens: int
 ) -> None:
     batch = [group.columns() for group in groups]
     for index, kind, position in corruptions:
         if index < len(batch):
             batch[index] = _corrupt(batch[index], kind, position)
-    errors = check_columns(batch)
+    with mock.patch.object(schema, "_BIG_TOKENS", big_tokens):
+        errors = check_columns(batch)
     assert [error is None for error in errors] == [_valid_alone(c) for c in batch]
     for error, columns in zip(errors, batch, strict=True):
         if error is not None:  # the same message as checking the group alone
@@ -122,9 +135,10 @@ def test_batch_check_finds_every_group_that_fails_alone(
                 assert str(alone) == str(error)
 
 
-@given(st.lists(rollout_groups(), min_size=1, max_size=6))
-def test_a_batch_decodes_to_the_groups_with_lazy_completions(groups: list) -> None:
-    decoded = decode_groups([encoded.payload for encoded in encode_groups(groups)])
+@given(st.lists(rollout_groups(), min_size=1, max_size=6), _BIG)
+def test_a_batch_decodes_to_the_groups_with_lazy_completions(groups: list, big_tokens: int) -> None:
+    with mock.patch.object(schema, "_BIG_TOKENS", big_tokens):
+        decoded = decode_groups([encoded.payload for encoded in encode_groups(groups)])
     assert decoded == groups
     for group, original in zip(decoded, groups, strict=True):
         assert isinstance(group.completions, ColumnCompletions)
@@ -149,9 +163,10 @@ def test_one_bad_entry_in_a_batch_is_reported_alone() -> None:
 @given(
     st.lists(rollout_groups(), min_size=1, max_size=5),
     st.lists(st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))),
+    _BIG,
 )
 def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
-    groups: list, corruptions: list[tuple[int, str, int]]
+    groups: list, corruptions: list[tuple[int, str, int]], big_tokens: int
 ) -> None:
     # The same corruptions, written into encoded entries: decoding joins the entries'
     # arrays into one batch, and must still attribute each defect to its entry.
@@ -167,7 +182,8 @@ def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
             fields[name] = array.view(np.uint8) if array.dtype == np.bool_ else array
         fields["finish_reasons"] = [reason.value for reason in corrupted.finish_reasons]
         payloads.append(write_fields(fields))
-    decoded = decode_groups(payloads)
+    with mock.patch.object(schema, "_BIG_TOKENS", big_tokens):
+        decoded = decode_groups(payloads)
     for result, corrupted in zip(decoded, columns, strict=True):
         if _valid_alone(corrupted):
             assert isinstance(result, RolloutGroup)
@@ -176,3 +192,34 @@ def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
                 assert decoded_bytes == getattr(corrupted, name).tobytes(), name
         else:
             assert isinstance(result, MalformedRollout)
+
+
+@pytest.mark.parametrize(
+    "kind", ["negative_token", "mask_byte", "nan_logprob", "positive_logprob", "inf_logprob"]
+)
+@pytest.mark.parametrize("target", [1, 3])
+def test_big_groups_mixed_with_small_ones_keep_their_order_and_their_defects(
+    kind: str, target: int
+) -> None:
+    # Real sizes: two groups over 16,384 tokens (token columns checked alone) between
+    # small ones (joined); one big group has a defect in its token columns.
+    def group(name: str, tokens: int) -> RolloutGroup:
+        return versioned_group(name, version=1, tokens=tokens // 2)  # two completions
+
+    groups = [group("s0", 8), group("b1", 20_000), group("s2", 8), group("b3", 17_000)]
+    columns = [g.columns() for g in groups]
+    columns[target] = _corrupt(columns[target], kind, 12_345)
+    errors = check_columns(columns)
+    assert [e is None for e in errors] == [i != target for i in range(4)]
+    payloads = [encoded.payload for encoded in encode_groups(groups)]
+    fields = read_fields(payloads[target])
+    for name in ("token_ids", "behaviour_logprobs", "loss_mask"):
+        array = getattr(columns[target], name)
+        fields[name] = array.view(np.uint8) if array.dtype == np.bool_ else array
+    payloads[target] = write_fields(fields)
+    decoded = decode_groups(payloads)
+    assert str(decoded[target]) == str(errors[target])
+    assert [decoded[i] for i in range(4) if i != target] == [
+        groups[i] for i in range(4) if i != target
+    ]
+    assert decoded[1 if target == 3 else 3].completions[0].token_ids.size in (10_000, 8_500)
