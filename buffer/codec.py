@@ -227,9 +227,10 @@ def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollou
     """Decode and validate bytes from the buffer: per entry, the group or what is wrong.
 
     Small groups' arrays are joined into one array per column for a chunk of groups
-    (`BatchColumns`) and validated with one pass of numpy calls; a big group's arrays
-    are viewed where they lie in its bytes. Either way, a group's columns and completions
-    are built only when someone reads them (`ColumnCompletions`).
+    (`BatchColumns`) and validated with one pass of numpy calls. Big groups form a batch
+    too, but their token columns are views of their bytes, checked group by group
+    (`plan_batches`). Either way, a group's columns and completions are built only when
+    someone reads them (`ColumnCompletions`).
     """
     results: list[RolloutGroup | MalformedRollout | None] = [None] * len(raws)
     entries: list[_Entry] = []
