@@ -103,6 +103,21 @@ def test_claims_are_recorded_per_batch_and_acked_in_parts(make_buffer: object) -
     assert not buffer.client.exists(buffer.key("claimed"), buffer.key("claims"))
 
 
+def test_a_partial_batch_is_given_back_at_once(make_buffer: object) -> None:
+    # Three entries, one garbage: sample(3) quarantines it, finds no replacement in time,
+    # and gives the two good claims back at once rather than at the visibility timeout.
+    buffer = make_buffer(visibility_timeout_s=60.0)
+    buffer.put([versioned_group("ok-1", 0), versioned_group("ok-2", 0)], "actor-0")
+    buffer.client.set(buffer.payload_key("bad"), b"garbage")
+    buffer.client.zadd(buffer.key("ready"), {"bad": -1})  # claimed first: oldest
+    buffer.client.zadd(buffer.key("live"), {"bad": -1})
+    assert buffer.sample(3, timeout_s=0.2).groups == []
+    assert read_stats(buffer).counters["quarantined"] == 1
+    again = buffer.sample(2, timeout_s=0.1)
+    assert sorted(again.entry_ids) == ["ok-1", "ok-2"]
+    assert buffer.ack(again).acked == 2
+
+
 def test_many_producers_and_crashing_consumers_deliver_each_group_exactly_once(
     make_buffer: object, redis_server: RedisServer, tmp_path: Path
 ) -> None:
