@@ -102,9 +102,15 @@ def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
             except MalformedRollout as error:
                 raise MalformedRollout(f"group {group.group_id!r}: {error}") from None
         raise
-    for group, error in zip(groups, batch.errors(), strict=True):
-        if error is not None:
-            raise MalformedRollout(f"group {group.group_id!r}: {error}")
+    for i, (group, error) in enumerate(zip(groups, batch.errors(), strict=True)):
+        try:
+            if error is not None:
+                raise error
+            # What decoding would refuse (and msgpack may not even write, like numpy
+            # scalars) fails here, in the actor, instead of being quarantined later.
+            _verifier_details(batch.verifier_details[i])
+        except MalformedRollout as failure:
+            raise MalformedRollout(f"group {group.group_id!r}: {failure}") from None
     encoded = []
     for i, group in enumerate(groups):
         columns = batch.group(i)
@@ -350,7 +356,8 @@ def _verifier_details(values: object) -> list[dict]:
         for key, value in details.items():
             if type(key) is not str or type(value) not in _SCALARS:
                 raise MalformedRollout(
-                    f"completions[{i}].verifier_details[{key!r}] is not a scalar"
+                    f"completions[{i}].verifier_details[{key!r}] is a {type(value).__name__}, "
+                    "not a str, int, float, bool or None (numpy scalars: use .item())"
                 )
     return values
 

@@ -111,7 +111,7 @@ def _i4(*values: int) -> bytes:
         (lambda p: p.update(loss_mask=b"\x02" * 4), "other than 0 or 1"),
         (lambda p: p.update(completion_lengths=_i4(5)), "holds 4 entries for 5 tokens"),
         (lambda p: p.update(finish_reasons=["exploded"]), "unknown reason"),
-        (lambda p: p.update(verifier_details=[{"x": [1]}]), "not a scalar"),
+        (lambda p: p.update(verifier_details=[{"x": [1]}]), r"\[.x.\] is a list, not a str"),
         (lambda p: p.update(version_lengths=_i4(9)), r"completions\[0\].policy_versions covers 9"),
         (lambda p: p.update(runs_per_completion=_i4(2)), "mismatched or empty runs"),
         (lambda p: p.update(rewards=b""), "rewards has 0 entries for 1 completions"),
@@ -157,6 +157,13 @@ def test_encode_refuses_an_invalid_group() -> None:
     bad = make_group(make_completion(reward=float("inf")))
     with pytest.raises(MalformedRollout, match="reward"):
         encode_group(bad)
+
+
+@pytest.mark.parametrize("value", [[1], {"a": 1}, np.float64(0.5), b"raw"])
+def test_encode_refuses_verifier_details_that_are_not_scalars(value: object) -> None:
+    bad = make_group(make_completion(verifier_details={"score": value}), group_id="bad")
+    with pytest.raises(MalformedRollout, match=r"group 'bad': .*\['score'\] is a .*\.item\(\)"):
+        encode_groups([make_group(), bad])
 
 
 def test_encoding_a_batch_names_the_invalid_group() -> None:
