@@ -532,15 +532,14 @@ class BatchColumns:
         """Concatenate groups' columns (no copy for a single group); with `join_tokens`
         False, the token columns stay per group."""
         columns = [[getattr(g, name) for g in groups] for name in NUMERIC_COLUMNS]
+        arrays: list[np.ndarray | list[np.ndarray]] = []
+        for k, parts in enumerate(columns):
+            if not join_tokens and k in TOKEN_COLUMNS:
+                arrays.append(parts)
+            else:
+                arrays.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
         return cls(
-            [
-                parts
-                if not join_tokens and k in TOKEN_COLUMNS
-                else parts[0]
-                if len(parts) == 1
-                else np.concatenate(parts)
-                for k, parts in enumerate(columns)
-            ],
+            arrays,
             [list(itertools.accumulate((a.size for a in parts), initial=0)) for parts in columns],
             [g.finish_reasons for g in groups],
             [g.verifier_details for g in groups],
