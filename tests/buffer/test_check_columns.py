@@ -53,7 +53,7 @@ def _corrupt(columns: GroupColumns, kind: str, position: int) -> GroupColumns:
         changes["loss_mask"] = mask.view(np.bool_)
     elif kind in ("nan_logprob", "positive_logprob", "inf_logprob"):
         logprobs, mask = columns.behaviour_logprobs.copy(), columns.loss_mask.copy()
-        k = at(logprobs)
+        k = position % min(logprobs.size, mask.size)  # an earlier "extra_" may differ them
         mask[k] = True  # only sampled tokens are checked
         logprobs[k] = {"nan_logprob": np.nan, "positive_logprob": 0.5, "inf_logprob": -np.inf}[kind]
         changes.update(behaviour_logprobs=logprobs, loss_mask=mask)
