@@ -99,6 +99,30 @@ _KINDS = [
 ]  # fmt: skip
 
 
+_CORRUPTIONS = st.lists(
+    st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))
+)
+"""(group index, kind, position) triples; indices past the batch are ignored."""
+
+
+def _corrupted(groups: list, corruptions: list[tuple[int, str, int]]) -> list[GroupColumns]:
+    columns = [group.columns() for group in groups]
+    for index, kind, position in corruptions:
+        if index < len(columns):
+            columns[index] = _corrupt(columns[index], kind, position)
+    return columns
+
+
+def _encoded_with(group: RolloutGroup, columns: GroupColumns) -> bytes:
+    """`group` encoded, then its columns replaced by `columns` (bypassing validation)."""
+    fields = read_fields(encode_groups([group])[0].payload)
+    for name in NUMERIC_COLUMNS:
+        array = getattr(columns, name)
+        fields[name] = array.view(np.uint8) if array.dtype == np.bool_ else array
+    fields["finish_reasons"] = [reason.value for reason in columns.finish_reasons]
+    return write_fields(fields)
+
+
 def _valid_alone(columns: GroupColumns) -> bool:
     try:
         columns.validate()
@@ -114,16 +138,13 @@ _BIG = st.sampled_from([1, 8, 20, 16384])
 @settings(max_examples=300)
 @given(
     st.lists(rollout_groups(), min_size=1, max_size=5),
-    st.lists(st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))),
+    _CORRUPTIONS,
     _BIG,
 )
 def test_batch_check_finds_every_group_that_fails_alone(
     groups: list, corruptions: list[tuple[int, str, int]], big_tokens: int
 ) -> None:
-    batch = [group.columns() for group in groups]
-    for index, kind, position in corruptions:
-        if index < len(batch):
-            batch[index] = _corrupt(batch[index], kind, position)
+    batch = _corrupted(groups, corruptions)
     with mock.patch.object(schema, "_BIG_TOKENS", big_tokens):
         errors = check_columns(batch)
     assert [error is None for error in errors] == [_valid_alone(c) for c in batch]
@@ -162,7 +183,7 @@ def test_one_bad_entry_in_a_batch_is_reported_alone() -> None:
 @settings(max_examples=200)
 @given(
     st.lists(rollout_groups(), min_size=1, max_size=5),
-    st.lists(st.tuples(st.integers(0, 4), st.sampled_from(_KINDS), st.integers(0, 10**6))),
+    _CORRUPTIONS,
     _BIG,
 )
 def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
@@ -170,18 +191,8 @@ def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
 ) -> None:
     # The same corruptions, written into encoded entries: decoding joins the entries'
     # arrays into one batch, and must still attribute each defect to its entry.
-    columns = [group.columns() for group in groups]
-    for index, kind, position in corruptions:
-        if index < len(columns):
-            columns[index] = _corrupt(columns[index], kind, position)
-    payloads = []
-    for group, corrupted in zip(groups, columns, strict=True):
-        fields = read_fields(encode_groups([group])[0].payload)
-        for name in NUMERIC_COLUMNS:
-            array = getattr(corrupted, name)
-            fields[name] = array.view(np.uint8) if array.dtype == np.bool_ else array
-        fields["finish_reasons"] = [reason.value for reason in corrupted.finish_reasons]
-        payloads.append(write_fields(fields))
+    columns = _corrupted(groups, corruptions)
+    payloads = [_encoded_with(g, c) for g, c in zip(groups, columns, strict=True)]
     with mock.patch.object(schema, "_BIG_TOKENS", big_tokens):
         decoded = decode_groups(payloads)
     for result, corrupted in zip(decoded, columns, strict=True):
@@ -212,11 +223,7 @@ def test_big_groups_mixed_with_small_ones_keep_their_order_and_their_defects(
     errors = check_columns(columns)
     assert [e is None for e in errors] == [i != target for i in range(4)]
     payloads = [encoded.payload for encoded in encode_groups(groups)]
-    fields = read_fields(payloads[target])
-    for name in ("token_ids", "behaviour_logprobs", "loss_mask"):
-        array = getattr(columns[target], name)
-        fields[name] = array.view(np.uint8) if array.dtype == np.bool_ else array
-    payloads[target] = write_fields(fields)
+    payloads[target] = _encoded_with(groups[target], columns[target])
     decoded = decode_groups(payloads)
     assert str(decoded[target]) == str(errors[target])
     assert [decoded[i] for i in range(4) if i != target] == [
