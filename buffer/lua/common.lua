@@ -21,7 +21,7 @@ local function call_chunked(command, key, items)
 end
 
 -- Each group's encoded bytes are a string key of their own, so that `put` can write them
--- with plain SETs (never copied through Lua) and `sample` can read them with MGET.
+-- with plain SETs and `sample` can read them with SORT ... GET (never copied through Lua).
 local function payload_key(id)
   return K_PAYLOAD .. ':' .. id
 end
@@ -61,13 +61,18 @@ local function held_ids(token)
   return cmsgpack.unpack(packed)
 end
 
--- Split `ids` into those `token` holds (each once) and the rest; the token keeps only
--- the ids it held that are not in `ids`.
-local function release_claims(token, ids)
+local function forget_claims(token)
+  redis.call('HDEL', K_CLAIMS, token)
+  redis.call('ZREM', K_CLAIMED, token)
+end
+
+-- Split `ids` into those `token` holds (each once) and the rest. Also returns the ids it
+-- holds, and a set of them from which the ones in `ids` are cleared.
+local function sort_claims(token, ids)
   local held = held_ids(token)
   local holding = {}
   for _, id in ipairs(held) do holding[id] = true end
-  local mine, others, kept = {}, {}, {}
+  local mine, others = {}, {}
   for _, id in ipairs(ids) do
     if holding[id] then
       mine[#mine + 1] = id
@@ -76,13 +81,19 @@ local function release_claims(token, ids)
       others[#others + 1] = id
     end
   end
+  return mine, others, held, holding
+end
+
+-- `sort_claims`, after which the token keeps only the ids it held that are not in `ids`.
+local function release_claims(token, ids)
+  local mine, others, held, holding = sort_claims(token, ids)
   if #mine == 0 then return mine, others end
+  local kept = {}
   for _, id in ipairs(held) do
     if holding[id] then kept[#kept + 1] = id end
   end
   if #kept == 0 then
-    redis.call('HDEL', K_CLAIMS, token)
-    redis.call('ZREM', K_CLAIMED, token)
+    forget_claims(token)
   else
     redis.call('HSET', K_CLAIMS, token, cmsgpack.pack(kept))
   end
@@ -99,8 +110,7 @@ local function requeue_expired_claims(now)
       if version then redis.call('ZADD', K_READY, version, id) end
       requeued = requeued + 1
     end
-    redis.call('HDEL', K_CLAIMS, token)
-    redis.call('ZREM', K_CLAIMED, token)
+    forget_claims(token)
   end
   if requeued > 0 then redis.call('HINCRBY', K_COUNTERS, 'redelivered', requeued) end
 end

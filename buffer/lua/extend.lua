@@ -5,15 +5,7 @@
 -- `sample` call): the batch's claims move together. Returns how many of the ids were held.
 local token, visibility_ms = ARGV[1], tonumber(ARGV[2])
 if #ARGV < 3 then return 0 end
-local holding = {}
-for _, id in ipairs(held_ids(token)) do holding[id] = true end
-local extended = 0
-for i = 3, #ARGV do
-  if holding[ARGV[i]] then
-    extended = extended + 1
-    holding[ARGV[i]] = false
-  end
-end
+local extended = #sort_claims(token, {unpack(ARGV, 3)})
 if extended > 0 then
   local deadline = 0
   if visibility_ms >= 0 then deadline = now_ms() + visibility_ms end
