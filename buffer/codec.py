@@ -69,6 +69,7 @@ _VIEWS = [
     for wire, host in _ARRAYS.values()
 ]
 _TOKEN_IDS = NUMERIC_COLUMNS.index("token_ids")
+_TOKEN_ID_BYTES = _ARRAYS["token_ids"][0].itemsize
 _STRINGS = ("run_id", "group_id", "env_name", "prompt_id", "actor_id")
 _HEADER = (*_STRINGS, "created_at", "finish_reasons", "verifier_details")
 """The msgpack header's fields, in order."""
@@ -245,8 +246,11 @@ def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollou
             entries.append(_parse(i, raw))
         except MalformedRollout as error:
             results[i] = error
-    token_bytes = [entry.offsets[_TOKEN_IDS + 1] - entry.offsets[_TOKEN_IDS] for entry in entries]
-    for indices, join_tokens in plan_batches([size // 4 for size in token_bytes]):
+    token_counts = [
+        (entry.offsets[_TOKEN_IDS + 1] - entry.offsets[_TOKEN_IDS]) // _TOKEN_ID_BYTES
+        for entry in entries
+    ]
+    for indices, join_tokens in plan_batches(token_counts):
         chunk = [entries[i] for i in indices]
         batch = _batch(chunk, join_tokens)
         prompts, prompt_bounds = batch.arrays[0], batch.bounds[0]

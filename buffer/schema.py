@@ -478,9 +478,11 @@ def plan_batches(token_counts: Sequence[int]) -> list[tuple[list[int], bool]]:
     their token columns per group."""
     plan: list[tuple[list[int], bool]] = []
     chunk: list[int] = []
+    big: list[int] = []
     tokens = 0
     for i, size in enumerate(token_counts):
         if size >= _BIG_TOKENS:
+            big.append(i)
             continue
         chunk.append(i)
         tokens += size
@@ -489,7 +491,6 @@ def plan_batches(token_counts: Sequence[int]) -> list[tuple[list[int], bool]]:
             chunk, tokens = [], 0
     if chunk:
         plan.append((chunk, True))
-    big = [i for i, size in enumerate(token_counts) if size >= _BIG_TOKENS]
     if big:
         plan.append((big, False))
     return plan
