@@ -272,7 +272,7 @@ class ReplayBuffer:
             if time.monotonic() >= deadline:
                 if claimed:
                     # Give back a partial batch rather than holding it: expire it now.
-                    self._run("extend", token, -1, *[g.entry_id for g in claimed])
+                    self._expire([Batch(token, version, claimed)])
                     if hold_as:
                         self._forget_held(hold_as, [Batch(token, version)])
                 return Batch(token, version, [], previous_ack)
@@ -371,10 +371,13 @@ class ReplayBuffer:
     def abandon(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
         """Give held batches back to the buffer (their update was lost) and forget them."""
         if batches:
-            # Only claims still held by these tokens: a claim that expired may be another
-            # consumer's by now.
-            self._eval_many([("extend", [b.token, -1, *b.entry_ids]) for b in batches])
+            self._expire(batches)
             self._forget_held(consumer, batches)
+
+    def _expire(self, batches: Sequence[Batch | HeldBatch]) -> None:
+        """Expire the batches' claims now: the next sample requeues them. Only claims still
+        held by these tokens: a claim that expired may be another consumer's by now."""
+        self._eval_many([("extend", [b.token, -1, *b.entry_ids]) for b in batches])
 
     def _forget_held(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
         self.client.hdel(self._key["held"], *[f"{consumer}|{b.token}" for b in batches])
