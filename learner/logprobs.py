@@ -21,9 +21,13 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def completion_logprobs(
-    model: nn.Module, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]]
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Log-prob of every completion token given the prompt and the tokens before it.
+    """Log-prob of every completion token given the prompt and the tokens before it, under
+    softmax(logits / temperature).
 
     Completions are right-padded into one batch; returns one [len(completion)] tensor each.
     """
@@ -32,7 +36,7 @@ def completion_logprobs(
     input_ids, attention_mask = pad_right([[*prompt_ids, *c] for c in completions], pad_id=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # Position t predicts token t + 1.
-    logprobs = gather_logprobs(logits[:, :-1], input_ids[:, 1:])
+    logprobs = gather_logprobs(logits[:, :-1] / temperature, input_ids[:, 1:])
     return [
         logprobs[row, prompt_len - 1 : prompt_len - 1 + len(completion)]
         for row, completion in enumerate(completions)

@@ -9,6 +9,7 @@ the whole batch. Checkpoints and the Hugging Face export live here too; the loop
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from buffer.schema import RolloutGroup
 from learner.advantages import get_advantage
@@ -37,7 +39,12 @@ class Learner:
     def __init__(
         self, model_path: str, config: LearnerConfig, *, rank: int = 0, world_size: int = 1,
         master_addr: str = "127.0.0.1", master_port: int = 29500, seed: int = 0,
+        temperature: float = 1.0,
     ) -> None:  # fmt: skip
+        """`temperature`: the actors' sampling temperature. The tokens were sampled from
+        softmax(logits / T), so that is the policy the learner scores and trains."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 to score sampled tokens (got {temperature})")
         # DeepSpeed picks its accelerator when imported; without a GPU it must be told.
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -52,6 +59,7 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         seed_everything(seed + rank)
         self.config = config
+        self.temperature = temperature
         self.rank = rank
         self.world_size = world_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -76,19 +84,36 @@ class Learner:
         self.advantage = get_advantage(config.advantage)
 
     def step(self, groups: Sequence[RolloutGroup], learner_version: int) -> dict[str, float]:
-        """One optimizer step on this rank's `groups`; returns namespaced metrics."""
+        """Train on this rank's `groups`: `update_epochs` passes over `minibatches` minibatches
+        of whole groups, one optimizer step each; returns namespaced metrics.
+
+        With more than one optimizer step per batch, log π_prox of every token is computed
+        once, before the first update, and stays frozen for all of them (decoupled PPO's
+        trust region). With one, π_prox is the policy being differentiated, detached.
+        """
         started = time.perf_counter()
-        batch = build_batch(groups, self.advantage, self.tokenizer.pad_token_id, learner_version)
-        local_tokens = float(batch.loss_mask.sum())
+        pad_id = self.tokenizer.pad_token_id
+        minibatches = [
+            build_batch([groups[i] for i in part], self.advantage, pad_id, learner_version)
+            for part in np.array_split(np.arange(len(groups)), self.config.minibatches)
+        ]
+        if self.config.optimizer_steps_per_batch > 1:
+            minibatches = [self._with_proximal(batch) for batch in minibatches]
         # Every rank divides by the same number, so the ranks' averaged gradients are the
-        # token mean over the global batch.
-        normaliser = self.all_reduce_sum(local_tokens) / self.world_size
+        # token mean over the global minibatch.
+        normalisers = [
+            self.all_reduce_sum(float(batch.loss_mask.sum())) / self.world_size
+            for batch in minibatches
+        ]
         parts = []
-        for rows in np.array_split(np.arange(batch.input_ids.shape[0]), self.config.micro_batches):
-            parts.append(self._backward(_rows(batch, rows), normaliser))
-            # DeepSpeed counts micro-steps: it steps the optimizer only at the last one.
-            self.engine.step()
-        metrics = {f"learner/{k}": v for k, v in _combine(parts).items()}
+        for _ in range(self.config.update_epochs):
+            for batch, normaliser in zip(minibatches, normalisers, strict=True):
+                rows = np.arange(batch.input_ids.shape[0])
+                for micro in np.array_split(rows, self.config.micro_batches):
+                    parts.append(self._backward(_rows(batch, micro), normaliser))
+                    # DeepSpeed counts micro-steps: it steps the optimizer at the last one.
+                    self.engine.step()
+        metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics["learner/step_s"] = time.perf_counter() - started
         return metrics
 
@@ -98,15 +123,15 @@ class Learner:
             # More micro-batches than rows: DeepSpeed still counts one backward per slot.
             self.engine.backward(_zero_loss(self.engine.module), scale_wrt_gas=False)
             return {}
-        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logprobs = gather_logprobs(logits[:, :-1], batch.input_ids[:, 1:])
+        logprobs = self._logprobs(batch)
+        proximal = batch.proximal_logprobs
         inputs = LossInputs(
             logprobs=logprobs,
             behaviour_logprobs=batch.behaviour_logprobs,
             advantages=batch.advantages,
             loss_mask=batch.loss_mask,
-            # One optimizer step per batch: the proximal policy is the current one.
-            proximal_logprobs=logprobs.detach(),
+            # One optimizer step per batch: its own policy, detached, is the proximal one.
+            proximal_logprobs=logprobs.detach() if proximal is None else proximal,
             staleness=batch.staleness,
             normaliser=normaliser,
         )
@@ -118,7 +143,9 @@ class Learner:
                 ref_logits = self.reference(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask
                 ).logits
-            ref_logprobs = gather_logprobs(ref_logits[:, :-1], batch.input_ids[:, 1:])
+            ref_logprobs = gather_logprobs(
+                ref_logits[:, :-1] / self.temperature, batch.input_ids[:, 1:]
+            )
             kl = reference_kl(inputs, ref_logprobs)
             loss = loss + self.config.kl_coef * kl
             metrics["kl_reference"] = kl.item() * normaliser / max(metrics["tokens"], 1.0)
@@ -126,6 +153,26 @@ class Learner:
         self.engine.backward(loss, scale_wrt_gas=False)
         metrics["loss"] = loss.item()
         return metrics
+
+    def _logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """log π of every next token, at the actors' sampling temperature: [N, L-1]."""
+        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return gather_logprobs(logits[:, :-1], batch.input_ids[:, 1:])
+
+    def _with_proximal(self, batch: TrainBatch) -> TrainBatch:
+        """The batch with log π_prox: the policy before this batch's first update."""
+        width = batch.loss_mask.shape[1]
+        rows = np.arange(batch.input_ids.shape[0])
+        parts = []
+        with torch.no_grad():
+            for micro in np.array_split(rows, self.config.micro_batches):
+                part = _rows(batch, micro)
+                if part is not None:  # cut to its own longest row: pad back to the batch's
+                    logprobs = self._logprobs(part)
+                    parts.append(nn.functional.pad(logprobs, (0, width - logprobs.shape[1])))
+        return dataclasses.replace(batch, proximal_logprobs=torch.cat(parts))
 
     def all_reduce_sum(self, value: float) -> float:
         """Sum of `value` over the data-parallel ranks."""
@@ -185,6 +232,7 @@ def _rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch | None:
         return None
     index = torch.from_numpy(rows)
     width = int(batch.attention_mask[index].sum(dim=1).max())
+    proximal = batch.proximal_logprobs
     return TrainBatch(
         input_ids=batch.input_ids[index, :width],
         attention_mask=batch.attention_mask[index, :width],
@@ -192,6 +240,7 @@ def _rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch | None:
         advantages=batch.advantages[index, : width - 1],
         loss_mask=batch.loss_mask[index, : width - 1],
         staleness=batch.staleness[index],
+        proximal_logprobs=None if proximal is None else proximal[index, : width - 1],
     )
 
 
@@ -199,20 +248,23 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
     return sum(p.sum() for p in module.parameters()) * 0.0
 
 
-def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Micro-batch metrics -> batch metrics: sums for loss and tokens, maxima for *_max,
-    token-weighted means otherwise."""
+def _combine(parts: list[dict[str, float]], config: LearnerConfig) -> dict[str, float]:
+    """Micro-batch metrics -> batch metrics: maxima for *_max, token-weighted means over
+    every pass otherwise; loss is the mean per optimizer step and tokens those of one pass."""
     parts = [p for p in parts if p]
     tokens = sum(p.get("tokens", 0.0) for p in parts)
     combined: dict[str, float] = {}
     for name in {name for p in parts for name in p}:
         values = [(p[name], p.get("tokens", 0.0)) for p in parts if name in p]
-        if name in ("loss", "tokens"):
-            combined[name] = sum(v for v, _ in values)
+        if name == "loss":
+            combined[name] = sum(v for v, _ in values) / config.optimizer_steps_per_batch
+        elif name == "tokens":
+            combined[name] = sum(v for v, _ in values) / config.update_epochs
         elif name.endswith("_max"):
             combined[name] = max(v for v, _ in values)
         elif tokens > 0:
             combined[name] = sum(v * w for v, w in values) / tokens
+    combined["optimizer_steps"] = float(config.optimizer_steps_per_batch)
     return combined
 
 

@@ -212,6 +212,9 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             # A rule across fields (a model validator): its message names the fields.
             clauses.append(str(problem["ctx"]["error"]))
             continue
+        elif problem["type"] == "value_error" and isinstance(problem["input"], dict):
+            # A rule of one section: its message names the section's fields.
+            message = str(problem["ctx"]["error"])
         else:
             message = _lowercase_first(problem["msg"])
             if problem["type"] not in ("missing", "union_tag_invalid"):

@@ -69,6 +69,7 @@ def learn(
     learner = Learner(
         config.model.path, config.learner, rank=rank, world_size=config.learner.world_size,
         master_port=master_port or free_port(), seed=config.seed,
+        temperature=config.actors.sampling.temperature,
     )  # fmt: skip
     publisher = None
     if rank == 0:

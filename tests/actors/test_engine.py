@@ -27,6 +27,21 @@ def test_sampled_logprobs_match_transformers(
     assert worst_difference(vllm_engine, hf_model, prompts, max_tokens=24) < LOGPROB_TOLERANCE
 
 
+def test_sampled_logprobs_at_a_temperature_are_those_of_the_tempered_policy(
+    vllm_engine: object, hf_model: torch.nn.Module, tokenizer: object
+) -> None:
+    # Sampled at T = 0.6, μ is softmax(logits / 0.6): what the learner scores. The raw
+    # model's log-probs (T = 1) are far from it, so the check tells the two apart.
+    env = ArithmeticEnv(ArithmeticConfig())
+    prompts = [render_prompt(tokenizer, p.messages) for p in env.prompts(Split.TEST, 8, seed=4)]
+    tempered = worst_difference(vllm_engine, hf_model, prompts, max_tokens=24, temperature=0.6)
+    assert tempered < LOGPROB_TOLERANCE
+    raw = worst_difference(
+        vllm_engine, hf_model, prompts, max_tokens=24, temperature=0.6, scored_at=1.0
+    )
+    assert raw > 0.05
+
+
 def test_multi_turn_episode_masks_environment_tokens(
     vllm_engine: object, hf_model: torch.nn.Module, tokenizer: object
 ) -> None:

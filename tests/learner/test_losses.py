@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -95,6 +96,22 @@ def test_decoupled_ppo_by_hand() -> None:
     assert torch.allclose(current.grad, torch.tensor([[0.0, 0.25]]), atol=1e-6)
     assert out.metrics["clip_fraction"] == 0.5
     assert out.metrics["behaviour_weight_max"] == pytest.approx(2.0)
+
+
+def test_decoupled_ppo_with_one_update_per_batch_is_uncapped_tis() -> None:
+    # One optimizer step per batch: π_prox is π_θ itself (detached), so r = 1 inside the
+    # trust region and w = π_θ/μ = ρ = [2, 0.5], uncapped. Gradient of
+    # -(w r A) / N with dr/dlog π = r = 1: -[2 x 1, 0.5 x 1] / 2 = [-1, -0.25], what
+    # truncated IS gives when the truncation never bites (c = 1e9).
+    batch, current = inputs(PI, MU, ONES)
+    batch = dataclasses.replace(batch, proximal_logprobs=current.detach())
+    out = compute_loss(DecoupledPPO(clip_eps=0.2), batch)
+    out.loss.backward()
+    assert torch.allclose(current.grad, torch.tensor([[-1.0, -0.25]]))
+    assert out.metrics["clip_fraction"] == 0.0
+    tis_batch, tis_current = inputs(PI, MU, ONES)
+    compute_loss(TruncatedIS(clip_c=1e9), tis_batch).loss.backward()
+    assert torch.equal(current.grad, tis_current.grad)
 
 
 def test_decoupled_ppo_caps_the_behaviour_weight() -> None:

@@ -78,6 +78,19 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
             "buffer.max_staleness: input should be greater than or equal to 0",
         ),
         (["buffer.key_prefix=run*1"], "buffer.key_prefix: value error, must not contain '*'"),
+        (
+            ["learner.update_epochs=0"],
+            "learner.update_epochs: input should be greater than or equal to 1 (got 0)",
+        ),
+        # A rule within one section names the section, then its fields, without the input.
+        (
+            ["learner.minibatches=9"],
+            "learner: minibatches=9 exceeds batch_groups=8: a minibatch holds whole groups",
+        ),
+        (
+            ["actors.sampling.temperature=0"],
+            "actors.sampling: temperature must be > 0 for rollouts",
+        ),
         (["seed"], "override 'seed' must look like section.key=value"),
         (["seed=1", "seed.x=2"], "seed is not a section"),
     ],
