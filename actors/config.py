@@ -23,6 +23,10 @@ class ActorConfig(BaseModel):
     """Groups each engine works on at once; a finished group is replaced at once."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """How rollouts are sampled; the learner scores tokens at the same temperature."""
+    skip_uniform_groups: bool = False
+    """Do not put a group whose rewards are all equal: with group-relative advantages it
+    carries no gradient (DAPO's dynamic sampling). Its slot goes to a new group; counted
+    as the buffer's `dropped_uniform`."""
     weight_updates: Literal["in_flight", "drain"] = "in_flight"
     """in_flight: load new weights between two engine steps, running sequences go on (their
     later tokens carry the new version); drain: stop admitting, finish what runs, then load."""

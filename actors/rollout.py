@@ -74,6 +74,8 @@ class ActorStats:
     """Counters an actor reports (see `RolloutWorker.health`)."""
 
     groups: int = 0
+    uniform_groups: int = 0
+    """Finished groups dropped because their rewards were all equal (skip_uniform_groups)."""
     tokens: int = 0
     """Sampled tokens (the policy's, not the environment's)."""
     busy_s: float = 0.0
@@ -155,13 +157,17 @@ class RolloutWorker:
             self.stats.idle_s += time.monotonic() - now
             self._maybe_report()
             return []
-        put = []
+        finished = []
         outputs = self.engine.step()
         with self._lock:  # an external (NCCL) update may be recording its switch
             for output in outputs:
-                running = self._running.get(output.request_id)
-                if running is not None and output.finished:
-                    put += self._finish_turn(running, to_sample(output.outputs[0]))
+                if not output.finished:
+                    continue
+                for completion in output.outputs:
+                    running = self._pop_episode(output.request_id, completion.index)
+                    if running is not None:
+                        finished += self._finish_turn(running, to_sample(completion))
+        put = self._put(finished) if finished else []
         self.stats.busy_s += time.monotonic() - now
         self._maybe_report()
         return put
@@ -186,26 +192,49 @@ class RolloutWorker:
             prompt = next(self._prompts)
             group = _Group(uuid.uuid4().hex, prompt, lease)
             prompt_ids = render_prompt(self.tokenizer, prompt.messages)
-            for _ in range(self.config.group_size):
-                running = _Running(group, Episode(prompt, prompt_ids))
-                group.episodes.append(running)
-                self._submit(running)
+            group.episodes = [
+                _Running(group, Episode(prompt, prompt_ids)) for _ in range(self.config.group_size)
+            ]
+            self._submit(group.episodes)
             self._groups.append(group)
 
-    def _submit(self, running: _Running) -> None:
-        """Send the episode's next turn to the engine."""
-        from vllm import SamplingParams, TokensPrompt
+    def _submit(self, episodes: list[_Running]) -> None:
+        """Send the next turn of `episodes`, which share their context, to the engine.
+
+        A group's first turn is one request for all its episodes (n = group_size): vLLM
+        processes the prompt once, and per-request overhead dominates short replies.
+        Later turns of multi-turn episodes diverge and go one request each.
+        """
+        from vllm import TokensPrompt
+
+        first = episodes[0]
+        context = first.episode.prompt_token_ids + first.episode.token_ids
+        budget = min(self.config.sampling.max_tokens, self.max_model_len - len(context))
+        request_id = f"{first.group.group_id}.{id(first)}.{first.turn}"
+        for index, running in enumerate(episodes):
+            # vLLM names the requests of n > 1 samples "<index>_<request id>".
+            running.request_id = request_id if len(episodes) == 1 else f"{index}_{request_id}"
+            running.turn_version = self.version
+            running.switches = []
+            self._running[running.request_id] = running
+        params = self._sampling_params(budget, len(episodes))
+        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=context), params)
+
+    def _pop_episode(self, request_id: str, index: int) -> _Running | None:
+        """The episode a finished completion belongs to (keys as `_submit` made them; a
+        request id never holds "_")."""
+        return self._running.pop(f"{index}_{request_id}", None) or self._running.pop(
+            request_id, None
+        )
+
+    def _sampling_params(self, max_tokens: int, n: int) -> object:
+        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        episode = running.episode
-        context = episode.prompt_token_ids + episode.token_ids
-        budget = min(self.config.sampling.max_tokens, self.max_model_len - len(context))
-        running.request_id = f"{running.group.group_id}.{id(running)}.{running.turn}"
-        running.turn_version = self.version
-        running.switches = []
         sampling = self.config.sampling
-        params = SamplingParams(
-            max_tokens=budget,
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
             ignore_eos=sampling.ignore_eos,
             temperature=sampling.temperature,
             logprobs=0,  # the sampled token's own log-prob, no alternatives
@@ -213,8 +242,6 @@ class RolloutWorker:
             # outputs of every running request would cost Python time each step.
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        self.engine.add_request(running.request_id, TokensPrompt(prompt_token_ids=context), params)
-        self._running[running.request_id] = running
 
     def _prompt_stream(self) -> Iterator[Prompt]:
         """Training prompts, an endless stream of this actor's own (seeded per actor)."""
@@ -223,8 +250,8 @@ class RolloutWorker:
             yield from self.env.prompts(Split.TRAIN, _PROMPTS_PER_DRAW, seed)
 
     # -- episodes and groups ----------------------------------------------------------------
-    def _finish_turn(self, running: _Running, sample: Sample) -> list[RolloutGroup]:
-        del self._running[running.request_id]
+    def _finish_turn(self, running: _Running, sample: Sample) -> list[_Group]:
+        """Record a finished turn; returns the episode's group if that completed it."""
         self.stats.tokens += len(sample.token_ids)
         running.versions += _turn_versions(
             len(sample.token_ids), running.turn_version, running.switches
@@ -238,16 +265,36 @@ class RolloutWorker:
         running.versions += [self.version] * (len(episode.token_ids) - len(running.versions))
         if goes_on:
             running.turn += 1
-            self._submit(running)
+            self._submit([running])
             return []
         group = running.group
         episode.generation_s = time.monotonic() - group.started
         group.finished += 1
-        if group.finished < len(group.episodes):
-            return []
-        return [self._put(group)]
+        return [group] if group.finished == len(group.episodes) else []
 
-    def _put(self, group: _Group) -> RolloutGroup:
+    def _put(self, finished: list[_Group]) -> list[RolloutGroup]:
+        """Verify finished groups and write them in one call; a group whose rewards are all
+        equal is dropped instead when `skip_uniform_groups` is set (its lease is given back,
+        counted as `dropped_uniform`)."""
+        rollouts = [self._rollout(group) for group in finished]
+        keep = [
+            not (self.config.skip_uniform_groups and len(set(rollout.rewards)) == 1)
+            for rollout in rollouts
+        ]
+        kept = [r for r, k in zip(rollouts, keep, strict=True) if k]
+        leases = [g.lease for g, k in zip(finished, keep, strict=True) if k]
+        if kept:
+            self.buffer.put(kept, self.actor_id, leases)
+        dropped = [g.lease for g, k in zip(finished, keep, strict=True) if not k]
+        if dropped:
+            self.buffer.release(dropped, reason="uniform")
+        for group in finished:
+            self._groups.remove(group)
+        self.stats.groups += len(kept)
+        self.stats.uniform_groups += len(dropped)
+        return kept
+
+    def _rollout(self, group: _Group) -> RolloutGroup:
         completions = []
         for running in group.episodes:
             episode = running.episode
@@ -264,7 +311,7 @@ class RolloutWorker:
                     generation_s=episode.generation_s,
                 )
             )
-        rollout = RolloutGroup(
+        return RolloutGroup(
             run_id=self.run_id,
             group_id=group.group_id,
             env_name=self.env.name,
@@ -274,15 +321,12 @@ class RolloutWorker:
             actor_id=self.actor_id,
             created_at=time.time(),
         )
-        self.buffer.put([rollout], self.actor_id, [group.lease])
-        self._groups.remove(group)
-        self.stats.groups += 1
-        return rollout
 
     def _abandon_unfinished(self) -> None:
         """Stop: abort running requests, give back the leases of unfinished groups."""
         if self._running:
-            self.engine.abort_request(list(self._running))
+            # The engine knows a group's first turn by its one request id (see _submit).
+            self.engine.abort_request(list({key.split("_")[-1] for key in self._running}))
         self.buffer.release([g.lease for g in self._groups])
         self._running.clear()
         self._groups.clear()

@@ -37,6 +37,8 @@ _KEY_NAMES = (
     "held",
 )  # fmt: skip
 _POLL_S = (0.005, 0.25)  # first and longest wait between polls while blocked
+DROP_REASONS = ("uniform",)
+"""Why an actor may drop a generated group: `uniform` rewards give no group-relative signal."""
 
 
 class BufferFull(RuntimeError):
@@ -159,11 +161,15 @@ class ReplayBuffer:
         )
         return int(reply[0]), [lease.decode() for lease in reply[1:]]
 
-    def release(self, leases: Sequence[str]) -> None:
-        """Give back leases whose groups will not be put (the actor stopped early)."""
-        leases = [lease for lease in leases if lease]
-        if leases:
-            self._run("release", *leases)
+    def release(self, leases: Sequence[str], reason: str | None = None) -> None:
+        """Give back leases whose groups will not be put: unused (the actor stopped early),
+        or generated and dropped for `reason`, counted as `dropped_<reason>`."""
+        if reason is not None and reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; valid: {', '.join(DROP_REASONS)}")
+        counter = f"dropped_{reason}" if reason else ""
+        held = [lease for lease in leases if lease]  # "" without admission control
+        if held or counter:
+            self._run("release", counter, len(leases) if counter else 0, *held)
 
     def put(
         self, groups: Sequence[RolloutGroup], producer_id: str, leases: Sequence[str] = ()

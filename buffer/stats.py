@@ -48,7 +48,7 @@ class BufferStats:
     counters: dict[str, int]
     """put, sampled, acked, reused, duplicates, dropped_stale, dropped_capacity,
     redelivered, stale_acks, quarantined, leases_granted, leases_expired, admitted,
-    put_tokens, put_bytes."""
+    put_tokens, put_bytes, dropped_uniform (generated, rewards all equal, not put)."""
     producers: list[ProducerStats] = field(default_factory=list)
     rates: dict[str, float] = field(default_factory=dict)
     """put/sampled/acked groups and put tokens per second since the previous snapshot."""
@@ -80,7 +80,7 @@ class BufferStats:
 COUNTER_NAMES = (
     "put", "sampled", "acked", "reused", "duplicates", "dropped_stale", "dropped_capacity",
     "redelivered", "stale_acks", "quarantined", "leases_granted", "leases_expired",
-    "admitted", "put_tokens", "put_bytes",
+    "admitted", "put_tokens", "put_bytes", "dropped_uniform",
 )  # fmt: skip
 
 

@@ -121,6 +121,7 @@ def _buffer_figures(stats: BufferStats) -> dict:
         "lost_work": {
             "dropped_stale": counters["dropped_stale"],
             "dropped_capacity": counters["dropped_capacity"],
+            "dropped_uniform": counters["dropped_uniform"],
             "claims_expired": counters["redelivered"],
             "leases_expired": counters["leases_expired"],
             "quarantined": counters["quarantined"],

@@ -18,8 +18,10 @@ from actors.config import ActorConfig
 from actors.episodes import SamplingConfig
 from actors.rollout import RolloutWorker
 from actors.weight_sync import update_engine_weights
+from buffer.stats import read_stats
 from buffer.weights import RedisWeightSource, RedisWeightStore
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
+from envs.base import Verdict
 from learner.logprobs import completion_logprobs
 from tests.actors.logprob_check import LOGPROB_TOLERANCE
 from tests.actors.tool_echo import ToolEchoEnv
@@ -94,11 +96,12 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
         for parameter in changed.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     env = ArithmeticEnv(ArithmeticConfig())
-    # 12 tokens per reply (sampling goes on past end-of-sequence): the switch after three
-    # engine steps lands in the middle of every running sequence.
+    # 40 tokens per reply (sampling goes on past end-of-sequence): the switch after three
+    # engine steps lands in the middle of every running sequence, although the engine
+    # process runs several steps ahead of the outputs this process has seen.
     rollout = worker(
         vllm_engine, tokenizer, env, buffer, RedisWeightSource(store),
-        group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=12, ignore_eos=True),
+        group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=40, ignore_eos=True),
     )  # fmt: skip
     try:
         rollout._follow_weights(wait=True)
@@ -118,7 +121,7 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
         for completion in group.completions:
             runs = completion.policy_versions
             assert runs.versions.tolist() == [0, 1], runs
-            assert 0 < runs.lengths[0] < 12
+            assert 0 < runs.lengths[0] < 40
         # Tokens sampled before the switch are exactly the old policy's.
         cut = int(min(c.policy_versions.lengths[0] for c in group.completions))
         assert behaviour_error(hf_model, group, slice(0, cut)) < LOGPROB_TOLERANCE
@@ -177,3 +180,27 @@ def test_drain_mode_finishes_running_sequences_before_loading(
     # until they had, then the next groups are all version 1.
     assert [sorted({int(v) for c in g.completions for v in c.policy_versions.versions})
             for g in put] == [[0], [0], [1], [1]]  # fmt: skip
+
+
+class CoinEnv(ArithmeticEnv):
+    """Arithmetic prompts, reward 1 for a reply of even length: groups of the tiny model's
+    samples come out uniform or mixed at random."""
+
+    def score(self, prompt, response):
+        even = len(response) % 2 == 0
+        return Verdict(float(even), even)
+
+
+def test_uniform_groups_are_dropped_and_counted(vllm_engine, tokenizer, make_buffer) -> None:
+    buffer = make_buffer(groups_per_version=64, max_staleness=0)
+    rollout = worker(
+        vllm_engine, tokenizer, CoinEnv(ArithmeticConfig()), buffer, group_size=2,
+        groups_in_flight=8, skip_uniform_groups=True,
+    )  # fmt: skip
+    stats = rollout.run(threading.Event(), max_groups=6)
+    assert stats.groups == 6 and stats.uniform_groups > 0
+    counters = read_stats(buffer).counters
+    assert counters["dropped_uniform"] == stats.uniform_groups
+    assert counters["put"] == 6 and counters["admitted"] == 6  # dropped groups freed theirs
+    for sampled in buffer.sample(6).groups:
+        assert len(set(sampled.group.rewards)) == 2

@@ -371,6 +371,21 @@ def test_unused_admissions_are_given_back(make_buffer: object) -> None:
     assert (counters["leases_expired"], counters["admitted"]) == (2, 2)
 
 
+def test_a_dropped_group_frees_its_admission_and_is_counted(make_buffer: object) -> None:
+    buffer = make_buffer(max_staleness=0, groups_per_version=2)
+    _, leases = buffer.reserve("actor-0", 2)
+    buffer.release(leases[:1], reason="uniform")  # generated, rewards all equal: not put
+    counters = read_stats(buffer).counters
+    assert (counters["dropped_uniform"], counters["admitted"]) == (1, 1)
+    assert len(buffer.reserve("actor-0", 5)[1]) == 1  # its slot goes to a new group
+    # Without admission control there is no lease to give back, only the count.
+    free = make_buffer(admission_control=False)
+    free.release(free.reserve("actor-0", 3)[1], reason="uniform")
+    assert read_stats(free).counters["dropped_uniform"] == 3
+    with pytest.raises(ValueError, match="unknown drop reason 'boring'; valid: uniform"):
+        buffer.release(leases[1:], reason="boring")
+
+
 def test_a_quarantined_group_frees_its_admission(make_buffer: object) -> None:
     buffer = make_buffer(max_staleness=0, groups_per_version=1)
     _, leases = buffer.reserve("actor-0", 1)
