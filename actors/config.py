@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.episodes import SamplingConfig
 
@@ -33,6 +33,11 @@ class ActorConfig(BaseModel):
     transport: Literal["ray", "redis"] = "ray"
     """Where actors fetch weights: Ray's object store, or the weight store in the buffer's Redis
     (what `relay actor --buffer redis://...` outside the Ray cluster uses)."""
+    weights_in_redis: bool | None = None
+    """Also publish every version to the weight store in the buffer's Redis, where actors
+    outside the Ray cluster (`relay actor --buffer URL`) fetch them. None: only when no
+    actor gets them another way (transport redis, num_actors 0, or `relay learn`); False
+    with in-cluster actors keeps a model per version out of Redis' append-only file."""
     weight_poll_s: float = Field(0.5, gt=0)
     """How often an actor checks for a newer policy version."""
     weight_timeout_s: float = Field(300.0, gt=0)
@@ -47,6 +52,14 @@ class ActorConfig(BaseModel):
     """GPUs Ray reserves per actor (engine.tensor_parallel_size on GPU clusters)."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per actor, e.g. {"generation": 1} to place actors on node types."""
+
+    @model_validator(mode="after")
+    def _weights_reach_the_actors(self) -> ActorConfig:
+        if self.transport == "redis" and self.weights_in_redis is False:
+            raise ValueError(
+                "weights_in_redis=false leaves actors with transport=redis no weights to fetch"
+            )
+        return self
 
     @field_validator("sampling")
     @classmethod

@@ -46,6 +46,11 @@ class EngineConfig(BaseModel):
     """GPUs per engine (tensor parallelism)."""
     enforce_eager: bool = True
     """Skip CUDA graph capture (faster start; set False on GPU for throughput)."""
+    in_process: bool | None = None
+    """Run vLLM's engine core and its one worker in the calling process instead of two
+    processes of their own. None: in process on CPU, where scheduling, the model and the
+    actor's own Python share the same cores (measured on 2 cores: ~30% less CPU per
+    generated group), in separate processes on GPU, where they overlap GPU work."""
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,18 @@ def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
     import torch
     from vllm import LLM
 
-    if not torch.cuda.is_available():
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
         # Read by vLLM's CPU worker when it sizes the KV cache.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kvcache_gib)
+    in_process = on_cpu if config.in_process is None else config.in_process
+    executor = {}
+    if in_process:
+        if config.tensor_parallel_size > 1:
+            raise ValueError("engine.in_process needs engine.tensor_parallel_size 1")
+        # Read when the LLM is built: the engine core then runs in this process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        executor["distributed_executor_backend"] = "uni"
     started = time.perf_counter()
     llm = LLM(
         model=str(model_path),
@@ -81,6 +95,7 @@ def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
         logprobs_mode="processed_logprobs",
         # Adds relay_load_weights & co. to the workers, for weight updates in flight.
         worker_extension_cls=WORKER_EXTENSION,
+        **executor,
     )
     log.info("vLLM engine for %s ready in %.1fs", model_path, time.perf_counter() - started)
     return llm

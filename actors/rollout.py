@@ -376,7 +376,7 @@ class RolloutWorker:
                 )
                 if running is not None:
                     running.switches.append((sampled, version))
-            log.info(
+            log.debug(
                 "%s: now at policy version %d (was %d; %d running sequences continue)",
                 self.actor_id, version, self.version, len(self._running),
             )  # fmt: skip

@@ -113,14 +113,21 @@ def load_chunks(
     if not progress:
         llm.reset_prefix_cache()
     seconds = time.perf_counter() - started
-    log.info("loaded %d tensors (%.1f MB) into vLLM in %.2fs", loaded, nbytes / 1e6, seconds)
+    log.debug("loaded %d tensors (%.1f MB) into vLLM in %.2fs", loaded, nbytes / 1e6, seconds)
     return WeightLoad(seconds, loaded, nbytes, progress)
 
 
 @contextlib.contextmanager
 def paused_engine(llm: object) -> Iterator[None]:
-    """No engine step runs inside: running requests wait with their KV cache."""
+    """No engine step runs inside: running requests wait with their KV cache.
+
+    An in-process engine core (`engine.in_process`) steps only when its caller asks, so
+    there is nothing to pause; an engine process of its own runs ahead and is paused.
+    """
     core = llm.llm_engine.engine_core
+    if not hasattr(core, "call_utility"):
+        yield
+        return
     core.call_utility("pause_scheduler", "keep", False)
     try:
         yield

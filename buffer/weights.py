@@ -114,7 +114,7 @@ class RedisWeightStore:
         pipe.execute()
         self._drop_old_versions()
         report = PublishReport(version, len(manifest), total, time.perf_counter() - started)
-        log.info(
+        log.debug(
             "published weights v%d: %d tensors, %.1f MB in %.2fs",
             version,
             report.tensors,

@@ -3,6 +3,11 @@
 Row i is prompt + completion i. Logits at position t score token t + 1, so every
 per-token field of a completion is written at position (prompt length - 1 + j): the
 arrays are [N, L - 1], aligned with `gather_logprobs(logits[:, :-1], input_ids[:, 1:])`.
+
+`PackedGroups` is another way to run the same forward pass: one row per group holding its
+prompt once and then every completion, with an attention mask and position ids that make
+each completion see the prompt and itself only. Its log-probs are scattered back into the
+[N, L - 1] layout, so losses never know which way they were computed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,34 @@ class TrainBatch:
     proximal_logprobs: torch.Tensor | None = None
     """[N, L-1] float32: log π_prox, frozen before a batch's first update (when it has
     several); None when the one update's own policy is π_prox."""
+    packed: PackedGroups | None = None
+    """The same tokens one row per group, when the learner computes prompts once."""
+
+
+@dataclass(frozen=True)
+class PackedGroups:
+    """Groups packed one per row: [prompt, completion 1, ..., completion K], padded to W.
+
+    The logits at `sources` score `targets`; the scores belong at (`rows`, `columns`) of
+    the batch's [N, L-1] arrays. A completion's first token is scored by the logits of the
+    prompt's last token, which every completion of the group shares.
+    """
+
+    input_ids: torch.Tensor
+    """[G, W] long."""
+    position_ids: torch.Tensor
+    """[G, W] long: a completion's tokens continue the prompt's positions."""
+    attention_mask: torch.Tensor
+    """[G, 1, W, W] bool: causal within the prompt and within each completion, and every
+    completion sees the whole prompt; padding sees only padding."""
+    sources: torch.Tensor
+    """[T] long: flat index into the [G * W] logits of the position that predicts a token."""
+    targets: torch.Tensor
+    """[T] long: the completion tokens scored."""
+    rows: torch.Tensor
+    """[T] long: completion row of each scored token in the batch."""
+    columns: torch.Tensor
+    """[T] long: its column in the batch's [N, L-1] arrays."""
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +86,10 @@ def build_batch(
     advantage: Callable[[torch.Tensor], torch.Tensor],
     pad_id: int,
     learner_version: int,
+    pack: bool = False,
 ) -> TrainBatch:
-    """Flatten groups into rows; advantages are computed within each group."""
+    """Flatten groups into rows; advantages are computed within each group. `pack` adds
+    the one-row-per-group layout (`PackedGroups`)."""
     rows = [
         (g, c, adv)
         for g in groups
@@ -76,7 +111,64 @@ def build_batch(
         behaviour[i, span] = torch.from_numpy(np.array(completion.behaviour_logprobs))
         advantages[i, span] = adv * mask.float()
         staleness[i] = learner_version - completion.policy_versions.min_version
-    return TrainBatch(input_ids, attention_mask, behaviour, advantages, loss_mask, staleness)
+    packed = pack_groups(groups, pad_id) if pack else None
+    return TrainBatch(
+        input_ids, attention_mask, behaviour, advantages, loss_mask, staleness, packed=packed
+    )
+
+
+def pack_groups(groups: Sequence[RolloutGroup], pad_id: int) -> PackedGroups:
+    """One row per group: the prompt once, then each completion (see `PackedGroups`)."""
+    rows_ids, rows_positions, rows_segments = [], [], []
+    sources, targets, rows, columns = [], [], [], []
+    row = 0
+    for group in groups:
+        prompt = np.asarray(group.prompt_token_ids, np.int64)
+        ids, positions = [prompt], [np.arange(len(prompt))]
+        segments = [np.full(len(prompt), -1)]  # -1: prompt, k: completion k, -2: padding
+        start = len(prompt)
+        for k, completion in enumerate(group.completions):
+            tokens = np.asarray(completion.token_ids, np.int64)
+            n = len(tokens)
+            ids.append(tokens)
+            positions.append(len(prompt) + np.arange(n))
+            segments.append(np.full(n, k))
+            if n:
+                # Token j is predicted at the token before it: the prompt's last for j = 0.
+                predicted_at = np.concatenate([[len(prompt) - 1], start + np.arange(n - 1)])
+                sources.append((len(rows_ids), predicted_at))
+                targets.append(tokens)
+                rows.append(np.full(n, row))
+                columns.append(len(prompt) - 1 + np.arange(n))
+            start += n
+            row += 1
+        rows_ids.append(np.concatenate(ids))
+        rows_positions.append(np.concatenate(positions))
+        rows_segments.append(np.concatenate(segments))
+    width = max(len(r) for r in rows_ids)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    segment = torch.full((len(groups), width), -2, dtype=torch.long)
+    for g, (ids, positions, segments) in enumerate(
+        zip(rows_ids, rows_positions, rows_segments, strict=True)
+    ):
+        input_ids[g, : len(ids)] = torch.from_numpy(ids)
+        position_ids[g, : len(ids)] = torch.from_numpy(positions)
+        segment[g, : len(ids)] = torch.from_numpy(segments)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    sees_prompt = (key == -1) & (query != -2)
+    attention_mask = (causal & (sees_prompt | (key == query)))[:, None]
+    flat_sources = np.concatenate([g * width + at for g, at in sources])
+    return PackedGroups(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        sources=torch.from_numpy(flat_sources),
+        targets=torch.from_numpy(np.concatenate(targets)),
+        rows=torch.from_numpy(np.concatenate(rows)),
+        columns=torch.from_numpy(np.concatenate(columns)),
+    )
 
 
 def _group_advantages(

@@ -98,6 +98,14 @@ class LearnerConfig(BaseModel):
     """Gradient clipping."""
     zero_stage: Literal[0, 1, 2] = 1
     """DeepSpeed ZeRO stage (parameters stay whole on every rank, so publishing is local)."""
+    pack_groups: bool = False
+    """Forward each group as one row: its prompt once, then every completion, each seeing
+    the prompt and itself only (an attention mask and position ids). Same log-probs and
+    gradients as one row per completion without computing the prompt group_size times;
+    the mask grows with the square of the row's length, so it suits short completions."""
+    num_threads: int | None = Field(None, gt=0)
+    """CPU threads of each learner rank's torch (None: torch's default, one per core).
+    On a machine shared with actors, leave them their cores."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 on CPU (log-probs must match the actors'); bf16 on GPU."""
     advantage: Literal["grpo", "grpo_no_std", "rloo"] = "grpo"

@@ -57,6 +57,8 @@ class Learner:
             WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         )  # fmt: skip
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         seed_everything(seed + rank)
         self.config = config
         self.temperature = temperature
@@ -92,30 +94,39 @@ class Learner:
         trust region). With one, π_prox is the policy being differentiated, detached.
         """
         started = time.perf_counter()
-        pad_id = self.tokenizer.pad_token_id
+        # Each minibatch is `micro_batches` forward/backward passes over parts of its
+        # groups (None where there are more parts than groups).
         minibatches = [
-            build_batch([groups[i] for i in part], self.advantage, pad_id, learner_version)
-            for part in np.array_split(np.arange(len(groups)), self.config.minibatches)
+            [self._build([groups[i] for i in micro], learner_version) for micro in parts]
+            for parts in _split(len(groups), self.config.minibatches, self.config.micro_batches)
         ]
         if self.config.optimizer_steps_per_batch > 1:
-            minibatches = [self._with_proximal(batch) for batch in minibatches]
+            minibatches = [[self._with_proximal(micro) for micro in mb] for mb in minibatches]
         # Every rank divides by the same number, so the ranks' averaged gradients are the
         # token mean over the global minibatch.
         normalisers = [
-            self.all_reduce_sum(float(batch.loss_mask.sum())) / self.world_size
-            for batch in minibatches
+            self.all_reduce_sum(sum(float(m.loss_mask.sum()) for m in mb if m is not None))
+            / self.world_size
+            for mb in minibatches
         ]
         parts = []
         for _ in range(self.config.update_epochs):
-            for batch, normaliser in zip(minibatches, normalisers, strict=True):
-                rows = np.arange(batch.input_ids.shape[0])
-                for micro in np.array_split(rows, self.config.micro_batches):
-                    parts.append(self._backward(_rows(batch, micro), normaliser))
+            for minibatch, normaliser in zip(minibatches, normalisers, strict=True):
+                for micro in minibatch:
+                    parts.append(self._backward(micro, normaliser))
                     # DeepSpeed counts micro-steps: it steps the optimizer at the last one.
                     self.engine.step()
         metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics["learner/step_s"] = time.perf_counter() - started
         return metrics
+
+    def _build(self, groups: list[RolloutGroup], learner_version: int) -> TrainBatch | None:
+        if not groups:
+            return None
+        pad_id = self.tokenizer.pad_token_id
+        return build_batch(
+            groups, self.advantage, pad_id, learner_version, pack=self.config.pack_groups
+        )
 
     def _backward(self, batch: TrainBatch | None, normaliser: float) -> dict[str, float]:
         """Forward and backward of one micro-batch; its loss is its share of the global mean."""
@@ -140,12 +151,7 @@ class Learner:
         metrics = dict(out.metrics)
         if self.reference is not None:
             with torch.no_grad():
-                ref_logits = self.reference(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
-                ).logits
-            ref_logprobs = gather_logprobs(
-                ref_logits[:, :-1] / self.temperature, batch.input_ids[:, 1:]
-            )
+                ref_logprobs = self._logprobs(batch, self.reference)
             kl = reference_kl(inputs, ref_logprobs)
             loss = loss + self.config.kl_coef * kl
             metrics["kl_reference"] = kl.item() * normaliser / max(metrics["tokens"], 1.0)
@@ -154,25 +160,30 @@ class Learner:
         metrics["loss"] = loss.item()
         return metrics
 
-    def _logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """log π of every next token, at the actors' sampling temperature: [N, L-1]."""
-        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return gather_logprobs(logits[:, :-1], batch.input_ids[:, 1:])
+    def _logprobs(self, batch: TrainBatch, model: nn.Module | None = None) -> torch.Tensor:
+        """log π of every next token under `model` (the policy by default), at the actors'
+        sampling temperature: [N, L-1]."""
+        model = self.engine if model is None else model
+        packed = batch.packed
+        if packed is None:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return gather_logprobs(logits[:, :-1] / self.temperature, batch.input_ids[:, 1:])
+        logits = model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+        ).logits
+        scored = logits.reshape(-1, logits.shape[-1])[packed.sources] / self.temperature
+        logprobs = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)
+        index = (packed.rows, packed.columns)
+        return logprobs.index_put(index, gather_logprobs(scored, packed.targets))
 
-    def _with_proximal(self, batch: TrainBatch) -> TrainBatch:
+    def _with_proximal(self, batch: TrainBatch | None) -> TrainBatch | None:
         """The batch with log π_prox: the policy before this batch's first update."""
-        width = batch.loss_mask.shape[1]
-        rows = np.arange(batch.input_ids.shape[0])
-        parts = []
+        if batch is None:
+            return None
         with torch.no_grad():
-            for micro in np.array_split(rows, self.config.micro_batches):
-                part = _rows(batch, micro)
-                if part is not None:  # cut to its own longest row: pad back to the batch's
-                    logprobs = self._logprobs(part)
-                    parts.append(nn.functional.pad(logprobs, (0, width - logprobs.shape[1])))
-        return dataclasses.replace(batch, proximal_logprobs=torch.cat(parts))
+            return dataclasses.replace(batch, proximal_logprobs=self._logprobs(batch))
 
     def all_reduce_sum(self, value: float) -> float:
         """Sum of `value` over the data-parallel ranks."""
@@ -226,22 +237,12 @@ class Learner:
         return out_dir
 
 
-def _rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch | None:
-    """The given rows of a batch, with padding columns nobody in them needs cut off."""
-    if len(rows) == 0:
-        return None
-    index = torch.from_numpy(rows)
-    width = int(batch.attention_mask[index].sum(dim=1).max())
-    proximal = batch.proximal_logprobs
-    return TrainBatch(
-        input_ids=batch.input_ids[index, :width],
-        attention_mask=batch.attention_mask[index, :width],
-        behaviour_logprobs=batch.behaviour_logprobs[index, : width - 1],
-        advantages=batch.advantages[index, : width - 1],
-        loss_mask=batch.loss_mask[index, : width - 1],
-        staleness=batch.staleness[index],
-        proximal_logprobs=None if proximal is None else proximal[index, : width - 1],
-    )
+def _split(n_groups: int, minibatches: int, micro_batches: int) -> list[list[np.ndarray]]:
+    """Group indices of each micro-batch of each minibatch, in order."""
+    return [
+        np.array_split(part, micro_batches)
+        for part in np.array_split(np.arange(n_groups), minibatches)
+    ]
 
 
 def _zero_loss(module: torch.nn.Module) -> torch.Tensor:

@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from buffer.schema import MalformedRollout
@@ -21,9 +20,9 @@ from buffer.server import RedisServerError
 from envs.base import EnvError
 from relay.config import RunConfig, dump_config, load_config
 from relay.errors import ConfigError, RelayError
+from relay.terminal import Terminal, plain_terminal, quiet_terminal
 
 log = logging.getLogger("relay")
-console = Console(stderr=True, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,23 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     # Results go to stdout for scripts; vLLM (and its engine processes, which inherit
     # this) logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    terminal = plain_terminal()
     try:
         config = load_config(args.config, args.overrides)
-        return args.command(args, config) or 0
+        if args.quiet and config.logging.quiet:
+            # Commands that start engines, Ray or DeepSpeed: their output goes to the log.
+            terminal = quiet_terminal(config.run_dir / config.logging.file)
+            log.info("engine, Ray and library logs go to %s", terminal.log_file)
+        return args.command(args, config, terminal) or 0
     except ConfigError as error:
-        console.print(f"[red]config error:[/red] {error}", highlight=False, soft_wrap=True)
+        terminal.console.print(f"[red]config error:[/red] {error}", highlight=False)
         return 2
     except (RelayError, EnvError, MalformedRollout, RedisServerError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        terminal.console.print(f"[red]error:[/red] {error}", highlight=False)
         return 1
     except KeyboardInterrupt:
-        console.print("interrupted")
+        terminal.console.print("interrupted")
         return 130
+    except Exception:
+        # A bug, not a mistake of the user's: the whole traceback, on the terminal too.
+        log.exception("unexpected error")
+        return 1
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -59,12 +62,13 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="name", required=True)
 
     def command(
-        name: str, handler: object, help_text: str, parent: object = commands
+        name: str, handler: object, help_text: str, parent: object = commands, quiet: bool = False
     ) -> argparse.ArgumentParser:
+        """`quiet`: the command starts engines, Ray or DeepSpeed (see `logging.quiet`)."""
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("-c", "--config", type=Path, help="YAML run config (configs/*.yaml)")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. warmstart.lr=3e-4")
-        sub.set_defaults(command=handler)
+        sub.set_defaults(command=handler, quiet=quiet)
         return sub
 
     config_group = commands.add_parser("config", help="inspect configuration").add_subparsers(
@@ -77,14 +81,23 @@ def _build_parser() -> argparse.ArgumentParser:
     init = command("init", _model_init, "build the tiny Qwen2 policy at model.path", model_group)
     init.add_argument("--force", action="store_true", help="overwrite an existing model")
     command("warmstart", _warmstart, "supervised warm start on the env's demonstrations")
-    evaluate = command("eval", _eval, "held-out accuracy of a policy, generated with vLLM")
+    evaluate = command(
+        "eval", _eval, "held-out accuracy of a policy, generated with vLLM", quiet=True
+    )
     evaluate.add_argument("--model", help="policy to evaluate (default: model.path)")
-    learn = command("learn", _learn, "run the learner against an experiment's buffer (buffer.url)")
+    learn = command(
+        "learn", _learn, "run the learner against an experiment's buffer (buffer.url)", quiet=True
+    )
     learn.add_argument("--resume", action="store_true", help="continue from run_dir's checkpoint")
-    run = command("run", _run, "run an experiment: buffer, Ray, actors, learner, evaluation")
+    run = command(
+        "run", _run, "run an experiment: buffer, Ray, actors, learner, evaluation", quiet=True
+    )
     run.add_argument("--resume", action="store_true", help="continue from run_dir's checkpoint")
     actor = command(
-        "actor", _actor, "join a running experiment as a rollout actor, by its Redis URL"
+        "actor",
+        _actor,
+        "join a running experiment as a rollout actor, by its Redis URL",
+        quiet=True,
     )
     actor.add_argument("--buffer", required=True, help="the experiment's redis:// or rediss:// URL")
     actor.add_argument("--prefix", default="relay", help="the experiment's buffer.key_prefix")
@@ -110,11 +123,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_show(args: argparse.Namespace, config: RunConfig) -> None:
+def _config_show(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     sys.stdout.write(dump_config(config))
 
 
-def _model_init(args: argparse.Namespace, config: RunConfig) -> None:
+def _model_init(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from relay.tiny_model import build_tiny_model
 
     out = Path(config.model.path)
@@ -124,7 +137,7 @@ def _model_init(args: argparse.Namespace, config: RunConfig) -> None:
     build_tiny_model(out, config.model.tiny)
 
 
-def _warmstart(args: argparse.Namespace, config: RunConfig) -> None:
+def _warmstart(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from envs.registry import make_env
     from relay.warmstart import warmstart
 
@@ -137,7 +150,7 @@ def _warmstart(args: argparse.Namespace, config: RunConfig) -> None:
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=terminal.console) as progress:
         task = progress.add_task("warmstart", total=config.warmstart.steps, loss=float("nan"))
         report = warmstart(
             config.model.path,
@@ -147,13 +160,13 @@ def _warmstart(args: argparse.Namespace, config: RunConfig) -> None:
             on_step=lambda step, loss: progress.update(task, completed=step, loss=loss),
         )
     _write_json(config.run_dir / "warmstart.json", asdict(report))
-    console.print(
+    terminal.console.print(
         f"warm start: {report.steps} steps on {report.examples} examples in {report.seconds:.0f}s, "
         f"loss {report.first_loss:.3f} -> {report.final_loss:.3f}; saved to {report.out_path}"
     )
 
 
-def _eval(args: argparse.Namespace, config: RunConfig) -> None:
+def _eval(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from transformers import AutoTokenizer
 
     from actors.engine import build_llm
@@ -168,18 +181,19 @@ def _eval(args: argparse.Namespace, config: RunConfig) -> None:
     report = evaluate(llm, tokenizer, env, config.eval, max_model_len=config.engine.max_model_len)
     _write_json(config.run_dir / f"eval-{Path(model_path).name}.json", asdict(report))
     for example in report.examples:
-        console.print(
+        terminal.console.print(
             f"  {example['prompt']!r} -> {example['reply']!r} (reference {example['reference']})",
             highlight=False,
         )
     # The result goes to stdout so that scripts can read it; logs go to stderr.
     print(
         f"{model_path}: held-out accuracy {report.accuracy:.1%} on {report.n_prompts} "
-        f"{env.name} prompts ({report.seconds:.0f}s)"
+        f"{env.name} prompts ({report.seconds:.0f}s)",
+        file=terminal.out,
     )
 
 
-def _learn(args: argparse.Namespace, config: RunConfig) -> None:
+def _learn(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from relay.learn import check_resume, learn_all_ranks
 
     _require_model(config.model.path)
@@ -188,7 +202,7 @@ def _learn(args: argparse.Namespace, config: RunConfig) -> None:
     learn_all_ranks(config, resume=args.resume, stop=stop)
 
 
-def _run(args: argparse.Namespace, config: RunConfig) -> None:
+def _run(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from relay.driver import run
 
     _require_model(config.model.path)
@@ -198,7 +212,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> None:
 
         # The run goes on on another node: its log lines come back through Ray, its
         # figures through `relay status` / the dashboard there.
-        _print_results(run_on_learner_node(config, resume=args.resume, stop=stop))
+        _print_results(run_on_learner_node(config, resume=args.resume, stop=stop), terminal)
         return
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -207,7 +221,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> None:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=terminal.console) as progress:
         task = progress.add_task(f"{config.mode} RL", total=config.learner.steps, status="")
 
         def show(metrics: dict) -> None:
@@ -224,21 +238,25 @@ def _run(args: argparse.Namespace, config: RunConfig) -> None:
 
         show.accuracy = None
         results = run(config, resume=args.resume, stop=stop, on_metrics=show)
-    _print_results(results)
+    _print_results(results, terminal)
 
 
-def _print_results(results: dict) -> None:
+def _print_results(results: dict, terminal: Terminal) -> None:
     before, after = results.get("before"), results["after"]
     if before is not None:
-        print(f"held-out accuracy before: {before['accuracy']:.1%} ({before['model']})")
+        print(
+            f"held-out accuracy before: {before['accuracy']:.1%} ({before['model']})",
+            file=terminal.out,
+        )
     minutes = results["seconds"] / 60
     print(
         f"held-out accuracy after:  {after['accuracy']:.1%} ({after['model']}, "
-        f"{results['steps']} steps, policy v{results['version']}, {minutes:.1f} min)"
+        f"{results['steps']} steps, policy v{results['version']}, {minutes:.1f} min)",
+        file=terminal.out,
     )
 
 
-def _actor(args: argparse.Namespace, config: RunConfig) -> None:
+def _actor(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     """Outside the Ray cluster: weights come from the Redis weight store."""
     import socket
 
@@ -265,10 +283,10 @@ def _actor(args: argparse.Namespace, config: RunConfig) -> None:
     stop = _stop_on_signals()
     log.info("%s generating for experiment %s (%s)", actor_id, args.prefix, experiment.env.type)
     stats = worker.run(stop)
-    console.print(f"{actor_id}: {stats.groups} groups, {stats.tokens} tokens")
+    terminal.console.print(f"{actor_id}: {stats.groups} groups, {stats.tokens} tokens")
 
 
-def _dashboard(args: argparse.Namespace, config: RunConfig) -> None:
+def _dashboard(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from relay.dashboard.server import Dashboard
     from relay.dashboard.snapshot import Watcher
 
@@ -278,12 +296,12 @@ def _dashboard(args: argparse.Namespace, config: RunConfig) -> None:
     )
     dashboard = Dashboard(Watcher(_watched_buffer(args, config)), settings).start()
     stop = _stop_on_signals()
-    console.print(f"serving the dashboard at {dashboard.url}; Ctrl-C stops it")
+    terminal.console.print(f"serving the dashboard at {dashboard.url}; Ctrl-C stops it")
     stop.wait()
     dashboard.stop()
 
 
-def _status(args: argparse.Namespace, config: RunConfig) -> None:
+def _status(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from rich.live import Live
 
     from relay.dashboard.snapshot import Watcher

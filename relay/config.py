@@ -66,6 +66,19 @@ class RayConfig(BaseModel):
     """How long to wait for such a node (the autoscaler may have to start one)."""
 
 
+class LoggingConfig(BaseModel):
+    """What the terminal shows and where everything else is written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quiet: bool = True
+    """`relay run`, `learn`, `actor` and `eval` show only Relay's progress and log lines
+    on the terminal; vLLM, Ray, DeepSpeed and other libraries write to `file`. False: all
+    of it on the terminal."""
+    file: Path = Path("relay.log")
+    """The log file, relative to run_dir (or absolute)."""
+
+
 class RunConfig(BaseModel):
     """Everything a Relay command needs, validated before it starts."""
 
@@ -96,6 +109,8 @@ class RunConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     """The live dashboard and Prometheus endpoint `relay run` serves."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """The terminal and the run's log file."""
     _notes: list[str] = PrivateAttr(default_factory=list)
     """Adjustments validation made (e.g. by mode sync), for the driver to log."""
 

@@ -51,8 +51,6 @@ def run(
         if server is not None:
             cleanup.callback(server.stop)
             config.buffer.url = server.url
-            log.info("embedded redis-server at %s (data in %s)", server.url.split("@")[-1],
-                     server.data_dir)  # fmt: skip
             cleanup.callback(_share_buffer_url(config.run_dir, server.url))
         if config.dashboard.enabled:
             results["dashboard"] = _start_dashboard(config, client, cleanup)

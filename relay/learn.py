@@ -80,7 +80,9 @@ def learn(
             # A learner died between writing weights and bumping the version: finish it,
             # so that no version an actor may have fetched is ever reused.
             buffer.set_version(stored)
-        transports = [RedisStoreTransport(store)]
+        transports = []
+        if _weights_in_redis(config, ray_transport):
+            transports.append(RedisStoreTransport(store))
         if ray_transport:
             from buffer.ray_weights import RayObjectTransport
 
@@ -121,6 +123,14 @@ def learn(
             )  # fmt: skip
     learner.close()
     return state
+
+
+def _weights_in_redis(config: RunConfig, ray_transport: bool) -> bool:
+    """Whether weights go to the buffer's Redis: always for actors that fetch them there,
+    and by default when the run has no actors of its own (they join with `relay actor`)."""
+    if not ray_transport or config.actors.weights_in_redis:
+        return True
+    return config.actors.weights_in_redis is None and config.actors.num_actors == 0
 
 
 def learn_all_ranks(config: RunConfig, *, resume: bool, stop: threading.Event, **rank0: object):

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,9 +37,11 @@ class WarmstartConfig(BaseModel):
     batch_size: int = Field(64, gt=0)
     """Examples per step."""
     lr: float = Field(1e-3, gt=0)
-    """Peak learning rate (AdamW), reached after `warmup_steps` and decayed by cosine."""
+    """Peak learning rate (AdamW), reached after `warmup_steps`."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warm-up steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After the warm-up: cosine decay to lr / 10 at the last step, or constant."""
     n_examples: int = Field(4000, gt=0)
     """Distinct training prompts drawn from the environment's train split."""
     out_path: Path = Path("models/tiny-warm")
@@ -136,5 +139,7 @@ def _collate(
 def _lr_scale(step: int, config: WarmstartConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -253,3 +253,59 @@ def test_learner_scores_tokens_at_the_sampling_temperature(
         assert torch.allclose(tempered._logprobs(batch), expected, atol=1e-6)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         Learner(str(warm_model_dir), LearnerConfig(), temperature=0.0)
+
+
+def test_packed_groups_by_hand() -> None:
+    # Prompt [2, 35] and two completions [5, 6] and [7]: one row [2, 35, 5, 6, 7, pad].
+    # Positions continue the prompt's for each completion: [0, 1, 2, 3, 2, 0].
+    # Completion 1's tokens are scored at flat positions 1 (the prompt's last token scores
+    # 5) and 2 (5 scores 6); completion 2's one token at position 1 too.
+    first = completion([5, 6], [-0.1, -0.2], 1.0)
+    second = completion([7], [-0.3], 0.0)
+    batch = build_batch([group([2, 35], first, second)], grpo_no_std, 0, 0, pack=True)
+    packed = batch.packed
+    assert packed.input_ids.tolist() == [[2, 35, 5, 6, 7]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2]]
+    assert packed.sources.tolist() == [1, 2, 1]
+    assert packed.targets.tolist() == [5, 6, 7]
+    assert packed.rows.tolist() == [0, 0, 1] and packed.columns.tolist() == [1, 2, 1]
+    # Each completion sees the prompt and itself, never the other completion.
+    assert packed.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],
+    ]
+
+
+@pytest.mark.slow
+def test_packed_groups_give_the_logprobs_and_gradients_of_one_row_per_completion(
+    learner: object, warm_model_dir: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = learner.tokenizer
+    groups = arithmetic_groups(tokenizer, 3) + arithmetic_groups(tokenizer, 2, seed=7, prefix="h")
+    # A multi-turn completion: environment tokens (masked out) between two replies.
+    turns = completion([6, 9, 12, 13, 3, 8, 3], [-1.0] * 7, 1.0, mask=[1, 1, 0, 0, 0, 1, 1])
+    shorter = list(groups[0].prompt_token_ids)[3:]
+    groups.append(group(shorter, turns, completion([7, 3], [-1, -1], 0)))
+    assert len({len(g.prompt_token_ids) for g in groups}) > 1  # rows of different widths
+    unpacked = build_batch(groups, grpo_no_std, tokenizer.pad_token_id, 0)
+    packed = build_batch(groups, grpo_no_std, tokenizer.pad_token_id, 0, pack=True)
+    with torch.no_grad():
+        one, other = learner._logprobs(unpacked), learner._logprobs(packed)
+    mask = unpacked.loss_mask
+    assert torch.allclose(one[mask], other[mask], atol=1e-5)
+    # The same gradients: of -Σ A log π over loss tokens, on a plain copy of the policy.
+    model = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
+    gradients = []
+    for batch in (unpacked, packed):
+        model.zero_grad()
+        logprobs = learner._logprobs(batch, model)
+        (-(logprobs * batch.advantages)[mask].sum()).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    scale = gradients[0].abs().max()
+    assert scale > 0.1
+    assert (gradients[0] - gradients[1]).abs().max() < 1e-5 * scale
