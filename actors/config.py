@@ -48,6 +48,11 @@ class ActorConfig(BaseModel):
     """Ray restarts a crashed actor this many times; it rejoins at the latest version."""
     num_cpus: float = Field(1.0, gt=0)
     """CPUs Ray reserves per actor."""
+    cpu_cores: list[str] | None = None
+    """CPU only: the cores each actor's engine runs on, by actor index (cycled), in vLLM's
+    VLLM_CPU_OMP_THREADS_BIND form ("0", "2-3"). None: vLLM's own choice, which gives
+    every engine on a machine the same cores. Ray runs actors at a lower priority (nice
+    15) than the learner, so an actor sharing the learner's core uses what it leaves."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs Ray reserves per actor (engine.tensor_parallel_size on GPU clusters)."""
     resources: dict[str, float] = Field(default_factory=dict)

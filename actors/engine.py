@@ -64,8 +64,11 @@ class Sample:
     """"stop" or "length", as vLLM reports it."""
 
 
-def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
-    """Start a vLLM engine for the Hugging Face model directory `model_path`."""
+def build_llm(
+    model_path: Path | str, config: EngineConfig, seed: int, cpu_cores: str | None = None
+) -> LLM:
+    """Start a vLLM engine for the Hugging Face model directory `model_path`; on CPU, on
+    `cpu_cores` (VLLM_CPU_OMP_THREADS_BIND's form) when given."""
     import torch
     from vllm import LLM
 
@@ -73,6 +76,8 @@ def build_llm(model_path: Path | str, config: EngineConfig, seed: int) -> LLM:
     if on_cpu:
         # Read by vLLM's CPU worker when it sizes the KV cache.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kvcache_gib)
+        if cpu_cores is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
     in_process = on_cpu if config.in_process is None else config.in_process
     executor = {}
     if in_process:

@@ -38,6 +38,8 @@ class ActorSpec(BaseModel):
     actor: ActorConfig
     buffer: BufferConfig
     """Must carry the buffer's `url`: actors always connect to an existing Redis."""
+    cpu_cores: str | None = None
+    """CPU only: the cores its engine runs on (see `ActorConfig.cpu_cores`)."""
 
 
 def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
@@ -61,7 +63,7 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
         weights = RayWeightSource(spec.buffer.key_prefix, timeout_s=spec.actor.weight_timeout_s)
     else:
         weights = RedisWeightSource(RedisWeightStore(client, spec.buffer.key_prefix))
-    llm = build_llm(spec.model_path, spec.engine, spec.seed)
+    llm = build_llm(spec.model_path, spec.engine, spec.seed, cpu_cores=spec.cpu_cores)
     worker = RolloutWorker(
         llm,
         AutoTokenizer.from_pretrained(spec.model_path),
@@ -112,7 +114,9 @@ class RolloutActor:
         self._stop.set()
 
     def health(self) -> dict:
-        return self.worker.health()
+        import ray
+
+        return {**self.worker.health(), "node_ip": ray.util.get_node_ip_address()}
 
     def pid(self) -> int:
         return os.getpid()

@@ -184,7 +184,7 @@ class RolloutWorker:
             # New groups start on the newest policy: admission control counts them from
             # the buffer's version, so starting them on older weights would make them
             # staler than the bound it keeps.
-            self._follow_weights(wait=False)
+            self._follow_weights(wait=False, published=buffer_version)
             if self._pending_version is not None:  # draining before the load
                 self.buffer.release(leases)
                 return
@@ -332,9 +332,13 @@ class RolloutWorker:
         self._groups.clear()
 
     # -- weights ----------------------------------------------------------------------------
-    def _follow_weights(self, wait: bool) -> None:
-        """Load a newer version now (in flight), or once the engine is drained."""
-        latest = self.weights.latest_version()
+    def _follow_weights(self, wait: bool, published: int | None = None) -> None:
+        """Load a newer version now (in flight), or once the engine is drained.
+
+        `published`: a version known to be fetchable (the buffer's version is set only once
+        the weights are out), which spares asking the weight source.
+        """
+        latest = self.weights.latest_version() if published is None else published
         if wait and latest is None:
             latest = self.weights.wait_for_version(self.config.weight_timeout_s)
         if latest is not None and latest > self.version:

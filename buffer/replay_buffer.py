@@ -36,7 +36,9 @@ _KEY_NAMES = (
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
     "held",
 )  # fmt: skip
-_POLL_S = (0.005, 0.25)  # first and longest wait between polls while blocked
+# First and longest wait between polls while blocked. A learner waiting for its batch
+# polls at most every 20 ms: at a few steps a second, a longer wait would be its idle time.
+_POLL_S = (0.005, 0.02)
 DROP_REASONS = ("uniform",)
 """Why an actor may drop a generated group: `uniform` rewards give no group-relative signal."""
 

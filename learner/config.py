@@ -5,6 +5,7 @@ Kept apart from the code that uses it so that loading a run config imports no to
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,7 +92,12 @@ class LearnerConfig(BaseModel):
     sample_timeout_s: float = Field(600.0, gt=0)
     """Fail when no full batch arrives for this long (are the actors running?)."""
     lr: float = Field(3e-4, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After the warm-up: constant, or decayed to 0 at the run's last optimizer step
+    (cosine or linear). A decayed rate ends the run on a settled policy."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to lr."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, gt=0)
@@ -129,3 +135,14 @@ class LearnerConfig(BaseModel):
     def optimizer_steps_per_batch(self) -> int:
         """update_epochs x minibatches."""
         return self.update_epochs * self.minibatches
+
+    def lr_scale(self, optimizer_step: int) -> float:
+        """The learning rate at `optimizer_step` (from 0) as a fraction of `lr`."""
+        warmup = min(1.0, (optimizer_step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        total = self.steps * self.optimizer_steps_per_batch
+        progress = min(1.0, optimizer_step / total)
+        if self.lr_schedule == "cosine":
+            return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.lr_schedule == "linear":
+            return warmup * (1.0 - progress)
+        return warmup

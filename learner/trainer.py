@@ -82,7 +82,11 @@ class Learner:
             "bf16": {"enabled": config.precision == "bf16"},
             "steps_per_print": 10**9,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # DeepSpeed steps the schedule at every optimizer step and keeps it in checkpoints.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_scale)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
         self.advantage = get_advantage(config.advantage)
 
     def step(self, groups: Sequence[RolloutGroup], learner_version: int) -> dict[str, float]:
@@ -94,6 +98,7 @@ class Learner:
         trust region). With one, π_prox is the policy being differentiated, detached.
         """
         started = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # of this batch's first optimizer step
         # Each minibatch is `micro_batches` forward/backward passes over parts of its
         # groups (None where there are more parts than groups).
         minibatches = [
@@ -117,6 +122,7 @@ class Learner:
                     # DeepSpeed counts micro-steps: it steps the optimizer at the last one.
                     self.engine.step()
         metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
+        metrics["learner/lr"] = lr
         metrics["learner/step_s"] = time.perf_counter() - started
         return metrics
 

@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet and config.logging.quiet:
             # Commands that start engines, Ray or DeepSpeed: their output goes to the log.
             terminal = quiet_terminal(config.run_dir / config.logging.file)
-            log.info("engine, Ray and library logs go to %s", terminal.log_file)
         return args.command(args, config, terminal) or 0
     except ConfigError as error:
         terminal.console.print(f"[red]config error:[/red] {error}", highlight=False)
@@ -206,6 +205,8 @@ def _run(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> Non
     from relay.driver import run
 
     _require_model(config.model.path)
+    if terminal.log_file is not None:
+        log.info("engine, Ray and library logs go to %s", terminal.log_file)
     stop = _stop_on_signals()
     if config.ray.learner_resources or config.ray.learner_num_gpus:
         from relay.placement import run_on_learner_node

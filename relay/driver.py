@@ -187,6 +187,10 @@ def _evaluate(config: RunConfig, model_path: str) -> dict:
     return result
 
 
+def _cycled(choices: list[str] | None, index: int) -> str | None:
+    return None if not choices else choices[index % len(choices)]
+
+
 class Actors:
     """The run's rollout actors: started, watched, stopped."""
 
@@ -204,6 +208,7 @@ class Actors:
                 env=config.env,
                 actor=config.actors,
                 buffer=config.buffer,
+                cpu_cores=_cycled(config.actors.cpu_cores, i),
             )
             for i in range(config.actors.num_actors)
         ]

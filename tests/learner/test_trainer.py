@@ -309,3 +309,31 @@ def test_packed_groups_give_the_logprobs_and_gradients_of_one_row_per_completion
     scale = gradients[0].abs().max()
     assert scale > 0.1
     assert (gradients[0] - gradients[1]).abs().max() < 1e-5 * scale
+
+
+def test_learning_rate_schedules_by_hand() -> None:
+    from learner.config import LearnerConfig
+
+    # 4 learner steps x 2 optimizer steps = 8; warm-up over 2: step 0 at 1/2, then 1.
+    # linear: 1 - k/8; cosine: (1 + cos(π k/8)) / 2; constant: 1.
+    linear = LearnerConfig(steps=4, minibatches=2, lr_schedule="linear", warmup_steps=2)
+    assert [linear.lr_scale(k) for k in (0, 1, 4, 7)] == [0.5, 0.875, 0.5, 0.125]
+    cosine = LearnerConfig(steps=4, minibatches=2, lr_schedule="cosine")
+    assert cosine.lr_scale(4) == pytest.approx(0.5) and cosine.lr_scale(8) == pytest.approx(0.0)
+    assert LearnerConfig(warmup_steps=4).lr_scale(1) == 0.5
+    assert LearnerConfig().lr_scale(10**6) == 1.0
+
+
+@pytest.mark.slow
+def test_deepspeed_follows_the_learning_rate_schedule(
+    learner: object, warm_model_dir: Path
+) -> None:
+    from learner.config import LearnerConfig
+    from learner.trainer import Learner
+
+    config = LearnerConfig(lr=1e-3, steps=3, lr_schedule="linear", warmup_steps=2)
+    scheduled = Learner(str(warm_model_dir), config)
+    groups = arithmetic_groups(scheduled.tokenizer, 2)
+    used = [scheduled.step(groups, learner_version=0)["learner/lr"] for _ in range(3)]
+    # Optimizer step k runs at 1e-3 x min(1, (k + 1) / 2) x (1 - k / 3).
+    assert used == pytest.approx([5e-4, 1e-3 * 2 / 3, 1e-3 / 3])

@@ -213,6 +213,6 @@ def test_actors_from_elsewhere_join_a_learner_only_run(
     assert results["steps"] == steps and results["trained_groups"] == steps * BATCH
     assert results["actors"] == {}
     # Every trained group came from the actor that joined.
-    assert "elsewhere-0:" in (tmp_path / "actor.log").read_text()
+    assert "elsewhere-0 generating for experiment relay" in (tmp_path / "actor.log").read_text()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["groups"] for r in rows) == steps * BATCH
