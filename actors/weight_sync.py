@@ -6,10 +6,11 @@ tuples, sent to every vLLM worker with `LLM.collective_rpc` and applied by
 
 On CPU, vLLM packs every linear layer's weight into a oneDNN/sgl handle after loading
 and drops the `weight` parameter; the tied LM head keeps its weight but packs a copy. So
-`load_weights` alone fails, and `reload_weights` leaves the packed LM head stale. The
-extension re-creates the dropped parameters, loads, then repacks every layer from the
-new weights (checked end to end in tests/actors/test_weight_sync.py). On GPU the same
-calls load into the regular parameters; the repacking step finds nothing to do there.
+`load_weights` alone fails, and `reload_weights` leaves the packed LM head stale. Before
+its first load the extension switches every packed layer back to torch's plain linear
+over a full-size weight parameter, so that every load is an in-place copy and no layer
+needs repacking (checked end to end in tests/actors/test_weight_sync.py). On GPU the
+same calls load into the regular parameters; no layer has a CPU kernel to switch.
 """
 
 from __future__ import annotations
@@ -39,19 +40,16 @@ class RelayWorkerExtension:
     def relay_load_weights(self, tensors: list[PackedTensor]) -> int:
         """Load a chunk of named tensors into the model; returns how many were loaded."""
         model = self.model_runner.model
-        _restore_dropped_linear_weights(model)
+        _use_plain_linear(model)
         model.load_weights(unpack_tensors(tensors))
         return len(tensors)
 
     def relay_finish_weight_update(self) -> dict[str, int]:
-        """Repack layers from the new weights (CPU); returns `relay_request_progress()`.
+        """Returns `relay_request_progress()` once the new weights are in.
 
         Runs between two engine steps, so the progress it returns is exactly how many
         tokens each running request sampled with the old weights.
         """
-        for module in self.model_runner.model.modules():
-            if hasattr(module, "cpu_linear") and hasattr(module, "quant_method"):
-                module.quant_method.process_weights_after_loading(module)
         return self.relay_request_progress()
 
     def relay_request_progress(self) -> dict[str, int]:
@@ -135,23 +133,34 @@ def paused_engine(llm: object) -> Iterator[None]:
         core.call_utility("resume_scheduler")
 
 
-def _restore_dropped_linear_weights(model: torch.nn.Module) -> None:
-    """Give CPU-packed linear layers a full-size `weight` again, so that they can load."""
+def _use_plain_linear(model: torch.nn.Module) -> None:
+    """On CPU, make every layer multiply by its own weight parameter (torch's linear).
+
+    vLLM's CPU backend packs each linear layer's weight into a oneDNN handle after
+    loading and drops the parameter (the tied LM head keeps it and packs a copy), so
+    loaded weights would not reach the packed copies; repacking every layer costs more
+    than the load itself. A layer switched here gets a full-size weight parameter again
+    (filled by the load that follows: every update carries the whole policy) and keeps
+    it; later updates are plain in-place copies. On GPU nothing has `cpu_linear`.
+    """
     from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
     from vllm.model_executor.parameter import ModelWeightParameter
 
     for module in model.modules():
-        if not isinstance(module, LinearBase) or module.weight.numel() > 0:
+        if not hasattr(module, "cpu_linear") or module.cpu_linear is torch.nn.functional.linear:
             continue
-        uses_v2 = module.quant_method.__class__.__name__ in WEIGHT_LOADER_V2_SUPPORTED
-        weight = ModelWeightParameter(
-            data=torch.empty(
-                module.output_size_per_partition,
-                module.input_size_per_partition,
-                dtype=module.params_dtype,
-            ),
-            input_dim=1,
-            output_dim=0,
-            weight_loader=module.weight_loader_v2 if uses_v2 else module.weight_loader,
-        )
-        module.register_parameter("weight", weight)
+        if isinstance(module, LinearBase) and module.weight.numel() == 0:
+            uses_v2 = module.quant_method.__class__.__name__ in WEIGHT_LOADER_V2_SUPPORTED
+            weight = ModelWeightParameter(
+                data=torch.empty(
+                    module.output_size_per_partition,
+                    module.input_size_per_partition,
+                    dtype=module.params_dtype,
+                ),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=module.weight_loader_v2 if uses_v2 else module.weight_loader,
+            )
+            module.register_parameter("weight", weight)
+        module.cpu_linear = torch.nn.functional.linear
+        module._cpu_skip_gemm_dispatch = True  # vLLM's own repack keeps the plain path

@@ -56,6 +56,9 @@ class Learner:
             RANK=str(rank), LOCAL_RANK=str(rank % max(1, torch.cuda.device_count())),
             WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         )  # fmt: skip
+        # An in-process vLLM engine in the same process (tests, evaluations) may already
+        # hold a one-rank group; the learner then shares it and must not destroy it.
+        self._owns_group = not dist.is_initialized()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
@@ -206,7 +209,7 @@ class Learner:
     def close(self) -> None:
         """Leave the process group together: a rank that exits while its peers still hold
         connections can abort in gloo's threads at interpreter exit."""
-        if dist.is_initialized():
+        if self._owns_group and dist.is_initialized():
             if self.world_size > 1:
                 dist.barrier()
             dist.destroy_process_group()

@@ -63,8 +63,6 @@ def test_batch_alignment_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def learner(warm_model_dir: Path) -> Iterator[object]:
-    import torch.distributed as dist
-
     from learner.losses import TruncatedIS
     from learner.trainer import Learner, LearnerConfig
 
@@ -77,7 +75,7 @@ def learner(warm_model_dir: Path) -> Iterator[object]:
     config = LearnerConfig(lr=2e-4, loss=TruncatedIS())
     learner = Learner(str(warm_model_dir), config, master_port=port)
     yield learner
-    dist.destroy_process_group()
+    learner.close()  # leaves alone a group that the session's in-process vLLM engine owns
     os.environ.clear()
     os.environ.update(saved)
 
