@@ -89,6 +89,14 @@ class LearnerConfig(BaseModel):
     """Data-parallel ranks."""
     push_every_steps: int = Field(1, gt=0)
     """Publish new weights (a new policy version) every N steps."""
+    time_limit_s: float | None = Field(None, gt=0)
+    """Stop after this many seconds of training (from the first sample), as a stop request
+    does: the step ends, a checkpoint is saved, the policy exported. None: run all steps.
+    The lr schedule still spans `steps`."""
+    snapshot_every_steps: int = Field(0, ge=0)
+    """Export the policy (Hugging Face format) to run_dir/snapshots/stepNNNNNNNN every N
+    steps, each listed with its time in snapshots.jsonl, for learning curves evaluated
+    after the run without pausing it (benchmarks/learning.py). 0: never."""
     sample_timeout_s: float = Field(600.0, gt=0)
     """Fail when no full batch arrives for this long (are the actors running?)."""
     lr: float = Field(3e-4, gt=0)

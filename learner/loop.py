@@ -71,6 +71,7 @@ class TrainingLoop:
         stop: threading.Event | None = None,
         evaluate: Callable[[Learner], dict[str, float]] | None = None,
         eval_every: int = 0,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.learner = learner
         self.buffer = buffer
@@ -81,6 +82,7 @@ class TrainingLoop:
         self.stop = stop or threading.Event()
         self.evaluate = evaluate if learner.rank == 0 else None
         self.eval_every = eval_every
+        self.snapshot_dir = snapshot_dir if learner.rank == 0 else None
         self.consumer = f"learner-{learner.rank}"
         self.state = LoopState()
         self._held: list[Batch] = []
@@ -138,8 +140,19 @@ class TrainingLoop:
         """Train until `config.steps` (counting resumed steps) or a stop request."""
         immediate_ack = self.config.checkpoint.every_steps == 0
         to_ack: Batch | None = None
+        limit = self.config.time_limit_s
+        deadline = None if limit is None else time.monotonic() + limit
+        if (
+            self.snapshot_dir is not None
+            and self.config.snapshot_every_steps
+            and not self.state.step
+        ):
+            self.snapshot()  # the starting policy, timed at the start of training
         try:
             while self.state.step < self.config.steps:
+                if deadline is not None and time.monotonic() >= deadline:
+                    log.info("learner.time_limit_s=%g reached at step %d", limit, self.state.step)
+                    self.stop.set()
                 if self.learner.any_rank(self.stop.is_set()):
                     log.info("stop requested: finishing at step %d", self.state.step)
                     break
@@ -217,7 +230,23 @@ class TrainingLoop:
         })  # fmt: skip
         if self.evaluate is not None and self.eval_every and self.state.step % self.eval_every == 0:
             metrics.update(self.evaluate(self.learner))
+        snapshot_every = self.config.snapshot_every_steps
+        if (
+            self.snapshot_dir is not None
+            and snapshot_every
+            and self.state.step % snapshot_every == 0
+        ):
+            self.snapshot()
         self.on_metrics(metrics)
+
+    def snapshot(self) -> Path:
+        """Export the current policy for evaluation after the run; listed with its time."""
+        path = self.learner.export(self.snapshot_dir / f"step{self.state.step:08d}")
+        record = {"step": self.state.step, "version": self.state.version,
+                  "time": time.time(), "path": str(path)}  # fmt: skip
+        with (self.snapshot_dir / "snapshots.jsonl").open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        return path
 
     def _extend_held(self) -> None:
         """Renew held claims well before their visibility timeout runs out."""

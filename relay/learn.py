@@ -103,6 +103,7 @@ def learn(
         learner, buffer, config.learner, checkpoint_dir(config),
         publisher=publisher, on_metrics=record, stop=stop,
         evaluate=evaluate, eval_every=config.eval.every_steps,
+        snapshot_dir=config.run_dir / "snapshots",
     )  # fmt: skip
     try:
         loop.start(resume)

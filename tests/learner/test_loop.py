@@ -140,3 +140,52 @@ def test_stop_crash_and_resume_keep_versions_and_lose_no_rollout(
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     for name, tensor in exported.named_parameters():
         assert (tensor.detach() == published[name]).all(), name
+
+
+@pytest.mark.slow
+def test_time_limit_stops_after_a_checkpoint_and_snapshots_list_their_times(
+    warm_model_dir: Path, redis_server, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, prefix = tmp_path / "run", "test:time-limit"
+    config = tmp_path / "learn.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run_dir),
+        "model": {"path": str(warm_model_dir)},
+        "buffer": {"url": redis_server.url, "key_prefix": prefix, "admission_control": False,
+                   "max_staleness": 10_000},
+        "learner": {"steps": 10_000, "batch_groups": 1, "lr": 1e-4, "time_limit_s": 2.0,
+                    "snapshot_every_steps": 3, "checkpoint": {"every_steps": 0}},
+    }))  # fmt: skip
+    buffer = ReplayBuffer(
+        redis_server.client(),
+        BufferConfig(key_prefix=prefix, admission_control=False, max_staleness=10_000),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
+    buffer.put(arithmetic_groups(tokenizer, 2_000), "synthetic")
+    started = time.time()
+    process = start(config)
+    out = finish(process)
+    assert process.returncode == 0, out
+
+    rows = metrics(run_dir)
+    steps = len(rows)
+    assert 3 <= steps < 10_000  # stopped by the limit, not by running out of steps
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
+    trained = rows[-1]["time"] - rows[0]["time"]
+    assert trained < 2.0 + 5.0  # the limit, plus at most the step and snapshot under way
+
+    snapshots = [
+        json.loads(line)
+        for line in (run_dir / "snapshots" / "snapshots.jsonl").read_text().splitlines()
+    ]
+    assert [s["step"] for s in snapshots] == list(range(0, steps + 1, 3))
+    assert [s["version"] for s in snapshots] == [s["step"] for s in snapshots]
+    times = [s["time"] for s in snapshots]
+    assert started < times[0] < rows[0]["time"] and times == sorted(times)
+    # Each is a loadable policy, and each differs from the one before (training went on).
+    first, second = (AutoModelForCausalLM.from_pretrained(s["path"]) for s in snapshots[:2])
+    assert any(
+        not (a == b).all() for a, b in zip(first.parameters(), second.parameters(), strict=True)
+    )
