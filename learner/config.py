@@ -95,8 +95,9 @@ class LearnerConfig(BaseModel):
     The lr schedule still spans `steps`."""
     snapshot_every_steps: int = Field(0, ge=0)
     """Export the policy (Hugging Face format) to run_dir/snapshots/stepNNNNNNNN every N
-    steps, each listed with its time in snapshots.jsonl, for learning curves evaluated
-    after the run without pausing it (benchmarks/learning.py). 0: never."""
+    steps, at the start and at the end, each listed with its time in snapshots.jsonl, for
+    learning curves evaluated after the run without pausing it (benchmarks/learning.py).
+    0: never."""
     sample_timeout_s: float = Field(600.0, gt=0)
     """Fail when no full batch arrives for this long (are the actors running?)."""
     lr: float = Field(3e-4, gt=0)

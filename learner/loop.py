@@ -170,6 +170,9 @@ class TrainingLoop:
         finally:
             if to_ack is not None:
                 self.buffer.ack(to_ack)
+        every = self.config.snapshot_every_steps
+        if self.snapshot_dir is not None and every and self.state.step % every:
+            self.snapshot()  # the final policy, so that a curve ends where the run did
         if self._saved_step != self.state.step:
             self.checkpoint()
         return self.state

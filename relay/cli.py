@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     terminal = plain_terminal()
     try:
         config = load_config(args.config, args.overrides)
+        if config.logging.quiet:
+            _hide_library_progress_bars()
         if args.quiet and config.logging.quiet:
             # Commands that start engines, Ray or DeepSpeed: their output goes to the log.
             terminal = quiet_terminal(config.run_dir / config.logging.file)
@@ -52,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         # A bug, not a mistake of the user's: the whole traceback, on the terminal too.
         log.exception("unexpected error")
         return 1
+
+
+def _hide_library_progress_bars() -> None:
+    """Hugging Face's own bars (loading and writing weights) are not Relay's progress."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when first imported
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _build_parser() -> argparse.ArgumentParser:

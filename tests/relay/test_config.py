@@ -82,6 +82,13 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
             ["learner.update_epochs=0"],
             "learner.update_epochs: input should be greater than or equal to 1 (got 0)",
         ),
+        (["learner.time_limit_s=0"], "learner.time_limit_s: input should be greater than 0"),
+        (
+            ["learner.snapshot_every_steps=-5"],
+            "learner.snapshot_every_steps: input should be greater than or equal to 0",
+        ),
+        (["learner.lr_schedule=step"], "learner.lr_schedule: input should be 'constant'"),
+        (["actors.cpu_cores=3"], "actors.cpu_cores: input should be a valid list"),
         # A rule within one section names the section, then its fields, without the input.
         (
             ["learner.minibatches=9"],
