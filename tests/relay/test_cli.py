@@ -34,6 +34,10 @@ def test_model_init_warmstart_eval(tmp_path: Path) -> None:
 
     warm = relay("warmstart", *settings, cwd=tmp_path)
     assert warm.returncode == 0, warm.stderr
+    # The terminal shows Relay's progress, not Hugging Face's bars for loading and saving.
+    for output in (init.stderr, warm.stderr):
+        assert "Writing model shards" not in output and "Loading weights" not in output
+    assert "warm start: 30 steps" in warm.stdout + warm.stderr
     report = json.loads((tmp_path / "runs/cli/warmstart.json").read_text())
     assert report["steps"] == 30
     assert report["final_loss"] < report["first_loss"]
