@@ -28,7 +28,16 @@ log = logging.getLogger("relay")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `relay` console script; returns the exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come anywhere on the line (`relay run -c a.yaml seed=1 --resume x=2`):
+    # argparse takes the first run of them, the rest comes back unrecognised.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     # Results go to stdout for scripts; vLLM (and its engine processes, which inherit
     # this) logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -74,7 +83,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         """`quiet`: the command starts engines, Ray or DeepSpeed (see `logging.quiet`)."""
         sub = parent.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("-c", "--config", type=Path, help="YAML run config (configs/*.yaml)")
+        sub.add_argument(
+            "-c", "--config", type=Path, action="append", default=[],
+            help="YAML run config (configs/*.yaml); several merge in order, later keys win",
+        )  # fmt: skip
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. warmstart.lr=3e-4")
         sub.set_defaults(command=handler, quiet=quiet)
         return sub

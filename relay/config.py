@@ -7,6 +7,10 @@ what is allowed, e.g. `warmstart.lr: must be greater than 0 (got -1)`.
 
 from __future__ import annotations
 
+import copy
+import os
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,23 +173,28 @@ class RunConfig(BaseModel):
         return value
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read `path` (YAML), apply `key=value` overrides, and validate."""
+ENV_PREFIX = "RELAY_"
+"""`RELAY_<SECTION>__<KEY>=value` sets section.key (secrets stay off the command line and
+out of config files: RELAY_DASHBOARD__TOKEN, RELAY_BUFFER__URL). Names without a double
+underscore (RELAY_HOME, RELAY_CONFIG in deploy scripts) are not config."""
+
+
+def load_config(
+    paths: Path | Sequence[Path] | None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Read the YAML files in order (a later file's keys win, sections merge), then
+    `RELAY_<SECTION>__<KEY>` environment variables, then `key=value` overrides; validate."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, Path):
+        paths = [paths]
     raw: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(
-                f"{where}: not valid YAML ({getattr(error, 'problem', error)})"
-            ) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-        raw = loaded or {}
+    for path in paths:
+        merge(raw, _read_yaml(path))
+    for key, value in environment_overrides(os.environ if environ is None else environ):
+        set_key(raw, key, value)
     for override in overrides:
         apply_override(raw, override)
     try:
@@ -194,17 +203,58 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(describe_validation_error(error, RunConfig)) from None
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return loaded or {}
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `update` into `base`: mappings key by key, anything else (lists too) replaced."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def environment_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """`RELAY_A__B=v` -> ("a.b", "v"), in name order. Values stay strings (a token of
+    digits is still a token); validation converts numbers and booleans where declared."""
+    return [
+        (name[len(ENV_PREFIX) :].lower().replace("__", "."), value)
+        for name, value in sorted(environ.items())
+        if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]
+    ]
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML."""
     key, sep, text = override.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not sep or not key:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    node = raw
+    set_key(raw, key, value, what=f"override {override!r}")
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, what: str | None = None) -> None:
+    """Set the dotted `key` in the nested dict `raw`, creating sections as needed."""
     parts = key.split(".")
+    if any(not part for part in parts):
+        raise ConfigError(f"{what or repr(key)} must look like section.key=value")
+    node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -282,6 +332,17 @@ def _lowercase_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def dump_config(config: RunConfig) -> str:
-    """The resolved config as YAML, in the order fields are declared."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+def dump_config(config: RunConfig, redact: bool = True) -> str:
+    """The resolved config as YAML, in the order fields are declared; the dashboard token
+    and the buffer URL's password are masked unless `redact` is False."""
+    raw = config.model_dump(mode="json")
+    if redact:
+        if raw["dashboard"].get("token"):
+            raw["dashboard"]["token"] = REDACTED
+        if raw["buffer"].get("url"):
+            raw["buffer"]["url"] = _PASSWORD.sub(rf"\1{REDACTED}@", raw["buffer"]["url"])
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+REDACTED = "***"
+_PASSWORD = re.compile(r"^(\w+://[^:@/]*:)[^@/]+@")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay.config import RunConfig, apply_override, dump_config, load_config
 from relay.errors import ConfigError
@@ -142,3 +143,58 @@ def test_cli_shows_the_resolved_config() -> None:
     assert result.returncode == 0, result.stderr
     assert "n_prompts: 9" in result.stdout
     assert "type: arithmetic" in result.stdout
+
+
+def test_several_files_merge_in_order(tmp_path: Path) -> None:
+    base, mine = tmp_path / "base.yaml", tmp_path / "mine.yaml"
+    base.write_text("seed: 1\nlearner:\n  lr: 0.001\n  steps: 5\nenv:\n  digits: 3\n")
+    mine.write_text("learner:\n  lr: 0.002\nenv:\n  operators: ['-']\n")
+    config = load_config([base, mine])
+    # The later file wins key by key; sections it does not name keep the earlier values.
+    assert (config.seed, config.learner.lr, config.learner.steps) == (1, 0.002, 5)
+    assert (config.env.digits, config.env.operators) == (3, ["-"])
+    assert load_config([mine, base]).learner.lr == 0.001
+
+
+def test_environment_variables_set_fields_between_files_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "learner:\n  lr: 0.001\n")
+    environ = {
+        "RELAY_DASHBOARD__TOKEN": "0123",  # a token of digits stays a string
+        "RELAY_LEARNER__LR": "5e-4",
+        "RELAY_ACTORS__SAMPLING__MAX_TOKENS": "12",
+        "RELAY_HOME": "/elsewhere",  # no double underscore: not config
+    }
+    config = load_config(path, [], environ)
+    assert config.dashboard.token == "0123"
+    assert config.learner.lr == 5e-4
+    assert config.actors.sampling.max_tokens == 12
+    assert load_config(path, ["learner.lr=0.01"], environ).learner.lr == 0.01
+    with pytest.raises(ConfigError, match=r"learner\.lrr: unknown key"):
+        load_config(None, [], {"RELAY_LEARNER__LRR": "1"})
+
+
+def test_cli_takes_overrides_anywhere_and_several_files(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("learner:\n  steps: 7\n")
+    result = relay_cli(
+        "config", "show", "seed=3", "-c", "configs/demo.yaml", "eval.n_prompts=9",
+        "-c", str(extra), "learner.lr=0.005",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["seed"] == 3 and shown["eval"]["n_prompts"] == 9
+    assert shown["learner"]["steps"] == 7 and shown["learner"]["lr"] == 0.005
+    assert shown["learner"]["batch_groups"] == 16  # from demo.yaml, kept by the merge
+    bad = relay_cli("config", "show", "-c", "configs/demo.yaml", "seed=3", "--frobnicate")
+    assert bad.returncode == 2 and "unrecognized arguments: --frobnicate" in bad.stderr
+
+
+def test_dumped_configs_mask_secrets() -> None:
+    config = load_config(
+        None, [], {"RELAY_DASHBOARD__TOKEN": "t0k3n", "RELAY_BUFFER__URL": "redis://:pw@h:6379/0"}
+    )
+    dumped = yaml.safe_load(dump_config(config))
+    assert dumped["dashboard"]["token"] == "***"
+    assert dumped["buffer"]["url"] == "redis://:***@h:6379/0"
+    assert "t0k3n" not in dump_config(config) and "pw@" not in dump_config(config)
+    assert "t0k3n" in dump_config(config, redact=False)
