@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,7 +30,7 @@ from actors.config import ActorConfig
 from actors.engine import EngineConfig
 from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
-from envs.registry import EnvConfig
+from envs.registry import EnvConfig, PluginConfigError
 from learner.config import LearnerConfig
 from relay.dashboard.config import DashboardConfig
 from relay.errors import ConfigError
@@ -99,7 +100,8 @@ class RunConfig(BaseModel):
     """Seeds prompts, sampling and initialisation."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     env: EnvConfig = Field(default_factory=ArithmeticConfig)
-    """The task; `type` selects it (arithmetic, math, code, calculator)."""
+    """The task; `type` selects it (arithmetic, math, code, calculator, or a plugin by entry
+    point or `package.module:Class`: docs/environments.md)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """vLLM engine settings (actors and evaluation)."""
     actors: ActorConfig = Field(default_factory=ActorConfig)
@@ -265,6 +267,10 @@ def set_key(raw: dict[str, Any], key: str, value: Any, what: str | None = None) 
 
 def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
     """One clause per problem, each naming the dotted field and what is allowed."""
+    return "; ".join(_clauses(error, model))
+
+
+def _clauses(error: ValidationError, model: type[BaseModel]) -> list[str]:
     clauses = []
     for problem in error.errors(include_url=False):
         names, node = _resolve(model, [str(part) for part in problem["loc"]])
@@ -277,6 +283,10 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             # A rule across fields (a model validator): its message names the fields.
             clauses.append(str(problem["ctx"]["error"]))
             continue
+        elif isinstance(cause := problem.get("ctx", {}).get("error"), PluginConfigError):
+            # A plugin environment's own config: its clauses, under this section's name.
+            clauses.extend(f"{field}.{c}" for c in _clauses(cause.error, cause.config_class))
+            continue
         elif problem["type"] == "value_error" and isinstance(problem["input"], dict):
             # A rule of one section: its message names the section's fields.
             message = str(problem["ctx"]["error"])
@@ -285,7 +295,7 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             if problem["type"] not in ("missing", "union_tag_invalid"):
                 message += f" (got {problem['input']!r})"
         clauses.append(f"{field}: {message}")
-    return "; ".join(clauses)
+    return clauses
 
 
 def _resolve(model: type[BaseModel], location: list[str]) -> tuple[list[str], Any]:
@@ -297,8 +307,7 @@ def _resolve(model: type[BaseModel], location: list[str]) -> tuple[list[str], An
     names: list[str] = []
     node: Any = model
     for part in location:
-        members = _union_members(node)
-        tagged = next((m for m in members if _tag(m) == part), None)
+        tagged = _member_tags(node).get(part)
         if tagged is not None:
             node = tagged
             continue
@@ -315,7 +324,22 @@ def _field_names(node: Any) -> list[str]:
 
 
 def _union_members(node: Any) -> list[Any]:
-    return [m for m in getattr(node, "__args__", ()) if hasattr(m, "model_fields")]
+    members = (_unwrap(m) for m in getattr(node, "__args__", ()))
+    return [m for m in members if hasattr(m, "model_fields")]
+
+
+def _member_tags(node: Any) -> dict[str, Any]:
+    """tag -> model of a tagged union: a `Tag` annotation, else the model's `type` default."""
+    tags = {}
+    for member in getattr(node, "__args__", ()):
+        model = _unwrap(member)
+        if not hasattr(model, "model_fields"):
+            continue
+        marks = [m.tag for m in getattr(member, "__metadata__", ()) if isinstance(m, Tag)]
+        tag = marks[0] if marks else _tag(model)
+        if tag is not None:
+            tags[tag] = model
+    return tags
 
 
 def _unwrap(annotation: Any) -> Any:

@@ -60,7 +60,7 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
     [
         (["warmstart.lr=-1"], "warmstart.lr: input should be greater than 0 (got -1)"),
         (["warmstart.lrr=1"], "warmstart.lrr: unknown key; allowed: batch_size, lr,"),
-        (["env.type=chess"], "env: input tag 'chess'"),
+        (["env.type=chess"], "env: unknown env.type 'chess'; installed: arithmetic, math, code"),
         (["env.digits=many"], "env.digits: input should be a valid integer"),
         (["env.type=math", "env.digits=2"], "env.digits: unknown key; allowed: max_answer_chars"),
         (["env.operators=[/]"], "env.operators.0: input should be '+', '-' or '*'"),
