@@ -28,6 +28,7 @@ from envs.base import EnvError, Environment
 from envs.calculator import CalculatorConfig, CalculatorEnv
 from envs.code_tests import CodeConfig, CodeEnv
 from envs.math_problems import MathConfig, MathEnv
+from envs.reasoning_gym_env import ReasoningGymConfig, ReasoningGymEnv
 
 ENTRY_POINT_GROUP = "relay.envs"
 
@@ -36,6 +37,7 @@ ENVIRONMENTS = {
     "math": MathEnv,
     "code": CodeEnv,
     "calculator": CalculatorEnv,
+    "reasoning_gym": ReasoningGymEnv,
 }
 
 
@@ -85,6 +87,7 @@ EnvConfig = Annotated[
     | Annotated[MathConfig, Tag("math")]
     | Annotated[CodeConfig, Tag("code")]
     | Annotated[CalculatorConfig, Tag("calculator")]
+    | Annotated[ReasoningGymConfig, Tag("reasoning_gym")]
     | Annotated[PluginEnvConfig, Tag("plugin")],
     Discriminator(_env_tag),
 ]
