@@ -93,7 +93,7 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
     versions = collections.OrderedDict({0: clone(learner.state_dict())})
     loaded, curve = None, [(0, held_out_accuracy())]
     stop, started = threading.Event(), time.monotonic()
-    is_clipped = []
+    clip_fractions = []
     for step in range(1, args.steps + 1):
         version = step - 1  # every step publishes one version
         behaviour = max(0, version - k)
@@ -106,7 +106,7 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
         assert len(batch.groups) == config.batch_groups, "the buffer holds one batch at a time"
         metrics = learner.step([g.group for g in batch.groups], version)
         buffer.ack(batch)
-        is_clipped.append(metrics.get("learner/clip_fraction", 0.0))
+        clip_fractions.append(metrics.get("learner/clip_fraction", 0.0))
         buffer.set_version(step)
         versions[step] = clone(learner.state_dict())
         while len(versions) > k + 1:
@@ -122,7 +122,7 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
         "final_accuracy": curve[-1][1],
         "sampled_staleness_histogram": {str(s): n for s, n in
                                         sorted(stats.sampled_staleness_histogram.items())},
-        "clip_fraction_mean": statistics.mean(is_clipped),
+        "clip_fraction_mean": statistics.mean(clip_fractions),
         "seconds": time.monotonic() - started,
     }  # fmt: skip
 

@@ -82,7 +82,10 @@ class TrainingLoop:
         self.stop = stop or threading.Event()
         self.evaluate = evaluate if learner.rank == 0 else None
         self.eval_every = eval_every
-        self.snapshot_dir = snapshot_dir if learner.rank == 0 else None
+        self.snapshot_dir = (
+            snapshot_dir if learner.rank == 0 and config.snapshot_every_steps else None
+        )
+        """Where rank 0 exports snapshots; None when it takes none."""
         self.consumer = f"learner-{learner.rank}"
         self.state = LoopState()
         self._held: list[Batch] = []
@@ -142,11 +145,7 @@ class TrainingLoop:
         to_ack: Batch | None = None
         limit = self.config.time_limit_s
         deadline = None if limit is None else time.monotonic() + limit
-        if (
-            self.snapshot_dir is not None
-            and self.config.snapshot_every_steps
-            and not self.state.step
-        ):
+        if self.snapshot_dir is not None and not self.state.step:
             self.snapshot()  # the starting policy, timed at the start of training
         try:
             while self.state.step < self.config.steps:
@@ -170,8 +169,7 @@ class TrainingLoop:
         finally:
             if to_ack is not None:
                 self.buffer.ack(to_ack)
-        every = self.config.snapshot_every_steps
-        if self.snapshot_dir is not None and every and self.state.step % every:
+        if self.snapshot_dir is not None and self.state.step % self.config.snapshot_every_steps:
             self.snapshot()  # the final policy, so that a curve ends where the run did
         if self._saved_step != self.state.step:
             self.checkpoint()
@@ -233,11 +231,9 @@ class TrainingLoop:
         })  # fmt: skip
         if self.evaluate is not None and self.eval_every and self.state.step % self.eval_every == 0:
             metrics.update(self.evaluate(self.learner))
-        snapshot_every = self.config.snapshot_every_steps
         if (
             self.snapshot_dir is not None
-            and snapshot_every
-            and self.state.step % snapshot_every == 0
+            and self.state.step % self.config.snapshot_every_steps == 0
         ):
             self.snapshot()
         self.on_metrics(metrics)

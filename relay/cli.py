@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra and not hasattr(args, "overrides"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    args.overrides += extra  # every command takes overrides (see `command` below)
     # Results go to stdout for scripts; vLLM (and its engine processes, which inherit
     # this) logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

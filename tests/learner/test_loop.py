@@ -28,6 +28,24 @@ STEPS, BATCH, GROUPS = 24, 2, 60
 RELAY = str(Path(sys.executable).parent / "relay")
 
 
+def learn_config(
+    tmp_path: Path, model: Path, redis_server, prefix: str, learner: dict, groups: int
+) -> tuple[Path, ReplayBuffer]:
+    """A `relay learn` config for tmp_path/run on the session's Redis under `prefix`, and
+    that buffer holding `groups` synthetic groups (no staleness bound, no admission)."""
+    from transformers import AutoTokenizer
+
+    buffer_config = {"key_prefix": prefix, "admission_control": False, "max_staleness": 10_000}
+    config = tmp_path / "learn.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "model": {"path": str(model)},
+        "buffer": {"url": redis_server.url, **buffer_config}, "learner": learner,
+    }))  # fmt: skip
+    buffer = ReplayBuffer(redis_server.client(), BufferConfig(**buffer_config))
+    buffer.put(arithmetic_groups(AutoTokenizer.from_pretrained(model), groups), "synthetic")
+    return config, buffer
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -59,27 +77,14 @@ def finish(process: subprocess.Popen) -> str:
 def test_stop_crash_and_resume_keep_versions_and_lose_no_rollout(
     warm_model_dir: Path, redis_server, tmp_path: Path
 ) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    run_dir = tmp_path / "run"
-    prefix = "test:learn"
-    config = tmp_path / "learn.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(run_dir),
-        "model": {"path": str(warm_model_dir)},
-        "buffer": {"url": redis_server.url, "key_prefix": prefix, "admission_control": False,
-                   "max_staleness": 1000},
-        "learner": {
-            "steps": STEPS, "batch_groups": BATCH, "lr": 1e-4, "sample_timeout_s": 30,
-            "checkpoint": {"every_steps": 4, "keep": 2},
-        },
-    }))  # fmt: skip
-    client = redis_server.client()
-    buffer = ReplayBuffer(
-        client, BufferConfig(key_prefix=prefix, admission_control=False, max_staleness=1000)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
-    buffer.put(arithmetic_groups(tokenizer, GROUPS), "synthetic")
+    run_dir, prefix = tmp_path / "run", "test:learn"
+    config, buffer = learn_config(tmp_path, warm_model_dir, redis_server, prefix, {
+        "steps": STEPS, "batch_groups": BATCH, "lr": 1e-4, "sample_timeout_s": 30,
+        "checkpoint": {"every_steps": 4, "keep": 2},
+    }, groups=GROUPS)  # fmt: skip
+    client = buffer.client
 
     # 1. A clean stop: SIGTERM mid-run finishes the step and checkpoints it.
     first = start(config)
@@ -146,24 +151,13 @@ def test_stop_crash_and_resume_keep_versions_and_lose_no_rollout(
 def test_time_limit_stops_after_a_checkpoint_and_snapshots_list_their_times(
     warm_model_dir: Path, redis_server, tmp_path: Path
 ) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     run_dir, prefix = tmp_path / "run", "test:time-limit"
-    config = tmp_path / "learn.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(run_dir),
-        "model": {"path": str(warm_model_dir)},
-        "buffer": {"url": redis_server.url, "key_prefix": prefix, "admission_control": False,
-                   "max_staleness": 10_000},
-        "learner": {"steps": 10_000, "batch_groups": 1, "lr": 1e-4, "time_limit_s": 2.0,
-                    "snapshot_every_steps": 3, "checkpoint": {"every_steps": 0}},
-    }))  # fmt: skip
-    buffer = ReplayBuffer(
-        redis_server.client(),
-        BufferConfig(key_prefix=prefix, admission_control=False, max_staleness=10_000),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
-    buffer.put(arithmetic_groups(tokenizer, 2_000), "synthetic")
+    config, _ = learn_config(tmp_path, warm_model_dir, redis_server, prefix, {
+        "steps": 10_000, "batch_groups": 1, "lr": 1e-4, "time_limit_s": 2.0,
+        "snapshot_every_steps": 3, "checkpoint": {"every_steps": 0},
+    }, groups=2_000)  # fmt: skip
     started = time.time()
     process = start(config)
     out = finish(process)
