@@ -64,6 +64,8 @@ def relay_run(
         if metrics.is_file() and metrics.read_text().strip():
             shown = subprocess.run([RELAY, "status", "--json", "-c", str(config)], env=ENV,
                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            if shown.returncode != 0 and process.poll() is not None:
+                break  # the run ended meanwhile: its own exit code and stderr tell why
             assert shown.returncode == 0, shown.stderr
             status = json.loads(shown.stdout)
     process.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -100,6 +102,7 @@ def test_relay_run_trains_on_rollouts_and_cleans_up(
     done, status = relay_run(config, watch=mode == "async")
     assert done.returncode == 0, done.stderr[-4000:]
     if mode == "async":  # the dashboard's figures, read while the run went on
+        assert status is not None, "`relay status` never read the run while it trained"
         assert status["learner"]["step"] >= 1
         assert status["buffer"]["counters"]["put"] >= BATCH
         assert [a["actor_id"] for a in status["actors"]] == ["actor-0"]
