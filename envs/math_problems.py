@@ -65,26 +65,29 @@ class MathEnv(SingleTurnEnvironment):
         ]
 
     def score(self, prompt: Prompt, response: str) -> Verdict:
-        if not response.strip():
-            return Verdict(0.0, False, {"reason": "empty reply"})
-        if len(response) > self.config.max_answer_chars:
-            return Verdict(
-                0.0, False, {"reason": f"reply over {self.config.max_answer_chars} chars"}
-            )
-        # math-verify's timeouts use signal.alarm, which only the main thread may set.
-        timeout = (
-            self.config.timeout_s if threading.current_thread() is threading.main_thread() else None
+        return verify_math(
+            prompt.reference, response, self.config.max_answer_chars, self.config.timeout_s
         )
-        gold = parse(f"${prompt.reference}$", parsing_timeout=timeout)
-        # first_match: a reply listing several candidates is judged on the first, not on any.
-        answer = parse(response, extraction_mode="first_match", parsing_timeout=timeout)
-        if not answer:
-            return Verdict(0.0, False, {"extracted": None, "reason": "no answer found"})
-        correct = bool(verify(gold, answer, timeout_seconds=timeout))
-        return Verdict(float(correct), correct, {"extracted": str(answer[-1])[:200]})
 
     def demonstration(self, prompt: Prompt) -> str | None:
         return f"\\boxed{{{prompt.reference}}}"
+
+
+def verify_math(reference: str, response: str, max_answer_chars: int, timeout_s: int) -> Verdict:
+    """Reward 1 when math-verify finds the reply's first answer equal to `reference` (LaTeX)."""
+    if not response.strip():
+        return Verdict(0.0, False, {"reason": "empty reply"})
+    if len(response) > max_answer_chars:
+        return Verdict(0.0, False, {"reason": f"reply over {max_answer_chars} chars"})
+    # math-verify's timeouts use signal.alarm, which only the main thread may set.
+    timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"${reference}$", parsing_timeout=timeout)
+    # first_match: a reply listing several candidates is judged on the first, not on any.
+    answer = parse(response, extraction_mode="first_match", parsing_timeout=timeout)
+    if not answer:
+        return Verdict(0.0, False, {"extracted": None, "reason": "no answer found"})
+    correct = bool(verify(gold, answer, timeout_seconds=timeout))
+    return Verdict(float(correct), correct, {"extracted": str(answer[-1])[:200]})
 
 
 def load_problems(path: Path) -> list[dict[str, str]]:

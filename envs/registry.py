@@ -27,6 +27,7 @@ from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import EnvError, Environment
 from envs.calculator import CalculatorConfig, CalculatorEnv
 from envs.code_tests import CodeConfig, CodeEnv
+from envs.dataset_env import DatasetConfig, DatasetEnv
 from envs.math_problems import MathConfig, MathEnv
 from envs.reasoning_gym_env import ReasoningGymConfig, ReasoningGymEnv
 
@@ -38,6 +39,7 @@ ENVIRONMENTS = {
     "code": CodeEnv,
     "calculator": CalculatorEnv,
     "reasoning_gym": ReasoningGymEnv,
+    "dataset": DatasetEnv,
 }
 
 
@@ -88,6 +90,7 @@ EnvConfig = Annotated[
     | Annotated[CodeConfig, Tag("code")]
     | Annotated[CalculatorConfig, Tag("calculator")]
     | Annotated[ReasoningGymConfig, Tag("reasoning_gym")]
+    | Annotated[DatasetConfig, Tag("dataset")]
     | Annotated[PluginEnvConfig, Tag("plugin")],
     Discriminator(_env_tag),
 ]
