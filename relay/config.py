@@ -71,6 +71,21 @@ class RayConfig(BaseModel):
     """How long to wait for such a node (the autoscaler may have to start one)."""
 
 
+class WandbConfig(BaseModel):
+    """A Weights & Biases run that receives the learner's metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = "relay"
+    entity: str | None = None
+    name: str | None = None
+    """The run's display name (None: run_dir's name)."""
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["offline", "online"] = "offline"
+    """offline needs no network or account; `wandb sync run_dir/wandb/offline-run-*`
+    uploads it later. online needs WANDB_API_KEY in the environment."""
+
+
 class LoggingConfig(BaseModel):
     """What the terminal shows and where everything else is written."""
 
@@ -82,6 +97,11 @@ class LoggingConfig(BaseModel):
     of it on the terminal."""
     file: Path = Path("relay.log")
     """The log file, relative to run_dir (or absolute)."""
+    wandb: WandbConfig | None = None
+    """Also log the learner's metrics to W&B (None: not at all); `logging.wandb: {}` for
+    an offline run with the defaults."""
+    tensorboard: bool = False
+    """Also write the learner's metrics as TensorBoard event files in run_dir/tensorboard."""
 
 
 class RunConfig(BaseModel):

@@ -22,6 +22,7 @@ from buffer.weights import RedisWeightStore
 from relay.config import RunConfig
 from relay.errors import RelayError
 from relay.experiment import publish_experiment
+from relay.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,15 @@ def learn(
         publisher = WeightPublisher(transports, on_published=buffer.set_version)
     metrics_file = config.run_dir / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    trackers = Trackers(config, resume) if rank == 0 else None
 
     def record(metrics: dict) -> None:
-        if rank == 0:
+        if trackers is not None:
             metrics = {**metrics, "time": time.time()}
             with metrics_file.open("a") as out:
                 out.write(json.dumps(metrics) + "\n")
             buffer.record_metrics("learner", metrics)
+            trackers.log(metrics)
         on_metrics(metrics)
 
     loop = TrainingLoop(
@@ -113,6 +116,8 @@ def learn(
     finally:
         if publisher is not None:
             publisher.close()
+        if trackers is not None:
+            trackers.close()
     if rank == 0:
         out = learner.export(config.run_dir / "policy")
         log.info("saved the policy (version %d) to %s", state.version, out)
