@@ -7,7 +7,7 @@ import re
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from envs.base import EnvError, Message, Prompt, SingleTurnEnvironment, Split, Verdict
 
@@ -29,6 +29,19 @@ class ArithmeticConfig(BaseModel):
     """Operators to draw from."""
     test_percent: int = Field(10, ge=1, le=50)
     """Share of all problems (by a stable hash) kept for the held-out split."""
+    question: str = "{problem}="
+    """How a problem is asked; `{problem}` becomes e.g. "12+34". Chat models want words:
+    "What is {problem}? Answer with the number only."."""
+    answer: Literal["exact", "last_integer"] = "exact"
+    """exact: the reply is one integer and nothing else; last_integer: the reply's last
+    integer is the answer (for chat models that answer "12 + 34 = 46")."""
+
+    @field_validator("question")
+    @classmethod
+    def _has_problem(cls, question: str) -> str:
+        if "{problem}" not in question:
+            raise ValueError("must contain {problem}, where the problem goes")
+        return question
 
 
 def problem_split(a: int, op: str, b: int, test_percent: int) -> Split:
@@ -61,7 +74,9 @@ class ArithmeticEnv(SingleTurnEnvironment):
                 text,
                 Prompt(
                     prompt_id=f"arithmetic:{text}",
-                    messages=(Message("user", text),),
+                    messages=(
+                        Message("user", self.config.question.replace("{problem}", text[:-1])),
+                    ),
                     reference=str(_apply(a, op, b)),
                 ),
             )
@@ -74,6 +89,9 @@ class ArithmeticEnv(SingleTurnEnvironment):
 
     def score(self, prompt: Prompt, response: str) -> Verdict:
         answer = response.strip()
+        if self.config.answer == "last_integer":
+            found = INTEGER_ANSWER.findall(answer[-200:])
+            answer = found[-1] if found else ""
         if not INTEGER_ANSWER.fullmatch(answer):
             return Verdict(0.0, False, {"extracted": None, "reason": "not a single integer"})
         correct = int(answer) == int(prompt.reference)

@@ -59,3 +59,21 @@ def test_asking_for_more_prompts_than_exist_is_an_error() -> None:
     one_digit = ArithmeticEnv(ArithmeticConfig(digits=1))
     with pytest.raises(EnvError, match=r"env\.digits"):
         one_digit.prompts(Split.TEST, 90, seed=0)
+
+
+def test_a_question_in_words_scored_on_its_last_integer() -> None:
+    words = ArithmeticEnv(ArithmeticConfig(question="What is {problem}? Number only.",
+                                           answer="last_integer"))  # fmt: skip
+    plain = ArithmeticEnv(ArithmeticConfig())
+    asked, bare = words.prompts(Split.TEST, 5, seed=2), plain.prompts(Split.TEST, 5, seed=2)
+    # The same problems and ids, only asked differently.
+    assert [p.prompt_id for p in asked] == [p.prompt_id for p in bare]
+    a, b = bare[0].messages[0].content[:-1].split("+")
+    assert asked[0].messages == (Message("user", f"What is {a}+{b}? Number only."),)
+    total = int(a) + int(b)
+    assert words.score(asked[0], f"{a} + {b} = {total}").correct
+    assert not words.score(asked[0], f"{a} + {b} = {total + 1}").correct
+    assert not words.score(asked[0], "I do not know").correct
+    assert not plain.score(bare[0], f"{a} + {b} = {total}").correct  # exact: one integer only
+    with pytest.raises(ValueError, match=r"must contain \{problem\}"):
+        ArithmeticConfig(question="What is it?")
