@@ -13,7 +13,7 @@ each completion see the prompt and itself only. Its log-probs are scattered back
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ class TrainBatch:
     packed: PackedGroups | None = None
     """The same tokens one row per group, when the learner computes prompts once."""
 
+    def to(self, device: torch.device) -> TrainBatch:
+        """The batch with every tensor on `device` (batches are built on the CPU)."""
+        return _moved(self, device)
+
 
 @dataclass(frozen=True)
 class PackedGroups:
@@ -68,6 +72,27 @@ class PackedGroups:
     """[T] long: completion row of each scored token in the batch."""
     columns: torch.Tensor
     """[T] long: its column in the batch's [N, L-1] arrays."""
+
+
+def _moved(batch: object, device: torch.device) -> object:
+    """A frozen dataclass of tensors (and nested ones) with every tensor on `device`."""
+    changes = {}
+    for field in fields(batch):
+        value = getattr(batch, field.name)
+        if isinstance(value, torch.Tensor):
+            changes[field.name] = value.to(device, non_blocking=True)
+        elif isinstance(value, PackedGroups):
+            changes[field.name] = _moved(value, device)
+    return replace(batch, **changes)
+
+
+def padding_id(tokenizer: object) -> int:
+    """The token that pads rows: the tokenizer's pad token, else its end-of-sequence token
+    (many instruct models ship none; padding is masked out, so any id would do)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

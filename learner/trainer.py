@@ -25,7 +25,7 @@ from torch import nn
 
 from buffer.schema import RolloutGroup
 from learner.advantages import get_advantage
-from learner.batching import TrainBatch, build_batch
+from learner.batching import TrainBatch, build_batch, padding_id
 from learner.config import LearnerConfig
 from learner.logprobs import gather_logprobs
 from learner.losses import LossInputs, compute_loss, reference_kl
@@ -90,6 +90,8 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
+        if self.reference is not None:  # beside the policy, wherever DeepSpeed put it
+            self.reference.to(self.engine.device)
         self.advantage = get_advantage(config.advantage)
 
     def step(self, groups: Sequence[RolloutGroup], learner_version: int) -> dict[str, float]:
@@ -132,10 +134,11 @@ class Learner:
     def _build(self, groups: list[RolloutGroup], learner_version: int) -> TrainBatch | None:
         if not groups:
             return None
-        pad_id = self.tokenizer.pad_token_id
-        return build_batch(
-            groups, self.advantage, pad_id, learner_version, pack=self.config.pack_groups
-        )
+        batch = build_batch(
+            groups, self.advantage, padding_id(self.tokenizer), learner_version,
+            pack=self.config.pack_groups,
+        )  # fmt: skip
+        return batch.to(self.engine.device)
 
     def _backward(self, batch: TrainBatch | None, normaliser: float) -> dict[str, float]:
         """Forward and backward of one micro-batch; its loss is its share of the global mean."""
@@ -183,7 +186,7 @@ class Learner:
             position_ids=packed.position_ids,
         ).logits
         scored = logits.reshape(-1, logits.shape[-1])[packed.sources] / self.temperature
-        logprobs = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)
+        logprobs = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=scored.device)
         index = (packed.rows, packed.columns)
         return logprobs.index_put(index, gather_logprobs(scored, packed.targets))
 

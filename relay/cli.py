@@ -20,7 +20,7 @@ from buffer.server import RedisServerError
 from envs.base import EnvError
 from relay.config import RunConfig, dump_config, load_config
 from relay.errors import ConfigError, RelayError
-from relay.models import KNOWN_MODELS
+from relay.models import KNOWN_MODELS, prepare_model, resolve_model_path
 from relay.terminal import Terminal, plain_terminal, quiet_terminal
 
 log = logging.getLogger("relay")
@@ -189,7 +189,7 @@ def _warmstart(args: argparse.Namespace, config: RunConfig, terminal: Terminal) 
     from envs.registry import make_env
     from relay.warmstart import warmstart
 
-    _require_model(config.model.path)
+    prepare_model(config)
     env = make_env(config.env)
     columns = [
         TextColumn("warm start"),
@@ -221,8 +221,9 @@ def _eval(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> No
     from envs.registry import make_env
     from relay.evaluate import evaluate
 
-    model_path = args.model or config.model.path
-    _require_model(model_path)
+    if args.model is None:
+        prepare_model(config)
+    model_path = resolve_model_path(args.model, "--model") if args.model else config.model.path
     env = make_env(config.env)
     llm = build_llm(model_path, config.engine, config.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -244,7 +245,7 @@ def _eval(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> No
 def _learn(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from relay.learn import check_resume, learn_all_ranks
 
-    _require_model(config.model.path)
+    prepare_model(config)
     check_resume(config, args.resume)
     stop = _stop_on_signals()
     learn_all_ranks(config, resume=args.resume, stop=stop)
@@ -253,7 +254,7 @@ def _learn(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> N
 def _run(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
     from relay.driver import run
 
-    _require_model(config.model.path)
+    prepare_model(config)
     if terminal.log_file is not None:
         log.info("engine, Ray and library logs go to %s", terminal.log_file)
     stop = _stop_on_signals()
@@ -404,19 +405,6 @@ def _stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stop
-
-
-def _require_model(path: str) -> None:
-    """Fail early on a local model path that holds no model; hub ids are left to vLLM."""
-    local = Path(path)
-    looks_like_hub_id = (
-        not local.exists()
-        and path.count("/") <= 1
-        and not path.startswith((".", "/"))
-        and not (local.parent != Path(".") and local.parent.exists())
-    )
-    if not looks_like_hub_id and not (local / "config.json").is_file():
-        raise RelayError(f"no model at {path}: run `relay model init` or set model.path")
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -45,7 +45,13 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = "models/tiny"
-    """A Hugging Face model directory or hub id, loaded with `from_pretrained` and by vLLM."""
+    """A Hugging Face model directory, or a hub id (`org/name`) downloaded once at start
+    (into the Hugging Face cache) for vLLM, the learner and evaluation alike."""
+    tokenizer_path: str | None = None
+    """Take the tokenizer from this directory or hub id instead of `path`."""
+    chat_template: str | None = None
+    """A Jinja chat template, or the path of a file holding one, instead of the
+    tokenizer's own (prompts are rendered with it, and the exported policy keeps it)."""
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     """Shape of the model `relay model init` builds at `path` (no download needed)."""
 

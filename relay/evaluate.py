@@ -83,18 +83,20 @@ def greedy_accuracy(
 
     from actors.episodes import render_prompt
     from envs.base import Message
+    from learner.batching import padding_id
 
     rows = [render_prompt(tokenizer, p.messages) for p in prompts]
     width = max(len(r) for r in rows)
     # Left padding, so that every row's next token is generated at the same position.
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    pad_id = padding_id(tokenizer)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     was_training = model.training
     model.eval()
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-            max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=max_tokens, pad_token_id=pad_id,
         )  # fmt: skip
     model.train(was_training)
     correct = 0

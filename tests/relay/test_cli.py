@@ -59,5 +59,6 @@ def test_eval_without_a_model_is_one_line(tmp_path: Path) -> None:
     result = relay("eval", "model.path=models/absent", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: no model at models/absent: run `relay model init` or set model.path"
+        "error: model.path: no config.json in models/absent: run `relay model init` or "
+        "`relay model fetch`, or give a Hugging Face model directory or hub id"
     ]
