@@ -10,6 +10,7 @@ a process group or the buffer. The choice is a config value, a discriminated uni
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -150,7 +151,26 @@ def get_loss(name: str) -> Callable[[LossInputs, BaseModel], LossOutputs]:
 
 
 def compute_loss(config: LossConfig, inputs: LossInputs) -> LossOutputs:
-    """Dispatch on `config.type`."""
+    """Dispatch on `config.type`, with every per-token input zeroed off the loss mask.
+
+    Whatever a masked position holds (padding, environment tokens; NaN from a broken
+    producer) then never reaches the loss, its metrics or its gradient: NaN * 0 is NaN,
+    and so is the gradient of exp(NaN) times 0, so masking a product afterwards is not
+    enough.
+    """
+    mask = inputs.loss_mask
+
+    def kept(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else torch.where(mask, values, values.new_zeros(()))
+
+    inputs = dataclasses.replace(
+        inputs,
+        logprobs=kept(inputs.logprobs),
+        behaviour_logprobs=kept(inputs.behaviour_logprobs),
+        advantages=kept(inputs.advantages),
+        proximal_logprobs=kept(inputs.proximal_logprobs),
+        entropy=kept(inputs.entropy),
+    )
     return get_loss(config.type)(inputs, config)
 
 

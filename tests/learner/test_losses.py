@@ -195,6 +195,41 @@ def test_masked_tokens_do_not_count() -> None:
     assert out.metrics["is_weight_max"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [NoCorrection(), TruncatedIS(), DecoupledPPO(), SequenceIS()],
+    ids=lambda c: c.type,
+)
+def test_non_finite_values_off_the_mask_reach_neither_loss_nor_gradient(
+    config: LossConfig,
+) -> None:
+    # A producer's NaN or inf on environment tokens (off the mask) changes nothing: the
+    # loss, its metrics and the gradient equal those of the same batch with zeros there.
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 4))
+    mask = torch.tensor([[True, False, True, True], [True, True, False, False]])
+
+    def run(poison: float) -> tuple[float, dict, torch.Tensor]:
+        logits.grad = None
+        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        behaviour = (logprobs.detach() - 0.1).masked_fill(~mask, poison)
+        advantages = torch.tensor([[1.0] * 4, [-1.0] * 4]).masked_fill(~mask, poison)
+        batch = LossInputs(
+            logprobs, behaviour, advantages, mask, proximal_logprobs=behaviour.clone()
+        )
+        out = compute_loss(config, batch)
+        out.loss.backward()
+        return out.loss.item(), out.metrics, logits.grad.clone()
+
+    clean_loss, clean_metrics, clean_grad = run(0.0)
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        loss, metrics, grad = run(poison)
+        assert math.isfinite(loss) and loss == pytest.approx(clean_loss)
+        assert metrics == pytest.approx(clean_metrics)
+        assert torch.isfinite(grad).all() and torch.allclose(grad, clean_grad)
+
+
 def test_loss_config_is_a_discriminated_union() -> None:
     adapter = TypeAdapter(LossConfig)
     assert adapter.validate_python({"type": "tis", "clip_c": 3}).clip_c == 3
