@@ -283,14 +283,16 @@ class RolloutWorker:
         ]
         kept = [r for r, k in zip(rollouts, keep, strict=True) if k]
         leases = [g.lease for g, k in zip(finished, keep, strict=True) if k]
-        if kept:
-            self.buffer.put(kept, self.actor_id, leases)
+        refused = self.buffer.put(kept, self.actor_id, leases).refused if kept else []
+        if refused:  # quarantined by the buffer, with the reason; the others were stored
+            self.stats.errors += len(refused)
+            self.stats.last_error = f"group {refused[-1][0]} refused: {refused[-1][1]}"[:500]
         dropped = [g.lease for g, k in zip(finished, keep, strict=True) if not k]
         if dropped:
             self.buffer.release(dropped, reason="uniform")
         for group in finished:
             self._groups.remove(group)
-        self.stats.groups += len(kept)
+        self.stats.groups += len(kept) - len(refused)
         self.stats.uniform_groups += len(dropped)
         return kept
 

@@ -94,15 +94,32 @@ class EncodedGroup(NamedTuple):
 def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
     """Validate `groups` (all at once) and encode them; raises `MalformedRollout` naming
     the first invalid group before anything is written."""
+    encoded = encode_each(groups)
+    for result in encoded:
+        if isinstance(result, MalformedRollout):
+            raise result
+    return encoded
+
+
+def encode_each(
+    groups: Sequence[RolloutGroup],
+    vocab_size: int | None = None,
+    max_sequence_tokens: int | None = None,
+) -> list[EncodedGroup | MalformedRollout]:
+    """Validate `groups` (all at once) and encode each; a group that is malformed, holds a
+    token id outside `vocab_size` or a prompt + completion longer than
+    `max_sequence_tokens` comes back as its `MalformedRollout`, naming it."""
     try:
         batch = gather_columns(groups)
     except MalformedRollout:
-        for group in groups:  # which group, to say so
-            try:
-                group.columns()
-            except MalformedRollout as error:
-                raise MalformedRollout(f"group {group.group_id!r}: {error}") from None
+        if len(groups) > 1:  # which group: each on its own
+            return [r for g in groups for r in encode_each([g], vocab_size, max_sequence_tokens)]
+        try:
+            groups[0].columns()
+        except MalformedRollout as error:
+            return [MalformedRollout(f"group {groups[0].group_id!r}: {error}")]
         raise
+    results: list[EncodedGroup | MalformedRollout] = []
     for i, (group, error) in enumerate(zip(groups, batch.errors(), strict=True)):
         try:
             if error is not None:
@@ -110,13 +127,13 @@ def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
             # What decoding would refuse (and msgpack may not even write, like numpy
             # scalars) fails here, in the actor, instead of being quarantined later.
             _verifier_details(batch.verifier_details[i])
+            columns = batch.group(i)
+            _within(columns, vocab_size, max_sequence_tokens)
         except MalformedRollout as failure:
-            raise MalformedRollout(f"group {group.group_id!r}: {failure}") from None
-    encoded = []
-    for i, group in enumerate(groups):
-        columns = batch.group(i)
+            results.append(MalformedRollout(f"group {group.group_id!r}: {failure}"))
+            continue
         versions = columns.version_values
-        encoded.append(
+        results.append(
             EncodedGroup(
                 _pack(group, columns),
                 int(versions.min()),
@@ -124,7 +141,23 @@ def encode_groups(groups: Sequence[RolloutGroup]) -> list[EncodedGroup]:
                 int(columns.token_ids.size),
             )
         )
-    return encoded
+    return results
+
+
+def _within(columns: GroupColumns, vocab_size: int | None, max_tokens: int | None) -> None:
+    """What the model and engine can take: token ids in the vocabulary, sequences that fit."""
+    if vocab_size is not None:
+        top = max(int(columns.token_ids.max()), int(columns.prompt_token_ids.max()))
+        if top >= vocab_size:
+            raise MalformedRollout(
+                f"token id {top} is outside the model's vocabulary ({vocab_size} ids)"
+            )
+    if max_tokens is not None:
+        longest = columns.prompt_token_ids.size + int(columns.completion_lengths.max())
+        if longest > max_tokens:
+            raise MalformedRollout(
+                f"prompt + completion is {longest} tokens, over the engine's {max_tokens}"
+            )
 
 
 def encode_group(group: RolloutGroup) -> bytes:

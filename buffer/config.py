@@ -39,6 +39,12 @@ class BufferConfig(BaseModel):
     """Extra times a group may be trained on (deliberate off-policy replay); 0 = once."""
     dedup_window_s: float = Field(3600.0, gt=0)
     """A group id acked within this window is refused if put again (producer retries)."""
+    vocab_size: int | None = Field(None, gt=0)
+    """Groups holding a token id at or above this are refused at `put` (quarantined with
+    the reason). `relay` sets it from the model's config.json."""
+    max_sequence_tokens: int | None = Field(None, gt=0)
+    """Groups whose prompt + completion is longer are refused at `put`. `relay` sets it
+    to engine.max_model_len."""
 
     @field_validator("key_prefix")
     @classmethod

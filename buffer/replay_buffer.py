@@ -25,7 +25,7 @@ from importlib import resources
 import msgpack
 import redis
 
-from buffer.codec import EncodedGroup, decode_groups, encode_groups
+from buffer.codec import EncodedGroup, decode_groups, encode_each
 from buffer.config import BufferConfig
 from buffer.schema import MalformedRollout, RolloutGroup
 
@@ -49,10 +49,12 @@ class BufferFull(RuntimeError):
 
 @dataclass(frozen=True)
 class PutResult:
-    """How many groups were stored, and how many were already there (retries)."""
+    """How many groups were stored, how many were already there (retries), and which were
+    refused as malformed (quarantined): their ids and why."""
 
     stored: int
     duplicates: int
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,17 @@ class ReplayBuffer:
         """Store groups (validated and encoded here); blocks or evicts when full, per config.
 
         A group whose id is stored, or was acked within `dedup_window_s`, is not stored
-        again, so a producer may safely retry a put whose reply it did not see.
+        again, so a producer may safely retry a put whose reply it did not see. A malformed
+        group (or one outside `vocab_size` / `max_sequence_tokens`) is quarantined with
+        its reason and its lease given back; the others are stored.
         """
-        encoded = encode_groups(groups)
+        encoded = encode_each(groups, self.config.vocab_size, self.config.max_sequence_tokens)
         leases = list(leases) or [""] * len(groups)
-        pending = list(range(len(groups)))
+        bad = [i for i, e in enumerate(encoded) if isinstance(e, MalformedRollout)]
+        refused = [(groups[i].group_id, str(encoded[i])) for i in bad]
+        if refused:
+            self._refuse(refused, [leases[i] for i in bad])
+        pending = [i for i, e in enumerate(encoded) if not isinstance(e, MalformedRollout)]
         stored = duplicates = 0
         deadline = time.monotonic() + self.config.put_timeout_s
         wait = _POLL_S[0]
@@ -209,7 +217,19 @@ class ReplayBuffer:
                     )
                 time.sleep(wait)
                 wait = min(wait * 2, _POLL_S[1])
-        return PutResult(stored, duplicates)
+        return PutResult(stored, duplicates, refused)
+
+    def _refuse(self, reasons: list[tuple[str, str]], leases: list[str]) -> None:
+        """Quarantine groups refused at put (nothing of them is stored) with their reasons."""
+        at_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=True)
+        for group_id, reason in reasons:
+            record = {"id": group_id, "reason": reason[:500], "at_ms": at_ms, "payload": b""}
+            pipe.rpush(self._key["quarantine"], msgpack.packb(record))
+            log.warning("refused group %s at put: %s", group_id, reason)
+        pipe.hincrby(self._key["counters"], "quarantined", len(reasons))
+        pipe.execute()
+        self.release(leases)
 
     def _put_batch(
         self,

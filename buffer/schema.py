@@ -376,9 +376,11 @@ class GroupColumns:
                 self.loss_mask.view(np.uint8) > 1,
                 "loss_mask holds a value other than 0 or 1",
             )
-        bad = self.loss_mask & ~np.isfinite(self.behaviour_logprobs)
+        # Environment tokens are not sampled (their log-prob is a placeholder), but a NaN
+        # there is still poison for any arithmetic that touches the whole column.
+        bad = ~np.isfinite(self.behaviour_logprobs)
         if bad.any():
-            self._fail(lengths, bad, "behaviour_logprobs has NaN or inf on sampled tokens")
+            self._fail(lengths, bad, "behaviour_logprobs has NaN or inf")
         sampled = self.behaviour_logprobs[self.loss_mask]
         if sampled.size and sampled.max() > LOGPROB_TOLERANCE:
             bad = self.loss_mask & (self.behaviour_logprobs > LOGPROB_TOLERANCE)
@@ -630,12 +632,12 @@ class BatchColumns:
         for group_tokens, group_logprobs, group_mask in zip(tokens, logprobs, mask, strict=True):
             if group_tokens.min() < 0 or group_mask.view(np.uint8).max() > 1:
                 return False
+            # Finite everywhere (NaN fails both comparisons), sampled ones at most 0.
+            if not (group_logprobs.min() > -np.inf and group_logprobs.max() < np.inf):
+                return False
             # Single-turn completions are sampled throughout: no copy of the log-probs then.
             sampled = group_logprobs if group_mask.all() else group_logprobs[group_mask]
-            # NaN fails both comparisons.
-            if sampled.size and not (
-                sampled.min() > -np.inf and sampled.max() <= LOGPROB_TOLERANCE
-            ):
+            if sampled.size and not sampled.max() <= LOGPROB_TOLERANCE:
                 return False
         if values.min() < 0 or run_lengths.min() <= 0:
             return False

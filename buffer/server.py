@@ -72,9 +72,12 @@ class RedisServer:
         # (SIGTERM: it still flushes the AOF) instead of lingering on the run's files.
         setpriv = shutil.which("setpriv")
         launcher = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+        # Its own session: a terminal's Ctrl-C (SIGINT to the whole foreground process
+        # group) must not stop the buffer under a run that is finishing its step.
         self.process = subprocess.Popen(
-            [*launcher, binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+            [*launcher, binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
         self._wait_until_ready()
         log.info("embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
         return self

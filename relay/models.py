@@ -11,6 +11,7 @@ weights are a dequantized approximation of the original checkpoint, not the chec
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -174,6 +175,13 @@ def prepare_model(config: RunConfig) -> None:
         log.info("model %s with the tokenizer of %s in %s", model.path, tokenizer_path, path)
         model.tokenizer_path = model.chat_template = None  # applied, in the directory
     model.path = path
+    # What the model and its engine can take, checked at every put (the buffer section
+    # travels with the experiment, so joining actors check it too).
+    vocab_size = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+    if config.buffer.vocab_size is None and isinstance(vocab_size, int):
+        config.buffer.vocab_size = vocab_size
+    if config.buffer.max_sequence_tokens is None:
+        config.buffer.max_sequence_tokens = config.engine.max_model_len
 
 
 def resolve_model_path(path: str, field: str, required: str = "config.json") -> str:

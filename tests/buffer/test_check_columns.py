@@ -57,6 +57,12 @@ def _corrupt(columns: GroupColumns, kind: str, position: int) -> GroupColumns:
         mask[k] = True  # only sampled tokens are checked
         logprobs[k] = {"nan_logprob": np.nan, "positive_logprob": 0.5, "inf_logprob": -np.inf}[kind]
         changes.update(behaviour_logprobs=logprobs, loss_mask=mask)
+    elif kind == "nan_env_logprob":  # off the mask: still refused
+        logprobs, mask = columns.behaviour_logprobs.copy(), columns.loss_mask.copy()
+        k = position % min(logprobs.size, mask.size)
+        mask[k] = False
+        logprobs[k] = np.nan
+        changes.update(behaviour_logprobs=logprobs, loss_mask=mask)
     elif kind == "negative_version":
         changes["version_values"] = columns.version_values.copy()
         changes["version_values"][at(columns.version_values)] = -1
@@ -93,7 +99,8 @@ def _corrupt(columns: GroupColumns, kind: str, position: int) -> GroupColumns:
 
 _KINDS = [
     "negative_token", "negative_prompt_token", "mask_byte", "nan_logprob",
-    "positive_logprob", "inf_logprob", "negative_version", "run_too_long", "empty_run",
+    "positive_logprob", "inf_logprob", "nan_env_logprob", "negative_version", "run_too_long",
+    "empty_run",
     "lengths_shifted", "runs_shifted", "nan_reward", "inf_reward", "negative_generation_s",
     *(f"extra_{name}" for name in NUMERIC_COLUMNS), "extra_finish_reason",
 ]  # fmt: skip
@@ -206,7 +213,15 @@ def test_decoding_a_batch_flags_exactly_the_corrupted_entries(
 
 
 @pytest.mark.parametrize(
-    "kind", ["negative_token", "mask_byte", "nan_logprob", "positive_logprob", "inf_logprob"]
+    "kind",
+    [
+        "negative_token",
+        "mask_byte",
+        "nan_logprob",
+        "positive_logprob",
+        "inf_logprob",
+        "nan_env_logprob",
+    ],
 )
 @pytest.mark.parametrize("target", [1, 3])
 def test_big_groups_mixed_with_small_ones_keep_their_order_and_their_defects(

@@ -477,3 +477,34 @@ def test_sample_reads_payloads_in_the_claiming_round_trip_and_leaves_no_list(
     buffer._run("sample", 1, 1, buffer.config.max_staleness, timeout_ms, "orphan", "", listed)
     assert buffer.client.lrange(listed, 0, -1) == [b"late"]
     assert 0 < buffer.client.pttl(listed) <= timeout_ms
+
+
+def test_put_quarantines_poison_with_its_reason_and_stores_the_rest(make_buffer: object) -> None:
+    # Each would crash or poison the learner: NaN on an environment token, a token id the
+    # model has no embedding for, a sequence longer than the engine takes.
+    buffer = make_buffer(max_staleness=0, groups_per_version=5, vocab_size=100,
+                         max_sequence_tokens=12)  # fmt: skip
+    _, leases = buffer.reserve("actor-0", 5)
+    nan_logprobs = np.array([-0.5, np.nan, -0.5, -0.5], np.float32)
+    env_token = np.array([True, False, True, True])
+    poison = {
+        "nan-env": make_group(make_completion(behaviour_logprobs=nan_logprobs,
+                                              loss_mask=env_token), group_id="nan-env"),
+        "vocab": make_group(make_completion(token_ids=np.array([1, 2, 100, 3], np.int32)),
+                            group_id="vocab"),
+        "long": make_group(make_completion(10), group_id="long"),  # 3 + 10 tokens
+    }  # fmt: skip
+    groups = [versioned_group("good-0", 3), *poison.values(), versioned_group("good-1", 3)]
+    result = buffer.put(groups, "actor-0", leases)
+    assert (result.stored, result.duplicates) == (2, 0)
+    reasons = dict(result.refused)
+    assert list(reasons) == ["nan-env", "vocab", "long"]
+    assert "behaviour_logprobs has NaN or inf" in reasons["nan-env"]
+    assert "token id 100 is outside the model's vocabulary (100 ids)" in reasons["vocab"]
+    assert "prompt + completion is 13 tokens, over the engine's 12" in reasons["long"]
+    assert {r.entry_id: r.reason for r in buffer.quarantined()} == reasons
+    stats = read_stats(buffer)
+    assert stats.counters["quarantined"] == 3 and stats.depth == 2
+    # The refused groups' admissions are free again: three more may be generated.
+    assert len(buffer.reserve("actor-0", 5)[1]) == 3
+    assert sorted(g.group.group_id for g in buffer.sample(2).groups) == ["good-0", "good-1"]

@@ -51,11 +51,16 @@ def test_validate_names_the_broken_field(changes: dict, message: str) -> None:
         make_group(make_completion(**changes)).validate()
 
 
-def test_environment_tokens_may_carry_any_logprob() -> None:
-    # Masked (environment) tokens are not sampled, so their log-prob is not checked.
-    logprobs = np.array([-1.0, np.nan, 5.0, -1.0], np.float32)
+def test_environment_tokens_may_carry_any_finite_logprob() -> None:
+    # Masked (environment) tokens are not sampled: any finite placeholder will do ...
+    logprobs = np.array([-1.0, -30.0, 5.0, -1.0], np.float32)
     mask = np.array([True, False, False, True])
     make_group(make_completion(behaviour_logprobs=logprobs, loss_mask=mask)).validate()
+    # ... but not NaN or inf, which poison any arithmetic over the column.
+    for poison in (np.nan, np.inf, -np.inf):
+        logprobs[1] = poison
+        with pytest.raises(MalformedRollout, match="behaviour_logprobs has NaN or inf"):
+            make_group(make_completion(behaviour_logprobs=logprobs, loss_mask=mask)).validate()
 
 
 def test_group_needs_completions_and_ids() -> None:
