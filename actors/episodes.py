@@ -137,6 +137,15 @@ def _reply_text(tokenizer: object, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def drop_trailing_context(episode: Episode) -> None:
+    """Remove the environment's tokens after the last sampled one: a message no turn
+    answers trains nothing, and it may run past the engine's context window."""
+    keep = len(episode.loss_mask)
+    while keep and not episode.loss_mask[keep - 1]:
+        keep -= 1
+    del episode.token_ids[keep:], episode.behaviour_logprobs[keep:], episode.loss_mask[keep:]
+
+
 def _length(episode: Episode) -> int:
     return len(episode.prompt_token_ids) + len(episode.token_ids)
 

@@ -30,7 +30,13 @@ import numpy as np
 
 from actors.config import ActorConfig
 from actors.engine import Sample, to_sample
-from actors.episodes import Episode, out_of_room, render_prompt, take_turn
+from actors.episodes import (
+    Episode,
+    drop_trailing_context,
+    out_of_room,
+    render_prompt,
+    take_turn,
+)
 from actors.weight_sync import load_chunks, paused_engine
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import Completion, RolloutGroup, VersionRuns
@@ -261,6 +267,7 @@ class RolloutWorker:
         goes_on = take_turn(episode, sample, self.env, self.tokenizer, last_turn=last_turn)
         if goes_on and out_of_room(episode, self.max_model_len):
             goes_on = False
+            drop_trailing_context(episode)  # no turn follows it, and it may not fit
         # Environment tokens (not sampled) carry the version of the turn they follow.
         running.versions += [self.version] * (len(episode.token_ids) - len(running.versions))
         if goes_on:

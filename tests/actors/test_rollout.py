@@ -29,10 +29,12 @@ from tests.actors.tool_echo import ToolEchoEnv
 pytestmark = pytest.mark.slow
 
 
-def worker(llm, tokenizer, env, buffer, weights=None, **config) -> RolloutWorker:
+def worker(
+    llm, tokenizer, env, buffer, weights=None, max_model_len: int = 128, **config
+) -> RolloutWorker:
     return RolloutWorker(
         llm, tokenizer, env, ActorConfig(**config), buffer, weights,
-        actor_id="actor-test", run_id="test", seed=5, max_model_len=128,
+        actor_id="actor-test", run_id="test", seed=5, max_model_len=max_model_len,
     )  # fmt: skip
 
 
@@ -155,6 +157,26 @@ def test_multi_turn_groups_mask_environment_tokens(
         assert behaviour_error(hf_model, group) < LOGPROB_TOLERANCE
 
 
+def test_episodes_that_fill_the_context_window_stay_within_it(
+    vllm_engine, tokenizer, make_buffer
+) -> None:
+    # The environment's answer to a turn may not fit the window; the episode then ends
+    # there, without it, so the buffer (which refuses longer groups) takes every one.
+    buffer = make_buffer(admission_control=False, max_sequence_tokens=64)
+    rollout = worker(
+        vllm_engine, tokenizer, ToolEchoEnv(), buffer, max_model_len=64, group_size=2,
+        groups_in_flight=2, sampling=SamplingConfig(max_tokens=12),
+    )  # fmt: skip
+    rollout.run(threading.Event(), max_groups=2)
+    assert read_stats(buffer).counters.get("quarantined", 0) == 0
+    groups = [g.group for g in buffer.sample(2).groups]
+    for group in groups:
+        for completion in group.completions:
+            assert len(group.prompt_token_ids) + completion.n_tokens <= 64
+            assert completion.loss_mask[-1]  # it ends with a sampled token
+    assert any(not all(c.loss_mask) for g in groups for c in g.completions)
+
+
 def test_drain_mode_finishes_running_sequences_before_loading(
     vllm_engine, tokenizer, hf_model, make_buffer, redis_server
 ) -> None:
@@ -163,7 +185,7 @@ def test_drain_mode_finishes_running_sequences_before_loading(
     env = ArithmeticEnv(ArithmeticConfig())
     rollout = worker(
         vllm_engine, tokenizer, env, buffer, RedisWeightSource(store), weight_updates="drain",
-        group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=12, ignore_eos=True),
+        group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=12),
     )  # fmt: skip
     try:
         rollout._follow_weights(wait=True)
