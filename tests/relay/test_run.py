@@ -219,3 +219,38 @@ def test_actors_from_elsewhere_join_a_learner_only_run(
     assert "elsewhere-0 generating for experiment relay" in (tmp_path / "actor.log").read_text()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["groups"] for r in rows) == steps * BATCH
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_the_run_cleanly(
+    warm_model_dir: Path, tmp_path: Path
+) -> None:
+    # A terminal's Ctrl-C reaches every process of the foreground group, not only the
+    # driver: the embedded redis-server among them must outlive the driver's clean stop.
+    config = run_config(
+        tmp_path, warm_model_dir, "async", steps=10_000,
+        eval={"n_prompts": 20, "max_tokens": 6, "before": False},
+    )  # fmt: skip
+    run_dir = tmp_path / "async"
+    metrics = run_dir / "metrics.jsonl"
+    out, err = config.with_suffix(".out"), config.with_suffix(".err")
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen([RELAY, "run", "-c", str(config)], env=ENV, stdout=stdout,
+                                   stderr=stderr, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None, err.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=600)
+    stderr_text = err.read_text()
+    assert process.returncode == 0, stderr_text[-4000:]
+    assert "Traceback" not in stderr_text and "PublishError" not in stderr_text
+    results = json.loads((run_dir / "results.json").read_text())
+    steps = len(metrics.read_text().splitlines())
+    assert results["steps"] == steps and "accuracy" in results["after"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
+    deadline = time.monotonic() + 30
+    while processes_working_in(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_working_in(run_dir) == []
