@@ -223,6 +223,10 @@ def load_config(
         merge(raw, _read_yaml(path))
     for key, value in environment_overrides(os.environ if environ is None else environ):
         set_key(raw, key, value)
+    types = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0] == "env.type"]
+    env = raw.get("env")
+    if types and isinstance(env, dict) and str(env.get("type")) != types[-1]:
+        raw["env"] = {}  # another task on the command line: the files' env keys are not its
     for override in overrides:
         apply_override(raw, override)
     try:

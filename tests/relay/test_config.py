@@ -50,6 +50,16 @@ def test_override_switches_the_env_type() -> None:
     assert config.env.max_answer_chars == 100
 
 
+def test_another_env_type_on_the_command_line_leaves_the_files_env_keys_behind() -> None:
+    # configs/demo.yaml's env holds arithmetic's digits and operators; another task given
+    # on the command line starts from its own defaults, whatever the order of overrides.
+    demo = Path(__file__).parents[2] / "configs" / "demo.yaml"
+    config = load_config(demo, ["env.max_answer_chars=100", "env.type=math"], environ={})
+    assert config.env.type == "math" and config.env.max_answer_chars == 100
+    same = load_config(demo, ["env.type=arithmetic", "env.digits=3"], environ={})
+    assert same.env.operators == ["+"] and same.env.digits == 3  # the same task: merged
+
+
 def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
     config = load_config(None, ["env.type=calculator", "eval.n_prompts=7"])
     assert load_config(write(tmp_path, dump_config(config))) == config
