@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from envs.base import Environment, Message, Split
+from envs.registry import ENVIRONMENTS
 
 PACKAGE = '''
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,7 +105,7 @@ def test_an_installed_plugin_is_found_by_its_entry_point(site: Path) -> None:
     # An unknown type lists what is installed, the plugin included.
     unknown = relay(site, "config", "show", "env.type=chess")
     assert unknown.returncode == 2
-    installed = "arithmetic, math, code, calculator, reasoning_gym, echo"
+    installed = ", ".join([*ENVIRONMENTS, "echo"])
     assert f"unknown env.type 'chess'; installed: {installed}" in unknown.stderr
 
 
