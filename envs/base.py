@@ -8,6 +8,7 @@ ends with a final answer or reaches `max_turns`; its tokens are context, not pol
 from __future__ import annotations
 
 import enum
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,19 @@ Details = dict[str, "str | int | float | bool | None"]
 
 class EnvError(ValueError):
     """An environment was misconfigured or given input it cannot use."""
+
+
+def import_object(path: str, field: str) -> object:
+    """The object an import path `package.module:name` (or `:Outer.inner`) names; an
+    EnvError naming `field` when it cannot be imported."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        found: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as error:
+        raise EnvError(f"{field} {path!r}: cannot import it ({error})") from None
+    return found
 
 
 class Split(str, enum.Enum):

@@ -20,7 +20,6 @@ Every row is checked when the environment is built; errors name the file, row an
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 from collections.abc import Callable
@@ -30,7 +29,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from envs.base import EnvError, Message, Prompt, SingleTurnEnvironment, Split, Verdict
+from envs.base import (
+    EnvError,
+    Message,
+    Prompt,
+    SingleTurnEnvironment,
+    Split,
+    Verdict,
+    import_object,
+)
 from envs.math_problems import verify_math
 
 RewardFunction = Callable[[str, str, dict], "float | bool"]
@@ -143,13 +150,7 @@ def _reward_function(config: DatasetConfig) -> RewardFunction | None:
     """The user's function for an import-path reward (None for the built-in ones)."""
     if config.reward in BUILTIN_REWARDS:
         return None
-    module_name, _, attribute = config.reward.partition(":")
-    try:
-        found: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as error:
-        raise EnvError(f"env.reward {config.reward!r}: cannot import it ({error})") from None
+    found = import_object(config.reward, "env.reward")
     if not callable(found):
         raise EnvError(f"env.reward {config.reward!r} is not a function")
     return found

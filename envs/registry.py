@@ -9,7 +9,6 @@ an import path `package.module:Class`.
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 from typing import Annotated, Any
 
@@ -24,7 +23,7 @@ from pydantic import (
 )
 
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
-from envs.base import EnvError, Environment
+from envs.base import EnvError, Environment, import_object
 from envs.calculator import CalculatorConfig, CalculatorEnv
 from envs.code_tests import CodeConfig, CodeEnv
 from envs.dataset_env import DatasetConfig, DatasetEnv
@@ -106,13 +105,7 @@ def installed_env_types() -> list[str]:
 def plugin_class(type_name: str) -> type:
     """The environment class that a plugin `type` names; EnvError listing what is installed."""
     if ":" in type_name:
-        module_name, _, attribute = type_name.partition(":")
-        try:
-            found: Any = importlib.import_module(module_name)
-            for part in attribute.split("."):
-                found = getattr(found, part)
-        except (ImportError, AttributeError) as error:
-            raise EnvError(f"env.type {type_name!r}: cannot import it ({error})") from None
+        found: Any = import_object(type_name, "env.type")
     else:
         matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == type_name]
         if not matches:
