@@ -1,5 +1,5 @@
 # `make demo` and `make test` set themselves up on a fresh machine: a .venv with Relay
-# and its CPU extras, Debian's redis-server, and for the tests Debian's chromium, prometheus,
+# and its CPU extras, Debian's redis-server and bubblewrap, and for the tests Debian's chromium, prometheus,
 # openssh-server and rsync.
 # Re-running is quick once set up.
 PYTHON ?= python3
@@ -12,6 +12,7 @@ DEMO := configs/demo.yaml
 
 setup: $(INSTALLED)
 	@deploy/setup/ensure_command.sh redis-server redis-server "Relay's embedded buffer"
+	@deploy/setup/ensure_command.sh bwrap bubblewrap "the code task's sandbox"
 
 # Reinstall when the dependencies change. vLLM's CPU build drags in PyPI's torchvision,
 # torchaudio and torchcodec, which do not match its CPU torch and break `transformers`.

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.base import EnvError, Message, Prompt, SingleTurnEnvironment, Split, Verdict
-from envs.sandbox import run_function
+from envs.sandbox import require_sandbox, run_function
 
 _FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
 
@@ -135,6 +135,7 @@ class CodeEnv(SingleTurnEnvironment):
     name = "code"
 
     def __init__(self, config: CodeConfig) -> None:
+        require_sandbox()  # at start-up, naming what to install, not at the first reply
         self.config = config
 
     def prompts(self, split: Split, count: int, seed: int) -> list[Prompt]:
@@ -178,7 +179,7 @@ class CodeEnv(SingleTurnEnvironment):
             "value" in got and _same(got["value"], expected)
             for got, (_, expected) in zip(result.returned, task.cases, strict=True)
         )
-        details = {"passed": passed, "total": len(task.cases), "network": result.network_isolation}
+        details = {"passed": passed, "total": len(task.cases)}
         return Verdict(passed / len(task.cases), passed == len(task.cases), details)
 
     def demonstration(self, prompt: Prompt) -> str | None:
