@@ -37,6 +37,10 @@ class BufferConfig(BaseModel):
     """An admission lease not turned into a put within this time is released (its actor died)."""
     max_reuse: int = Field(0, ge=0)
     """Extra times a group may be trained on (deliberate off-policy replay); 0 = once."""
+    max_deliveries: int = Field(3, ge=0)
+    """A group handed out this many times without being acked (its learner crashed on it,
+    or skipped it) is quarantined instead of handed out again, so that a poison group
+    cannot come back on every `--resume`. 0 = no limit."""
     dedup_window_s: float = Field(3600.0, gt=0)
     """A group id acked within this window is refused if put again (producer retries)."""
     vocab_size: int | None = Field(None, gt=0)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _KEY_NAMES = (
     "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
-    "held",
+    "held", "deliveries",
 )  # fmt: skip
 # First and longest wait between polls while blocked. A learner waiting for its batch
 # polls at most every 20 ms: at a few steps a second, a longer wait would be its idle time.
@@ -302,7 +302,7 @@ class ReplayBuffer:
                     # Give back a partial batch rather than holding it: expire it now.
                     self._expire([Batch(token, version, claimed)])
                     if hold_as:
-                        self._forget_held(hold_as, [Batch(token, version)])
+                        self.forget_held(hold_as, [Batch(token, version)])
                 return Batch(token, version, [], previous_ack)
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             wait = min(wait * 2, _POLL_S[1])
@@ -317,7 +317,8 @@ class ReplayBuffer:
         """
         listed = f"{self.config.key_prefix}:listed:{token}"
         visibility_ms = int(self.config.visibility_timeout_s * 1000)
-        claim = [n, min_n, self.config.max_staleness, visibility_ms, token, hold_as, listed]
+        claim = [n, min_n, self.config.max_staleness, visibility_ms, token, hold_as, listed,
+                 self.config.max_deliveries]  # fmt: skip
         calls = [("sample", claim)]
         if ack is not None:
             calls.insert(0, self._ack_call(ack))
@@ -360,6 +361,14 @@ class ReplayBuffer:
         (reply,) = self._eval_many([self._ack_call(batch)])
         return self._ack_result(reply)
 
+    def quarantine(self, batch: Batch | HeldBatch, reason: str) -> int:
+        """Quarantine a claimed batch the learner could not train on (a non-finite loss or
+        gradient), with `reason`; returns how many of its groups were still claimed."""
+        calls = [
+            ("quarantine", [entry_id, batch.token, reason[:500]]) for entry_id in batch.entry_ids
+        ]
+        return sum(self._eval_many(calls)) if calls else 0
+
     def _ack_call(self, batch: Batch | HeldBatch) -> tuple[str, list]:
         return "ack", [batch.token, self.config.max_reuse, *batch.entry_ids]
 
@@ -389,7 +398,7 @@ class ReplayBuffer:
             return AckResult([], 0, 0)
         replies = self._eval_many([self._ack_call(b) for b in batches])
         results = [self._ack_result(reply) for reply in replies]
-        self._forget_held(consumer, batches)
+        self.forget_held(consumer, batches)
         return AckResult(
             [i for r in results for i in r.acked_ids],
             sum(r.stale_claims for r in results),
@@ -400,14 +409,15 @@ class ReplayBuffer:
         """Give held batches back to the buffer (their update was lost) and forget them."""
         if batches:
             self._expire(batches)
-            self._forget_held(consumer, batches)
+            self.forget_held(consumer, batches)
 
     def _expire(self, batches: Sequence[Batch | HeldBatch]) -> None:
         """Expire the batches' claims now: the next sample requeues them. Only claims still
         held by these tokens: a claim that expired may be another consumer's by now."""
         self._eval_many([("extend", [b.token, -1, *b.entry_ids]) for b in batches])
 
-    def _forget_held(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
+    def forget_held(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
+        """Drop batches from `consumer`'s journal of held claims, leaving the claims as they are."""
         self.client.hdel(self._key["held"], *[f"{consumer}|{b.token}" for b in batches])
 
     @staticmethod

@@ -27,7 +27,7 @@ from pathlib import Path
 from buffer.replay_buffer import Batch, HeldBatch, ReplayBuffer
 from learner.config import LearnerConfig
 from learner.publisher import WeightPublisher
-from learner.trainer import Learner
+from learner.trainer import Learner, NonFiniteStep
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class LoopState:
     step: int = 0
     version: int = 0
     trained_groups: int = 0
+    skipped_batches: int = 0
+    """Batches whose loss or gradient was not finite: skipped and quarantined."""
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -165,7 +167,8 @@ class TrainingLoop:
                     to_ack = batch
                 else:
                     self._held.append(batch)
-                self._train(batch, wait_s)
+                if not self._train(batch, wait_s):
+                    to_ack = None
         finally:
             if to_ack is not None:
                 self.buffer.ack(to_ack)
@@ -204,9 +207,14 @@ class TrainingLoop:
             self._extend_held()
         return None, time.monotonic() - started
 
-    def _train(self, batch: Batch, wait_s: float) -> None:
+    def _train(self, batch: Batch, wait_s: float) -> bool:
+        """One step on `batch`; False when it was skipped and quarantined instead."""
         groups = [g.group for g in batch.groups]
-        metrics = self.learner.step(groups, self.state.version)
+        try:
+            metrics = self.learner.step(groups, self.state.version)
+        except NonFiniteStep as error:
+            self._quarantine(batch, str(error))
+            return False
         self.state.step += 1
         self.state.trained_groups += len(groups)
         publish_s = 0.0
@@ -236,7 +244,23 @@ class TrainingLoop:
             and self.state.step % self.config.snapshot_every_steps == 0
         ):
             self.snapshot()
+        metrics["learner/skipped_batches"] = float(self.state.skipped_batches)
         self.on_metrics(metrics)
+        return True
+
+    def _quarantine(self, batch: Batch, reason: str) -> None:
+        """A batch whose update was skipped goes to quarantine, never to be trained or
+        published; the step does not count."""
+        if batch in self._held:
+            self._held.remove(batch)
+            self.buffer.forget_held(self.consumer, [batch])
+        quarantined = self.buffer.quarantine(batch, f"learner step {self.state.step + 1}: {reason}")
+        self.state.skipped_batches += 1
+        log.warning(
+            "skipped a batch of %d groups at step %d (%s): its update was not applied and "
+            "the groups are quarantined (%d skipped so far)",
+            quarantined, self.state.step + 1, reason, self.state.skipped_batches,
+        )  # fmt: skip
 
     def snapshot(self) -> Path:
         """Export the current policy for evaluation after the run; listed with its time."""

@@ -33,6 +33,11 @@ from learner.losses import LossInputs, compute_loss, reference_kl
 log = logging.getLogger(__name__)
 
 
+class NonFiniteStep(RuntimeError):
+    """A batch gave a non-finite loss or gradient: its update was skipped, the weights are
+    those before it (less any earlier minibatch of the same batch), nothing to publish."""
+
+
 class Learner:
     """A DeepSpeed engine around the policy, taking one optimizer step per batch of groups."""
 
@@ -122,10 +127,16 @@ class Learner:
         parts = []
         for _ in range(self.config.update_epochs):
             for minibatch, normaliser in zip(minibatches, normalisers, strict=True):
-                for micro in minibatch:
+                for micro in minibatch[:-1]:
                     parts.append(self._backward(micro, normaliser))
-                    # DeepSpeed counts micro-steps: it steps the optimizer at the last one.
-                    self.engine.step()
+                    self.engine.step()  # DeepSpeed counts micro-steps: no update yet
+                parts.append(self._backward(minibatch[-1], normaliser))
+                problem = self._non_finite(parts[-len(minibatch) :])
+                if problem:
+                    self._skip_update()
+                    raise NonFiniteStep(problem)
+                self.engine.step()  # the minibatch's last micro-step: the optimizer steps
+        metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics["learner/lr"] = lr
         metrics["learner/step_s"] = time.perf_counter() - started
@@ -161,6 +172,10 @@ class Learner:
         out = compute_loss(self.config.loss, inputs)
         loss = out.loss
         metrics = dict(out.metrics)
+        if not torch.isfinite(loss):
+            # Its backward would poison every gradient; the step is skipped anyway.
+            self.engine.backward(_zero_loss(self.engine.module), scale_wrt_gas=False)
+            return {"non_finite_loss": 1.0}
         if self.reference is not None:
             with torch.no_grad():
                 ref_logprobs = self._logprobs(batch, self.reference)
@@ -171,6 +186,33 @@ class Learner:
         self.engine.backward(loss, scale_wrt_gas=False)
         metrics["loss"] = loss.item()
         return metrics
+
+    def _non_finite(self, parts: list[dict[str, float]]) -> str | None:
+        """Why this minibatch's update must not be applied (on any rank), or None."""
+        bad_loss = any("non_finite_loss" in part for part in parts)
+        # safe_get_full_grad reads the whole gradient at any ZeRO stage, before the step.
+        from deepspeed.utils import safe_get_full_grad
+
+        bad_grad = not bad_loss and not all(
+            bool(torch.isfinite(grad).all())
+            for p in self.engine.module.parameters()
+            if (grad := safe_get_full_grad(p)) is not None
+        )
+        if self.any_rank(bad_loss):
+            return "non-finite loss"
+        if self.any_rank(bad_grad):
+            return "non-finite gradient"
+        return None
+
+    def _skip_update(self) -> None:
+        """Finish the minibatch's micro-steps without the optimizer step: DeepSpeed's step
+        at a boundary that is declared not to be one updates nothing (no optimizer, LR
+        schedule or global step), and the gradients are dropped."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        self.engine.step()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
+        self.engine.set_gradient_accumulation_boundary(None)
 
     def _logprobs(self, batch: TrainBatch, model: nn.Module | None = None) -> torch.Tensor:
         """log π of every next token under `model` (the policy by default), at the actors'

@@ -8,6 +8,7 @@ if #ARGV < 3 then return result end
 local mine, others = release_claims(token, {unpack(ARGV, 3)})
 local stale = #others
 if #mine > 0 then
+  call_chunked('HDEL', K_DELIVERIES, mine)  -- trained: its failed deliveries start again
   local uses = redis.call('HMGET', K_REUSE, unpack(mine))
   local finished, tombstones, replay, replay_uses = {}, {}, {}, {}
   local stamp = tostring(now_ms())  -- converted once, not once per tombstone

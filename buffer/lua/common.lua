@@ -1,8 +1,9 @@
 -- Shared by every script (prepended by replay_buffer.py). KEYS is always the same list:
 local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIMS, K_REUSE, K_VCOUNT,
-      K_COUNTERS, K_SAMPLED, K_ACKED, K_LEASES, K_QUARANTINE, K_VERSION, K_PRODUCERS, K_HELD =
+      K_COUNTERS, K_SAMPLED, K_ACKED, K_LEASES, K_QUARANTINE, K_VERSION, K_PRODUCERS, K_HELD,
+      K_DELIVERIES =
       KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
-      KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
+      KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -42,6 +43,7 @@ local function remove_entries(ids)
   call_chunked('ZREM', K_READY, ids)
   call_chunked('ZREM', K_LIVE, ids)
   call_chunked('HDEL', K_REUSE, ids)
+  call_chunked('HDEL', K_DELIVERIES, ids)
   redis.call('HINCRBY', K_COUNTERS, 'bytes', -freed)
   for version, count in pairs(per_version) do
     if redis.call('HINCRBY', K_VCOUNT, version, -count) <= 0 then
@@ -130,4 +132,13 @@ local function purge_expired_leases(now)
     redis.call('HINCRBY', K_COUNTERS, 'leases_expired', expired)
     release_admission(expired)
   end
+end
+
+-- Move a stored entry to the quarantine list with its reason, and forget it.
+local function quarantine_entry(id, reason)
+  local payload = redis.call('GET', payload_key(id)) or ''
+  remove_entries({id})
+  redis.call('RPUSH', K_QUARANTINE, cmsgpack.pack({id = id, reason = reason, at_ms = now_ms(), payload = payload}))
+  redis.call('HINCRBY', K_COUNTERS, 'quarantined', 1)
+  release_admission(1)
 end

@@ -1,5 +1,8 @@
 -- Claim up to n groups within max_staleness of the learner's version, oldest first.
--- ARGV: n, min_n, max_staleness, visibility_ms, token, hold_as, listed. A non-empty
+-- ARGV: n, min_n, max_staleness, visibility_ms, token, hold_as, listed, max_deliveries.
+-- A group already handed out max_deliveries times without an ack (0 = no limit) is
+-- quarantined instead of claimed: a poison group that crashes every learner that takes
+-- it cannot come back forever. A non-empty
 -- hold_as records the claim in the journal of held claims (field "hold_as|token") in the
 -- same step, so a consumer that dies right after sampling leaves nothing unrecorded.
 -- Returns {version, id1, min_version1, reuse1, id2, ...}; no claims when fewer than min_n
@@ -9,6 +12,7 @@
 -- through Lua (returning them from here would), and the one after deletes the list.
 local n, min_n, max_staleness = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local visibility_ms, token, hold_as, listed = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local max_deliveries = tonumber(ARGV[8])
 local now = now_ms()
 local version = current_version()
 requeue_expired_claims(now)
@@ -22,7 +26,24 @@ if #stale > 0 then
   release_admission(#stale)
 end
 
-local chosen = redis.call('ZRANGEBYSCORE', K_READY, oldest_allowed, '+inf', 'WITHSCORES', 'LIMIT', 0, n)
+-- Oldest first; a group at the delivery limit is quarantined and the next one taken.
+local chosen
+repeat
+  chosen = redis.call('ZRANGEBYSCORE', K_READY, oldest_allowed, '+inf', 'WITHSCORES', 'LIMIT', 0, n)
+  local quarantined = 0
+  if max_deliveries > 0 and #chosen > 0 then
+    local candidates = {}
+    for i = 1, #chosen / 2 do candidates[i] = chosen[2 * i - 1] end
+    local delivered = redis.call('HMGET', K_DELIVERIES, unpack(candidates))
+    for i, id in ipairs(candidates) do
+      local times = tonumber(delivered[i] or '0')
+      if times >= max_deliveries then
+        quarantine_entry(id, 'handed out ' .. times .. ' times without being trained (poison?)')
+        quarantined = quarantined + 1
+      end
+    end
+  end
+until quarantined == 0
 local result = {version}
 if #chosen / 2 < min_n or #chosen == 0 then return result end
 local ids, staleness = {}, {}
@@ -43,6 +64,7 @@ for _, id in ipairs(ids) do held[#held + 1] = id end
 redis.call('HSET', K_CLAIMS, token, cmsgpack.pack(held))
 redis.call('ZADD', K_CLAIMED, now + visibility_ms, token)
 for lag, count in pairs(staleness) do redis.call('HINCRBY', K_SAMPLED, lag, count) end
+for _, id in ipairs(ids) do redis.call('HINCRBY', K_DELIVERIES, id, 1) end
 redis.call('HINCRBY', K_COUNTERS, 'sampled', #ids)
 if hold_as ~= '' then
   local field = hold_as .. '|' .. token

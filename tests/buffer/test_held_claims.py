@@ -66,3 +66,38 @@ def test_held_claims_do_not_block_admission(make_buffer) -> None:
     buffer.bump_version()
     assert len(buffer.reserve("actor", 5)[1]) == 2
     assert buffer.commit("learner-0", [held]).acked == 2
+
+
+def test_a_group_given_back_max_deliveries_times_is_quarantined_not_handed_out(make_buffer) -> None:
+    # A learner that crashes on a group and resumes gives it back each time (abandon).
+    buffer = make_buffer(visibility_timeout_s=60, max_deliveries=3)
+    buffer.put([versioned_group("poison", 0), versioned_group("fine", 0)], "actor")
+    for _ in range(3):
+        batch = buffer.sample(1, hold_as="learner-0")
+        assert batch.entry_ids == ["fine"]
+        buffer.abandon("learner-0", buffer.held("learner-0"))
+    # "fine" (first in id order) was handed out 3 times: the 4th sample quarantines it
+    # and takes the next group instead.
+    assert buffer.sample(1).entry_ids == ["poison"]
+    (record,) = buffer.quarantined()
+    assert record.entry_id == "fine"
+    assert "handed out 3 times without being trained" in record.reason
+    assert record.payload  # kept for inspection
+
+
+def test_an_ack_starts_the_delivery_count_again(make_buffer) -> None:
+    buffer = make_buffer(visibility_timeout_s=60, max_deliveries=2, max_reuse=2)
+    buffer.put([versioned_group("g", 0)], "actor")
+    for _ in range(3):  # given back once, then trained: never at the limit
+        buffer.abandon("learner-0", [buffer.sample(1, hold_as="learner-0")])
+        assert buffer.ack(buffer.sample(1)).acked == 1
+    assert buffer.quarantined() == []
+    assert buffer.sample(1).groups == []  # used 1 + max_reuse times: gone, not quarantined
+
+
+def test_no_delivery_limit_with_max_deliveries_0(make_buffer) -> None:
+    buffer = make_buffer(visibility_timeout_s=60, max_deliveries=0)
+    buffer.put([versioned_group("g", 0)], "actor")
+    for _ in range(5):
+        buffer.abandon("learner-0", [buffer.sample(1, hold_as="learner-0")])
+    assert buffer.sample(1).entry_ids == ["g"]

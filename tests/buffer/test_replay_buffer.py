@@ -474,7 +474,7 @@ def test_sample_reads_payloads_in_the_claiming_round_trip_and_leaves_no_list(
     buffer.put([versioned_group("late", 0)], "actor-0")
     listed = f"{prefix}:listed:orphan"
     timeout_ms = int(buffer.config.visibility_timeout_s * 1000)
-    buffer._run("sample", 1, 1, buffer.config.max_staleness, timeout_ms, "orphan", "", listed)
+    buffer._run("sample", 1, 1, buffer.config.max_staleness, timeout_ms, "orphan", "", listed, 0)
     assert buffer.client.lrange(listed, 0, -1) == [b"late"]
     assert 0 < buffer.client.pttl(listed) <= timeout_ms
 

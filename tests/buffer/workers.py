@@ -28,8 +28,11 @@ def produce(url: str, prefix: str, producer: int, n_groups: int) -> None:
 def consume(
     url: str, prefix: str, visibility_s: float, crash_probability: float, log: str, seed: int
 ) -> None:
-    """Sample, then either crash before acking (exit without a word) or ack and log the ids."""
-    config = BufferConfig(key_prefix=prefix, visibility_timeout_s=visibility_s)
+    """Sample, then either crash before acking (exit without a word) or ack and log the ids.
+
+    No delivery limit: by chance a group can meet more crashes than buffer.max_deliveries,
+    and this worker tests redelivery (the limit: tests/buffer/test_held_claims.py)."""
+    config = BufferConfig(key_prefix=prefix, visibility_timeout_s=visibility_s, max_deliveries=0)
     buffer = ReplayBuffer(redis.Redis.from_url(url), config)
     rng = random.Random(seed)
     with Path(log).open("a") as acked_log:

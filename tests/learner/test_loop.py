@@ -42,7 +42,8 @@ def learn_config(
         "buffer": {"url": redis_server.url, **buffer_config}, "learner": learner,
     }))  # fmt: skip
     buffer = ReplayBuffer(redis_server.client(), BufferConfig(**buffer_config))
-    buffer.put(arithmetic_groups(AutoTokenizer.from_pretrained(model), groups), "synthetic")
+    if groups:
+        buffer.put(arithmetic_groups(AutoTokenizer.from_pretrained(model), groups), "synthetic")
     return config, buffer
 
 
@@ -184,3 +185,43 @@ def test_time_limit_stops_after_a_checkpoint_and_snapshots_list_their_times(
     assert any(
         not (a == b).all() for a, b in zip(first.parameters(), second.parameters(), strict=True)
     )
+
+
+@pytest.mark.slow
+def test_a_batch_with_a_non_finite_loss_is_skipped_quarantined_and_never_published(
+    warm_model_dir: Path, redis_server, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    run_dir, prefix = tmp_path / "run", "test:poison"
+    steps = 4
+    config, buffer = learn_config(tmp_path, warm_model_dir, redis_server, prefix, {
+        "steps": steps, "batch_groups": 1, "lr": 1e-4, "checkpoint": {"every_steps": 2},
+        "advantage": "grpo_no_std",
+    }, groups=0)  # fmt: skip
+    # Finite, so `put` takes it, but its advantage (r - mean r, unnormalised) is past
+    # float32's range: the loss is not finite.
+    tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
+    clean = arithmetic_groups(tokenizer, steps, seed=5)
+    head = clean[0]
+    huge = [dataclasses.replace(c, reward=1e300 * (i % 2)) for i, c in enumerate(head.completions)]
+    # Sampled first: groups of one version go out in id order.
+    poison = dataclasses.replace(head, group_id="0-poison", completions=huge)
+    buffer.put([poison], "poisoner")
+    buffer.put(clean, "synthetic")
+    process = start(config)
+    out = finish(process)
+    assert process.returncode == 0, out
+
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # the skip is not a step
+    assert [r["version"] for r in rows] == list(range(1, steps + 1))
+    assert rows[-1]["learner/skipped_batches"] == 1
+    (record,) = buffer.quarantined()
+    assert "non-finite loss" in record.reason and record.entry_id
+    assert int(buffer.client.hget(buffer.key("counters"), "acked")) == steps
+    weights = RedisWeightStore(buffer.client, prefix).fetch(buffer.version())
+    assert all(bool(tensor.isfinite().all()) for tensor in weights.values())
+    assert "skipped a batch" in out

@@ -335,3 +335,55 @@ def test_deepspeed_follows_the_learning_rate_schedule(
     used = [scheduled.step(groups, learner_version=0)["learner/lr"] for _ in range(3)]
     # Optimizer step k runs at 1e-3 x min(1, (k + 1) / 2) x (1 - k / 3).
     assert used == pytest.approx([5e-4, 1e-3 * 2 / 3, 1e-3 / 3])
+
+
+def _weights(learner: object) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in learner.engine.module.named_parameters()}
+
+
+def _nan_behaviour(groups: list) -> list:
+    """The groups with one trained token's behaviour log-prob NaN (one that got past put)."""
+    import dataclasses
+
+    first = groups[0].completions[0]
+    logprobs = first.behaviour_logprobs.copy()
+    logprobs[np.flatnonzero(first.loss_mask)[0]] = np.nan
+    poisoned = dataclasses.replace(first, behaviour_logprobs=logprobs)
+    head = dataclasses.replace(groups[0], completions=[poisoned, *groups[0].completions[1:]])
+    return [head, *groups[1:]]
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_batch_changes_nothing_and_the_next_step_is_as_without_it(
+    learner: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str
+) -> None:
+    import learner.trainer as trainer
+
+    clean = arithmetic_groups(learner.tokenizer, 2, seed=11)
+    learner.save_checkpoint(tmp_path, "before", {})
+    learner.step(clean, learner_version=0)
+    expected = _weights(learner)
+    learner.load_checkpoint(tmp_path)
+    before = _weights(learner)
+    steps = learner.engine.global_steps
+    if poison == "loss":
+        bad = _nan_behaviour(clean)
+    else:  # a finite loss whose gradient is NaN (e.g. an overflow in backward)
+        real = trainer.compute_loss
+
+        def nan_gradient(config: object, inputs: object) -> object:
+            inputs.logprobs.register_hook(lambda grad: grad * float("nan"))
+            return real(config, inputs)
+
+        monkeypatch.setattr(trainer, "compute_loss", nan_gradient)
+        bad = clean
+    with pytest.raises(trainer.NonFiniteStep, match=f"non-finite {poison}"):
+        learner.step(bad, learner_version=0)
+    monkeypatch.undo()
+    after_skip = _weights(learner)
+    assert all(torch.equal(after_skip[name], before[name]) for name in before)
+    assert learner.engine.global_steps == steps  # no optimizer or LR-schedule step
+    # Nothing of the skipped batch lingers in DeepSpeed's gradient buffers or Adam state.
+    learner.step(clean, learner_version=0)
+    got = _weights(learner)
+    assert all(torch.allclose(got[name], expected[name], atol=1e-7) for name in expected)
