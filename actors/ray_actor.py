@@ -55,7 +55,7 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
 
     if spec.buffer.url is None:
         raise ValueError(f"{spec.actor_id}: buffer.url is required to start an actor")
-    client = connect(spec.buffer.url)
+    client = connect(spec.buffer.url, spec.buffer.outage_limit_s)
     buffer = ReplayBuffer(client, spec.buffer)
     if spec.actor.transport == "ray":
         from buffer.ray_weights import RayWeightSource
@@ -93,7 +93,9 @@ class RolloutActor:
             from buffer.server import connect
 
             key = f"{spec.buffer.key_prefix}:restarts"
-            restarts = int(connect(spec.buffer.url).hincrby(key, spec.actor_id, 1))
+            restarts = int(
+                connect(spec.buffer.url, spec.buffer.outage_limit_s).hincrby(key, spec.actor_id, 1)
+            )
             log.warning("%s restarted (%d so far): rejoining at the latest version",
                         spec.actor_id, restarts)  # fmt: skip
         self.worker = build_worker(spec, restarts=restarts)

@@ -37,6 +37,9 @@ class BufferConfig(BaseModel):
     """An admission lease not turned into a put within this time is released (its actor died)."""
     max_reuse: int = Field(0, ge=0)
     """Extra times a group may be trained on (deliberate off-policy replay); 0 = once."""
+    outage_limit_s: float = Field(120.0, gt=0)
+    """How long clients ride out a Redis that does not answer (restart, network, pause),
+    reconnecting with backoff, before the run ends with one error naming the server."""
     max_deliveries: int = Field(3, ge=0)
     """A group handed out this many times without being acked (its learner crashed on it,
     or skipped it) is quarantined instead of handed out again, so that a poison group

@@ -34,8 +34,30 @@ log = logging.getLogger(__name__)
 _KEY_NAMES = (
     "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
-    "held", "deliveries",
+    "held", "deliveries", "requests",
 )  # fmt: skip
+# Each script runs as `body()` under this: a call carries a request id as its last
+# argument, and its reply is kept for a while under that id. A client that resends a
+# call (its connection dropped, the server paused past the socket timeout and then ran
+# both) gets the first reply back, and nothing happens twice. A replayed `sample` lists
+# its ids again for the SORT ... GET that follows it in the same round trip.
+_IDEMPOTENT = """
+local REQUEST_KEY = K_REQUESTS .. ':' .. table.remove(ARGV)
+local done = redis.call('GET', REQUEST_KEY)
+if done then
+  local reply = cmsgpack.unpack(done)
+  REPLAY
+  return reply
+end
+local reply = body()
+redis.call('SET', REQUEST_KEY, cmsgpack.pack(reply), 'PX', TTL_MS)
+return reply
+"""
+_REPLAY = {
+    "sample": """redis.call('DEL', ARGV[7])
+  for i = 2, #reply, 3 do redis.call('RPUSH', ARGV[7], reply[i]) end
+  redis.call('PEXPIRE', ARGV[7], tonumber(ARGV[4]))""",
+}
 # First and longest wait between polls while blocked. A learner waiting for its batch
 # polls at most every 20 ms: at a few steps a second, a longer wait would be its idle time.
 _POLL_S = (0.005, 0.02)
@@ -123,8 +145,12 @@ class ReplayBuffer:
         self.keys = [f"{config.key_prefix}:{name}" for name in _KEY_NAMES]
         self._key = dict(zip(_KEY_NAMES, self.keys, strict=True))
         common = _lua("common.lua")
+        # Replies are kept past the longest time a client goes on resending a call.
+        ttl_ms = str(int((config.outage_limit_s + 300) * 1000))
         self._sources = {
-            name: common + _lua(f"{name}.lua")
+            name: common
+            + f"local function body()\n{_lua(f'{name}.lua')}\nend\n"
+            + _IDEMPOTENT.replace("REPLAY", _REPLAY.get(name, "")).replace("TTL_MS", ttl_ms)
             for name in ("put", "sample", "ack", "quarantine", "reserve", "release", "extend")
         }
         self._load_scripts()
@@ -260,7 +286,7 @@ class ReplayBuffer:
             entry, group_id = encoded[i], groups[i].group_id
             pipe.set(self.payload_key(group_id), entry.payload, nx=True)
             args += [group_id, entry.min_version, entry.max_version, entry.n_tokens, leases[i]]
-        pipe.eval(self._sources["put"], len(self.keys), *self.keys, *args)
+        pipe.eval(self._sources["put"], len(self.keys), *self.keys, *args, uuid.uuid4().hex)
         return pipe.execute()[-1]
 
     # -- consumers -----------------------------------------------------------------------
@@ -489,11 +515,12 @@ class ReplayBuffer:
         """
         replies: list = [None] * len(calls)
         todo = list(range(len(calls)))
+        requests = [uuid.uuid4().hex for _ in calls]  # the same on every resend
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
             for i in todo:
                 name, args = calls[i]
-                pipe.evalsha(self._shas[name], len(self.keys), *self.keys, *args)
+                pipe.evalsha(self._shas[name], len(self.keys), *self.keys, *args, requests[i])
             for command in then:
                 pipe.execute_command(*command)
             results = pipe.execute(raise_on_error=False)

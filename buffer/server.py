@@ -14,11 +14,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
 
 from buffer.config import RedisServerConfig
 
@@ -27,6 +32,65 @@ log = logging.getLogger(__name__)
 
 class RedisServerError(RuntimeError):
     """redis-server is missing, or did not start."""
+
+
+class BufferUnreachable(RedisServerError, redis.ConnectionError):
+    """The buffer's Redis did not answer for longer than `buffer.outage_limit_s`."""
+
+
+DEFAULT_OUTAGE_LIMIT_S = 120.0
+_BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnection attempts
+_ONCE = Retry(NoBackoff(), 0)
+
+
+class RideOutOutages(Retry):
+    """redis-py's retry, bounded by time instead of a count: reconnect and resend with
+    capped, jittered exponential backoff until the server answers, or raise one
+    BufferUnreachable naming the server once `limit_s` passed since the first failure.
+
+    Resending is safe because every Relay script is idempotent under retry (a request id
+    per call, see buffer/lua/common.lua) and every other command Relay sends is a plain
+    overwrite (SET, HSET, ZADD).
+    """
+
+    def __init__(self, where: str, limit_s: float) -> None:
+        super().__init__(ExponentialWithJitterBackoff(*_BACKOFF_S), retries=-1)
+        self.where = where
+        self.limit_s = limit_s
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        self._backoff.reset()
+        failures, first_failure = 0, 0.0
+        while True:
+            try:
+                result = do()
+            except self._supported_errors as error:
+                if is_retryable is not None and not is_retryable(error):
+                    raise
+                failures += 1
+                fail(error, failures) if with_failure_count else fail(error)
+                if failures == 1:
+                    first_failure = time.monotonic()
+                    log.warning("the buffer at %s did not answer (%s); retrying for up to "
+                                "%gs", self.where, error, self.limit_s)  # fmt: skip
+                elif time.monotonic() - first_failure > self.limit_s:
+                    raise BufferUnreachable(
+                        f"the buffer at {self.where} did not answer for {self.limit_s:g}s "
+                        f"(buffer.outage_limit_s; last error: {error}); once it is back, "
+                        "`--resume` continues the run"
+                    ) from None
+                time.sleep(self._backoff.compute(failures))
+                continue
+            if failures:
+                log.info("the buffer at %s answers again after %.1fs", self.where,
+                         time.monotonic() - first_failure)  # fmt: skip
+            return result
 
 
 class RedisServer:
@@ -38,6 +102,10 @@ class RedisServer:
         self.port = port
         self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        """How many times the supervisor restarted a server that died."""
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -68,6 +136,12 @@ class RedisServer:
         conf = self.data_dir / "redis.conf"
         conf.write_text(self._config_text())
         conf.chmod(0o600)  # it holds the password
+        self._launch(binary, conf)
+        self._wait_until_ready()
+        log.info("embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
+        return self
+
+    def _launch(self, binary: str, conf: Path) -> None:
         # If the process that owns the server is killed outright, the server goes too
         # (SIGTERM: it still flushes the AOF) instead of lingering on the run's files.
         setpriv = shutil.which("setpriv")
@@ -78,17 +152,47 @@ class RedisServer:
             [*launcher, binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,
         )  # fmt: skip
-        self._wait_until_ready()
-        log.info("embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
+
+    def supervise(self) -> RedisServer:
+        """Restart the server whenever it dies (killed, crashed, OOM), on the same port with
+        the same password, from its AOF, until `stop()`. Clients ride out the gap."""
+        self._supervisor = threading.Thread(
+            target=self._watch, name="redis-supervisor", daemon=True
+        )
+        self._supervisor.start()
         return self
+
+    def _watch(self) -> None:
+        binary, conf = shutil.which("redis-server"), self.data_dir / "redis.conf"
+        wait = _BACKOFF_S[0]
+        while not self._stopping.wait(0.1):
+            if self.process.poll() is None:
+                continue
+            code = self.process.returncode
+            log.warning("the embedded redis-server exited (%s); restarting it from its AOF",
+                        f"signal {-code}" if code < 0 else f"exit code {code}")  # fmt: skip
+            try:
+                self._launch(binary, conf)
+                self._wait_until_ready()
+            except (RedisServerError, OSError) as error:
+                log.error("could not restart redis-server: %s; trying again", error)
+                self._stopping.wait(wait)
+                wait = min(wait * 2, _BACKOFF_S[1])
+                continue
+            wait = _BACKOFF_S[0]
+            self.restarts += 1
+            log.warning("redis-server restarted on port %d (restart %d)", self.port, self.restarts)
 
     def stop(self) -> None:
         """Shut down with a final AOF flush; kill if it does not exit in time."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         if self.process is None or self.process.poll() is not None:
             return
         # The shutdown closes the connection before replying.
         with contextlib.suppress(redis.ConnectionError):
-            self.client().shutdown(nosave=False)
+            redis.Redis.from_url(self.url, socket_timeout=10, retry=_ONCE).shutdown(nosave=False)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -122,8 +226,8 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
-    def client(self) -> redis.Redis:
-        return connect(self.url)
+    def client(self, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S) -> redis.Redis:
+        return connect(self.url, outage_limit_s)
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -151,7 +255,7 @@ class RedisServer:
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
-        client = self.client()
+        client = redis.Redis.from_url(self.url, socket_timeout=10, retry=_ONCE)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 error = self.process.stderr.read().decode(errors="replace").strip()
@@ -165,21 +269,30 @@ class RedisServer:
         raise RedisServerError(f"redis-server did not answer within {self.config.start_timeout_s}s")
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for an external Redis: redis:// or rediss:// (TLS), password in the URL."""
+def connect(
+    url: str, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S, socket_timeout_s: float = 60.0
+) -> redis.Redis:
+    """A client for the buffer's Redis: redis:// or rediss:// (TLS), password in the URL.
+
+    It rides out outages (a restart, a network blip, a paused server) for up to
+    `outage_limit_s`, then raises BufferUnreachable naming the server."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise RedisServerError(f"buffer.url {url!r} must start with redis://, rediss:// or unix://")
     # No Relay command blocks server-side, so a reply slower than this means a lost server:
-    # fail with a timeout error rather than hang.
-    return redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
+    # fail with a timeout error (then retry) rather than hang.
+    return redis.Redis.from_url(
+        url, socket_timeout=socket_timeout_s, socket_connect_timeout=min(10.0, socket_timeout_s),
+        retry=RideOutOutages(url.split("@")[-1], outage_limit_s),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )  # fmt: skip
 
 
-def reach(url: str) -> redis.Redis:
-    """`connect(url)` and check that the server answers; the error names the host, not the
-    password."""
-    client = connect(url)
+def reach(url: str, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S) -> redis.Redis:
+    """`connect(url)` and check at once that the server answers; the error names the
+    host, not the password."""
+    client = connect(url, outage_limit_s)
     try:
-        client.ping()
+        redis.Redis.from_url(url, socket_connect_timeout=10, retry=_ONCE).ping()
     except redis.RedisError as error:
         where = url.split("@")[-1]
         raise RedisServerError(f"cannot reach the buffer at {where}: {error}") from None
@@ -193,13 +306,16 @@ def free_port() -> int:
 
 
 def open_redis(
-    url: str | None, server_config: RedisServerConfig, data_dir: Path
+    url: str | None,
+    server_config: RedisServerConfig,
+    data_dir: Path,
+    outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
 ) -> tuple[redis.Redis, RedisServer | None]:
-    """Connect to `url`, or start an embedded server in `data_dir` when it is None.
+    """Connect to `url`, or start a supervised embedded server in `data_dir` when it is None.
 
     Returns the client and the server to stop at the end (None for an external Redis).
     """
     if url is not None:
-        return reach(url), None
-    server = RedisServer(data_dir, server_config).start()
-    return server.client(), server
+        return reach(url, outage_limit_s), None
+    server = RedisServer(data_dir, server_config).start().supervise()
+    return server.client(outage_limit_s), server

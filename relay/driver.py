@@ -47,7 +47,9 @@ def run(
     started = time.monotonic()
     results: dict = {"run_dir": str(config.run_dir), "mode": config.mode}
     with ExitStack() as cleanup:
-        client, server = open_redis(config.buffer.url, config.redis, config.run_dir / "redis")
+        client, server = open_redis(
+            config.buffer.url, config.redis, config.run_dir / "redis", config.buffer.outage_limit_s
+        )
         if server is not None:
             cleanup.callback(server.stop)
             config.buffer.url = server.url

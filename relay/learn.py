@@ -65,7 +65,7 @@ def learn(
 
     if config.buffer.url is None:
         raise RelayError("relay learn needs buffer.url (the experiment's Redis)")
-    client = connect(config.buffer.url)
+    client = connect(config.buffer.url, config.buffer.outage_limit_s)
     buffer = ReplayBuffer(client, config.buffer)
     learner = Learner(
         config.model.path, config.learner, rank=rank, world_size=config.learner.world_size,
