@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from buffer.replay_buffer import Batch, HeldBatch, ReplayBuffer
 from learner.config import LearnerConfig
 from learner.publisher import WeightPublisher
@@ -91,7 +93,10 @@ class TrainingLoop:
         self.consumer = f"learner-{learner.rank}"
         self.state = LoopState()
         self._held: list[Batch] = []
-        self._held_since = time.monotonic()
+        """Batches trained on and waiting for the checkpoint that commits them."""
+        self._in_flight: Batch | None = None
+        """The batch being trained on (or waiting for its ack, without checkpoints)."""
+        self._claims_lock = threading.Lock()
         self._saved_step: int | None = None
 
     # -- start -------------------------------------------------------------------------------
@@ -149,6 +154,8 @@ class TrainingLoop:
         deadline = None if limit is None else time.monotonic() + limit
         if self.snapshot_dir is not None and not self.state.step:
             self.snapshot()  # the starting policy, timed at the start of training
+        heartbeat = threading.Event()
+        threading.Thread(target=self._renew_claims, args=(heartbeat,), daemon=True).start()
         try:
             while self.state.step < self.config.steps:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -163,15 +170,17 @@ class TrainingLoop:
                     if batch is not None:  # another rank is stopping: give this batch back
                         self.buffer.abandon(self.consumer, [batch])
                     break
-                if immediate_ack:
-                    to_ack = batch
-                else:
-                    self._held.append(batch)
+                with self._claims_lock:
+                    if immediate_ack:
+                        to_ack = self._in_flight = batch
+                    else:
+                        self._held.append(batch)
                 if not self._train(batch, wait_s):
                     to_ack = None
         finally:
             if to_ack is not None:
                 self.buffer.ack(to_ack)
+            heartbeat.set()
         if self.snapshot_dir is not None and self.state.step % self.config.snapshot_every_steps:
             self.snapshot()  # the final policy, so that a curve ends where the run did
         if self._saved_step != self.state.step:
@@ -204,7 +213,6 @@ class TrainingLoop:
             if time.monotonic() - last_log > _WAIT_LOG_S:
                 log.info("waiting for rollouts (%.0fs so far)", waited)
                 last_log = time.monotonic()
-            self._extend_held()
         return None, time.monotonic() - started
 
     def _train(self, batch: Batch, wait_s: float) -> bool:
@@ -225,8 +233,6 @@ class TrainingLoop:
         every = self.config.checkpoint.every_steps
         if every and self.state.step % every == 0:
             self.checkpoint()
-        else:
-            self._extend_held()
         rewards = [c.reward for g in groups for c in g.completions]
         metrics.update({
             "step": self.state.step,
@@ -251,8 +257,11 @@ class TrainingLoop:
     def _quarantine(self, batch: Batch, reason: str) -> None:
         """A batch whose update was skipped goes to quarantine, never to be trained or
         published; the step does not count."""
-        if batch in self._held:
-            self._held.remove(batch)
+        with self._claims_lock:
+            held = batch in self._held
+            if held:
+                self._held.remove(batch)
+        if held:
             self.buffer.forget_held(self.consumer, [batch])
         quarantined = self.buffer.quarantine(batch, f"learner step {self.state.step + 1}: {reason}")
         self.state.skipped_batches += 1
@@ -271,13 +280,19 @@ class TrainingLoop:
             out.write(json.dumps(record) + "\n")
         return path
 
-    def _extend_held(self) -> None:
-        """Renew held claims well before their visibility timeout runs out."""
-        if self._held and time.monotonic() - self._held_since > (
-            self.buffer.config.visibility_timeout_s / 3
-        ):
-            self.buffer.extend(self._held)
-            self._held_since = time.monotonic()
+    def _renew_claims(self, stop: threading.Event) -> None:
+        """Heartbeat: renew every claim this loop holds three times per visibility timeout,
+        from a thread of its own, whatever the loop is doing meanwhile (a long evaluation,
+        a slow publish, a checkpoint), so that no claim expires under a live learner and
+        no group is trained twice."""
+        while not stop.wait(self.buffer.config.visibility_timeout_s / 3):
+            with self._claims_lock:
+                claims = [*self._held, *([self._in_flight] if self._in_flight else [])]
+            try:
+                if claims:
+                    self.buffer.extend(claims)
+            except redis.RedisError as error:  # the loop meets the same outage and reports it
+                log.warning("could not renew %d held claims: %s", len(claims), error)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> Path:
@@ -295,8 +310,8 @@ class TrainingLoop:
         self.learner.save_checkpoint(self.checkpoint_dir, tag, {"loop": dict(vars(self.state))})
         result = self.buffer.commit(self.consumer, self._held)
         self._saved_step = self.state.step
-        self._held = []
-        self._held_since = time.monotonic()
+        with self._claims_lock:
+            self._held = []
         log.info(
             "checkpoint %s: step %d, version %d, %d groups acked (%.1fs)",
             path, self.state.step, self.state.version, result.acked,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -387,3 +388,37 @@ def test_a_non_finite_batch_changes_nothing_and_the_next_step_is_as_without_it(
     learner.step(clean, learner_version=0)
     got = _weights(learner)
     assert all(torch.allclose(got[name], expected[name], atol=1e-7) for name in expected)
+
+
+@pytest.mark.parametrize("every_steps", [0, 2], ids=["ack-after-step", "held-until-checkpoint"])
+def test_claims_outlive_a_step_slower_than_the_visibility_timeout(
+    learner: object, make_buffer: object, tmp_path: Path, every_steps: int
+) -> None:
+    from learner.config import CheckpointConfig, LearnerConfig
+    from learner.loop import TrainingLoop
+
+    # An evaluation four times longer than the visibility timeout, after every step: only
+    # a heartbeat, not renewals at fixed points of the loop, keeps the claims alive.
+    buffer = make_buffer(visibility_timeout_s=0.6, admission_control=False, max_staleness=100)
+    buffer.put(arithmetic_groups(learner.tokenizer, 4, seed=7), "synthetic")
+    config = LearnerConfig(
+        steps=4, batch_groups=1, checkpoint=CheckpointConfig(every_steps=every_steps)
+    )
+
+    def slow_evaluation(_: object) -> dict[str, float]:
+        time.sleep(2.4)
+        # Another consumer's sample (it claims nothing: too few groups for 100) returns
+        # expired claims to the buffer, as a second rank's would.
+        assert buffer.sample(100).groups == []
+        return {}
+
+    loop = TrainingLoop(
+        learner, buffer, config, tmp_path / "checkpoints", evaluate=slow_evaluation, eval_every=1
+    )
+    loop.start(resume=False)
+    assert loop.run().step == 4
+    counters = {
+        k.decode(): int(v) for k, v in buffer.client.hgetall(buffer.key("counters")).items()
+    }
+    assert counters.get("redelivered", 0) == 0 and counters.get("stale_acks", 0) == 0
+    assert counters["acked"] == 4 and counters["sampled"] == 4
