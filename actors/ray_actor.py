@@ -57,6 +57,8 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
         raise ValueError(f"{spec.actor_id}: buffer.url is required to start an actor")
     client = connect(spec.buffer.url, spec.buffer.outage_limit_s)
     buffer = ReplayBuffer(client, spec.buffer)
+    if released := buffer.release_producer(spec.actor_id):
+        log.warning("%s: released %d admission leases of its predecessor", spec.actor_id, released)
     if spec.actor.transport == "ray":
         from buffer.ray_weights import RayWeightSource
 

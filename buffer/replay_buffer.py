@@ -201,6 +201,14 @@ class ReplayBuffer:
         if held or counter:
             self._run("release", counter, len(leases) if counter else 0, *held)
 
+    def release_producer(self, producer_id: str) -> int:
+        """Give back every lease `producer_id` holds: called by a producer as it starts, so
+        that the leases of its dead predecessor (same id) do not block admission until
+        they time out. Returns how many were released."""
+        prefix = f"{producer_id}:".encode()
+        leases = [m for m in self.client.zrange(self._key["leases"], 0, -1) if m.startswith(prefix)]
+        return int(self._run("release", "", 0, *leases)) if leases else 0
+
     def put(
         self, groups: Sequence[RolloutGroup], producer_id: str, leases: Sequence[str] = ()
     ) -> PutResult:

@@ -508,3 +508,14 @@ def test_put_quarantines_poison_with_its_reason_and_stores_the_rest(make_buffer:
     # The refused groups' admissions are free again: three more may be generated.
     assert len(buffer.reserve("actor-0", 5)[1]) == 3
     assert sorted(g.group.group_id for g in buffer.sample(2).groups) == ["good-0", "good-1"]
+
+
+def test_a_restarted_producer_releases_its_predecessors_leases(make_buffer: object) -> None:
+    buffer = make_buffer(groups_per_version=5, max_staleness=0)
+    _, leases = buffer.reserve("actor-1", 4)  # then actor-1 dies, holding them
+    assert len(leases) == 4
+    assert len(buffer.reserve("actor-10", 1)[1]) == 1  # "actor-1" is a prefix of its name
+    assert buffer.reserve("actor-2", 4)[1] == []  # admission is full until they time out
+    assert buffer.release_producer("actor-1") == 4  # its replacement starts
+    assert buffer.release_producer("actor-1") == 0
+    assert len(buffer.reserve("actor-2", 4)[1]) == 4
