@@ -34,25 +34,37 @@ log = logging.getLogger(__name__)
 _KEY_NAMES = (
     "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
-    "held", "deliveries", "requests",
+    "held", "deliveries", "requests", "learner_epoch",
 )  # fmt: skip
 # Each script runs as `body()` under this: a call carries a request id as its last
 # argument, and its reply is kept for a while under that id. A client that resends a
 # call (its connection dropped, the server paused past the socket timeout and then ran
 # both) gets the first reply back, and nothing happens twice. A replayed `sample` lists
 # its ids again for the SORT ... GET that follows it in the same round trip.
+#
+# Before it, the caller's learner epoch (last but one argument; '' for actors and tools):
+# a learner replaced by a newer one of the same experiment is refused (FENCED), so it can
+# neither commit, claim nor publish a version any more.
 _IDEMPOTENT = """
 local REQUEST_KEY = K_REQUESTS .. ':' .. table.remove(ARGV)
+local EPOCH = table.remove(ARGV)
 local done = redis.call('GET', REQUEST_KEY)
 if done then
   local reply = cmsgpack.unpack(done)
   REPLAY
   return reply
 end
+if EPOCH ~= '' then
+  local current = redis.call('GET', K_EPOCH) or '0'
+  if current ~= EPOCH then
+    return redis.error_reply('FENCED learner epoch ' .. EPOCH .. ' replaced by ' .. current)
+  end
+end
 local reply = body()
 redis.call('SET', REQUEST_KEY, cmsgpack.pack(reply), 'PX', TTL_MS)
 return reply
 """
+_SCRIPTS = ("put", "sample", "ack", "quarantine", "reserve", "release", "extend", "set_version")
 _REPLAY = {
     "sample": """redis.call('DEL', ARGV[7])
   for i = 2, #reply, 3 do redis.call('RPUSH', ARGV[7], reply[i]) end
@@ -63,6 +75,10 @@ _REPLAY = {
 _POLL_S = (0.005, 0.02)
 DROP_REASONS = ("uniform",)
 """Why an actor may drop a generated group: `uniform` rewards give no group-relative signal."""
+
+
+class FencedOut(RuntimeError):
+    """A newer learner of the same experiment took over; this one may no longer write."""
 
 
 class BufferFull(RuntimeError):
@@ -151,8 +167,10 @@ class ReplayBuffer:
             name: common
             + f"local function body()\n{_lua(f'{name}.lua')}\nend\n"
             + _IDEMPOTENT.replace("REPLAY", _REPLAY.get(name, "")).replace("TTL_MS", ttl_ms)
-            for name in ("put", "sample", "ack", "quarantine", "reserve", "release", "extend")
+            for name in _SCRIPTS
         }
+        self.epoch = ""
+        """This client's learner epoch once `fence_out_older_learners` ran; '' otherwise."""
         self._load_scripts()
 
     def _load_scripts(self) -> None:
@@ -166,12 +184,23 @@ class ReplayBuffer:
         return int(self.client.get(self._key["version"]) or 0)
 
     def bump_version(self) -> int:
-        """Publish a new policy version; returns it."""
-        return int(self.client.incr(self._key["version"]))
+        """Publish the next policy version; returns it."""
+        return self.set_version(self.version() + 1)
 
-    def set_version(self, version: int) -> None:
-        """Set the version, e.g. when a learner resumes from a checkpoint."""
-        self.client.set(self._key["version"], version)
+    def set_version(self, version: int) -> int:
+        """Publish `version` (e.g. after a push, or when a learner resumes above every
+        published one). Versions only grow: this is the one place that makes sure; returns
+        the version now in force."""
+        return int(self._run("set_version", version))
+
+    def fence_out_older_learners(self, epoch: int | None = None) -> int:
+        """Become the experiment's only learner: take a new learner epoch (or join `epoch`,
+        the one rank 0 took), after which every script call of an older learner's client
+        is refused with FencedOut. Returns the epoch."""
+        if epoch is None:
+            epoch = int(self.client.incr(self._key["learner_epoch"]))
+        self.epoch = str(epoch)
+        return epoch
 
     # -- producers -----------------------------------------------------------------------
     def reserve(self, producer_id: str, n_groups: int) -> tuple[int, list[str]]:
@@ -294,7 +323,8 @@ class ReplayBuffer:
             entry, group_id = encoded[i], groups[i].group_id
             pipe.set(self.payload_key(group_id), entry.payload, nx=True)
             args += [group_id, entry.min_version, entry.max_version, entry.n_tokens, leases[i]]
-        pipe.eval(self._sources["put"], len(self.keys), *self.keys, *args, uuid.uuid4().hex)
+        keys = (len(self.keys), *self.keys)
+        pipe.eval(self._sources["put"], *keys, *args, self.epoch, uuid.uuid4().hex)
         return pipe.execute()[-1]
 
     # -- consumers -----------------------------------------------------------------------
@@ -528,7 +558,8 @@ class ReplayBuffer:
             pipe = self.client.pipeline(transaction=False)
             for i in todo:
                 name, args = calls[i]
-                pipe.evalsha(self._shas[name], len(self.keys), *self.keys, *args, requests[i])
+                keys = (len(self.keys), *self.keys)
+                pipe.evalsha(self._shas[name], *keys, *args, self.epoch, requests[i])
             for command in then:
                 pipe.execute_command(*command)
             results = pipe.execute(raise_on_error=False)
@@ -536,6 +567,11 @@ class ReplayBuffer:
             for i, result in zip(todo, results, strict=False):
                 if isinstance(result, redis.exceptions.NoScriptError) and not attempt:
                     missing.append(i)
+                elif isinstance(result, redis.ResponseError) and str(result).startswith("FENCED"):
+                    raise FencedOut(
+                        f"another learner of experiment {self.config.key_prefix!r} started "
+                        f"({str(result)[len('FENCED ') :]}): this one must stop"
+                    )
                 elif isinstance(result, Exception):
                     raise result
                 else:

@@ -103,7 +103,7 @@ class RedisServer:
         self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
-        """How many times the supervisor restarted a server that died."""
+        """How many times the supervisor started the server again after it died."""
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
 
@@ -171,6 +171,7 @@ class RedisServer:
             code = self.process.returncode
             log.warning("the embedded redis-server exited (%s); restarting it from its AOF",
                         f"signal {-code}" if code < 0 else f"exit code {code}")  # fmt: skip
+            self.restarts += 1
             try:
                 self._launch(binary, conf)
                 self._wait_until_ready()
@@ -180,7 +181,6 @@ class RedisServer:
                 wait = min(wait * 2, _BACKOFF_S[1])
                 continue
             wait = _BACKOFF_S[0]
-            self.restarts += 1
             log.warning("redis-server restarted on port %d (restart %d)", self.port, self.restarts)
 
     def stop(self) -> None:

@@ -22,6 +22,8 @@ from typing import Protocol
 import redis
 import torch
 
+from buffer.replay_buffer import FencedOut
+
 log = logging.getLogger(__name__)
 
 PackedTensor = tuple[str, str, list[int], bytes]
@@ -77,6 +79,18 @@ class PublishReport:
     seconds: float
 
 
+# A version becomes visible in one step, and only while the publisher's learner epoch is
+# the experiment's ('' = unfenced): a learner that a newer one replaced publishes nothing.
+_MAKE_LATEST = """
+if ARGV[1] ~= '' and (redis.call('GET', KEYS[4]) or '0') ~= ARGV[1] then
+  return redis.error_reply('FENCED learner epoch ' .. ARGV[1] .. ' was replaced')
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[2])
+"""
+
+
 class RedisWeightStore:
     """The latest policy versions, in the buffer's Redis, readable from anywhere."""
 
@@ -86,7 +100,10 @@ class RedisWeightStore:
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1")
         self.client = client
+        self.key_prefix = key_prefix
         self.prefix = f"{key_prefix}:weights"
+        self.epoch = ""
+        """The learner epoch publishing must hold (see ReplayBuffer.fence_out_older_learners)."""
         self.part_bytes = int(part_mib * 1024 * 1024)
         self.keep_versions = keep_versions
 
@@ -107,11 +124,16 @@ class RedisWeightStore:
                 {"name": name, "dtype": dtype, "shape": shape, "parts": parts, "sha256": digest}
             )
             total += len(raw)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self._manifest_key(version), json.dumps(manifest))
-        pipe.zadd(f"{self.prefix}:versions", {str(version): version})
-        pipe.set(f"{self.prefix}:latest", version)
-        pipe.execute()
+        keys = [self._manifest_key(version), f"{self.prefix}:versions", f"{self.prefix}:latest",
+                f"{self.key_prefix}:learner_epoch"]  # fmt: skip
+        try:
+            self.client.eval(
+                _MAKE_LATEST, len(keys), *keys, self.epoch, version, json.dumps(manifest)
+            )
+        except redis.ResponseError as error:
+            if str(error).startswith("FENCED"):
+                raise FencedOut(f"weights v{version} not published: {error}") from None
+            raise
         self._drop_old_versions()
         report = PublishReport(version, len(manifest), total, time.perf_counter() - started)
         log.debug(

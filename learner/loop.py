@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from buffer.replay_buffer import Batch, HeldBatch, ReplayBuffer
+from buffer.replay_buffer import Batch, FencedOut, HeldBatch, ReplayBuffer
 from learner.config import LearnerConfig
 from learner.publisher import WeightPublisher
 from learner.trainer import Learner, NonFiniteStep
@@ -291,7 +291,7 @@ class TrainingLoop:
             try:
                 if claims:
                     self.buffer.extend(claims)
-            except redis.RedisError as error:  # the loop meets the same outage and reports it
+            except (redis.RedisError, FencedOut) as error:  # the loop meets it too, and stops
                 log.warning("could not renew %d held claims: %s", len(claims), error)
 
     # -- checkpoints -------------------------------------------------------------------------

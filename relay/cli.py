@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from buffer.replay_buffer import FencedOut
 from buffer.schema import MalformedRollout
 from buffer.server import RedisServerError
 from envs.base import EnvError
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         terminal.console.print(f"[red]config error:[/red] {error}", highlight=False)
         return 2
-    except (RelayError, EnvError, MalformedRollout, RedisServerError) as error:
+    except (RelayError, EnvError, MalformedRollout, RedisServerError, FencedOut) as error:
         terminal.console.print(f"[red]error:[/red] {error}", highlight=False)
         return 1
     except KeyboardInterrupt:

@@ -72,10 +72,16 @@ def learn(
         master_port=master_port or free_port(), seed=config.seed,
         temperature=config.actors.sampling.temperature,
     )  # fmt: skip
+    # Rank 0 takes a new learner epoch; every rank writes under it. Any older learner of
+    # this experiment (a zombie of a crashed run, a second `relay learn` by mistake) is
+    # refused from now on: it can no longer commit, claim or publish.
+    epoch = buffer.fence_out_older_learners() if rank == 0 else 0
+    buffer.fence_out_older_learners(int(learner.all_reduce_sum(epoch)))
     publisher = None
     if rank == 0:
         publish_experiment(client, config, run_id=config.run_dir.name)
         store = RedisWeightStore(client, config.buffer.key_prefix)
+        store.epoch = buffer.epoch
         stored = store.latest_version()
         if stored is not None and stored > buffer.version():
             # A learner died between writing weights and bumping the version: finish it,

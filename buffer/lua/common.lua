@@ -1,10 +1,10 @@
 -- Shared by every script (prepended by replay_buffer.py). KEYS is always the same list:
 local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIMS, K_REUSE, K_VCOUNT,
       K_COUNTERS, K_SAMPLED, K_ACKED, K_LEASES, K_QUARANTINE, K_VERSION, K_PRODUCERS, K_HELD,
-      K_DELIVERIES, K_REQUESTS =
+      K_DELIVERIES, K_REQUESTS, K_EPOCH =
       KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
       KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16],
-      KEYS[17]
+      KEYS[17], KEYS[18]
 
 local function now_ms()
   local t = redis.call('TIME')

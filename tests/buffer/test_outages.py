@@ -25,8 +25,8 @@ def test_every_script_resent_with_its_request_id_changes_nothing_twice(make_buff
         """The same call sent twice, as a client resends it after losing the reply."""
         keys = buffer.keys
         sha = buffer._shas[script]
-        first = buffer.client.evalsha(sha, len(keys), *keys, *args, f"request-{script}")
-        return first, buffer.client.evalsha(sha, len(keys), *keys, *args, f"request-{script}")
+        first = buffer.client.evalsha(sha, len(keys), *keys, *args, "", f"request-{script}")
+        return first, buffer.client.evalsha(sha, len(keys), *keys, *args, "", f"request-{script}")
 
     def counters() -> dict[bytes, bytes]:
         return buffer.client.hgetall(buffer.key("counters"))
