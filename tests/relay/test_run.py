@@ -221,11 +221,13 @@ def test_actors_from_elsewhere_join_a_learner_only_run(
     assert sum(r["groups"] for r in rows) == steps * BATCH
 
 
-def test_ctrl_c_to_the_whole_process_group_stops_the_run_cleanly(
+def test_a_run_rides_out_a_killed_redis_server_then_stops_cleanly_on_ctrl_c(
     warm_model_dir: Path, tmp_path: Path
 ) -> None:
-    # A terminal's Ctrl-C reaches every process of the foreground group, not only the
-    # driver: the embedded redis-server among them must outlive the driver's clean stop.
+    # Two faults in one run (one vLLM start): the embedded redis-server is SIGKILLed
+    # mid-run, and the supervisor restarts it from its AOF while actors and learner
+    # reconnect; later a terminal's Ctrl-C reaches every process of the foreground group,
+    # not only the driver: the redis-server among them must outlive the driver's clean stop.
     config = run_config(
         tmp_path, warm_model_dir, "async", steps=10_000,
         eval={"n_prompts": 20, "max_tokens": 6, "before": False},
@@ -236,16 +238,28 @@ def test_ctrl_c_to_the_whole_process_group_stops_the_run_cleanly(
     with out.open("w") as stdout, err.open("w") as stderr:
         process = subprocess.Popen([RELAY, "run", "-c", str(config)], env=ENV, stdout=stdout,
                                    stderr=stderr, text=True, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        assert process.poll() is None, err.read_text()[-4000:]
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.1)
+
+    def wait_for_steps(steps: int) -> None:
+        deadline = time.monotonic() + 600
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+            assert process.poll() is None, err.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.1)
+
+    wait_for_steps(2)
+    redis_pid = int((run_dir / "redis" / "redis.pid").read_text())
+    os.kill(redis_pid, signal.SIGKILL)
+    wait_for_steps(5)
+    assert int((run_dir / "redis" / "redis.pid").read_text()) != redis_pid  # a new server
     os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=600)
     stderr_text = err.read_text()
     assert process.returncode == 0, stderr_text[-4000:]
     assert "Traceback" not in stderr_text and "PublishError" not in stderr_text
+    log_text = (run_dir / "relay.log").read_text() if (run_dir / "relay.log").exists() else ""
+    assert "redis-server restarted" in stderr_text + log_text
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     results = json.loads((run_dir / "results.json").read_text())
     steps = len(metrics.read_text().splitlines())
     assert results["steps"] == steps and "accuracy" in results["after"]
