@@ -67,15 +67,38 @@ def join_experiment(
     if version is None:
         raise RelayError(f"no weights were published under {key_prefix!r} within {timeout_s:g}s")
     model_dir = cache / key_prefix.replace(":", "_") / "model"
+    files = _checked_files(client.hgetall(f"{key_prefix}:experiment:files"), key_prefix)
     model_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in client.hgetall(f"{key_prefix}:experiment:files").items():
-        (model_dir / name.decode()).write_bytes(data)
+    for name, data in files.items():
+        (model_dir / name).write_bytes(data)
     from safetensors.torch import save_file
 
     tensors = {name: t.contiguous() for name, t in store.fetch(version).items()}
     save_file(tensors, str(model_dir / "model.safetensors"))
     log.info("joined experiment %s: policy v%d in %s", key_prefix, version, model_dir)
     return config, record[b"run_id"].decode(), model_dir
+
+
+def _checked_files(files: dict[bytes, bytes], key_prefix: str) -> dict[str, bytes]:
+    """The experiment's model files by name, every name a plain file name: anyone who can
+    write to the Redis must not be able to write outside the cache (`../`, `/etc/...`)."""
+    checked = {}
+    for raw in files:
+        name = raw.decode("utf-8", errors="replace")
+        if (
+            not name
+            or name in (".", "..")
+            or "/" in name
+            or "\\" in name
+            or "\0" in name
+            or name != Path(name).name
+        ):
+            raise RelayError(
+                f"refusing the experiment's model file {name!r} (in {key_prefix}:experiment:"
+                "files): not a plain file name; nothing was written"
+            )
+        checked[name] = files[raw]
+    return checked
 
 
 def _wait_for_experiment(client: redis.Redis, key_prefix: str, timeout_s: float) -> dict:
