@@ -1,4 +1,5 @@
-"""Configuration of the rollout actors (no vLLM or Ray import, so configs load fast)."""
+"""Configuration of the rollout actors, their sampling and their engines (no torch, vLLM
+or Ray import, so configs load fast)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,46 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from actors.episodes import SamplingConfig
+
+class SamplingConfig(BaseModel):
+    """How completions are sampled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0)
+    """1.0 samples from the policy itself (what importance weights assume); 0 is greedy."""
+    max_tokens: int = Field(16, gt=0)
+    """Token budget of one assistant turn."""
+    ignore_eos: bool = False
+    """Keep sampling past end-of-sequence up to max_tokens (fixed-length benchmarks and
+    tests). Unlike a minimum length, it leaves the sampling distribution, and so the
+    recorded log-probs, untouched."""
+
+
+class EngineConfig(BaseModel):
+    """How each actor's vLLM engine is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations; float32 on CPU keeps vLLM's log-probs equal to the learner's."""
+    max_model_len: int = Field(256, gt=0)
+    """Longest prompt + completion in tokens."""
+    max_num_seqs: int = Field(256, gt=0)
+    """Sequences the engine batches at once."""
+    kvcache_gib: int = Field(1, gt=0)
+    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """GPU only: share of GPU memory vLLM may take."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per engine (tensor parallelism)."""
+    enforce_eager: bool = True
+    """Skip CUDA graph capture (faster start; set False on GPU for throughput)."""
+    in_process: bool | None = None
+    """Run vLLM's engine core and its one worker in the calling process instead of two
+    processes of their own. None: in process on CPU, where scheduling, the model and the
+    actor's own Python share the same cores (measured on 2 cores: ~30% less CPU per
+    generated group), in separate processes on GPU, where they overlap GPU work."""
 
 
 class ActorConfig(BaseModel):

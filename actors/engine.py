@@ -15,42 +15,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from actors.config import EngineConfig
 from actors.weight_sync import WORKER_EXTENSION
 
 if TYPE_CHECKING:
     from vllm import LLM
 
 log = logging.getLogger(__name__)
-
-
-class EngineConfig(BaseModel):
-    """How each actor's vLLM engine is built."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and activations; float32 on CPU keeps vLLM's log-probs equal to the learner's."""
-    max_model_len: int = Field(256, gt=0)
-    """Longest prompt + completion in tokens."""
-    max_num_seqs: int = Field(256, gt=0)
-    """Sequences the engine batches at once."""
-    kvcache_gib: int = Field(1, gt=0)
-    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    """GPU only: share of GPU memory vLLM may take."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """GPUs per engine (tensor parallelism)."""
-    enforce_eager: bool = True
-    """Skip CUDA graph capture (faster start; set False on GPU for throughput)."""
-    in_process: bool | None = None
-    """Run vLLM's engine core and its one worker in the calling process instead of two
-    processes of their own. None: in process on CPU, where scheduling, the model and the
-    actor's own Python share the same cores (measured on 2 cores: ~30% less CPU per
-    generated group), in separate processes on GPU, where they overlap GPU work."""
 
 
 @dataclass(frozen=True)

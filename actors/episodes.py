@@ -12,26 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from actors.config import SamplingConfig
 from actors.engine import Sample, generate
 from buffer.schema import FinishReason
 from envs.base import Environment, Message, Prompt, Verdict
-
-
-class SamplingConfig(BaseModel):
-    """How completions are sampled."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(1.0, ge=0)
-    """1.0 samples from the policy itself (what importance weights assume); 0 is greedy."""
-    max_tokens: int = Field(16, gt=0)
-    """Token budget of one assistant turn."""
-    ignore_eos: bool = False
-    """Keep sampling past end-of-sequence up to max_tokens (fixed-length benchmarks and
-    tests). Unlike a minimum length, it leaves the sampling distribution, and so the
-    recorded log-probs, untouched."""
 
 
 @dataclass

@@ -12,12 +12,10 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from actors.config import ActorConfig
-from actors.engine import EngineConfig
+from actors.config import ActorConfig, EngineConfig
 from buffer.config import BufferConfig
 from envs.registry import EnvConfig
 
@@ -182,7 +180,3 @@ def start_actors(specs: list[ActorSpec]) -> list[object]:
         )
         handles.append(actor_class.remote(spec))
     return handles
-
-
-def model_files_dir(cache: Path, key_prefix: str) -> Path:
-    return cache / key_prefix.replace(":", "_") / "model"

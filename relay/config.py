@@ -26,17 +26,14 @@ from pydantic import (
     model_validator,
 )
 
-from actors.config import ActorConfig
-from actors.engine import EngineConfig
+from actors.config import ActorConfig, EngineConfig
 from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
 from envs.registry import EnvConfig, PluginConfigError
 from learner.config import LearnerConfig
+from relay.config_models import EvalConfig, TinyModelConfig, WarmstartConfig
 from relay.dashboard.config import DashboardConfig
 from relay.errors import ConfigError
-from relay.evaluate import EvalConfig
-from relay.tiny_model import TinyModelConfig
-from relay.warmstart import WarmstartConfig
 
 
 class ModelConfig(BaseModel):

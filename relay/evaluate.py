@@ -5,31 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from actors.episodes import SamplingConfig, run_episodes
 from envs.base import Environment, Split
-
-
-class EvalConfig(BaseModel):
-    """Held-out evaluation."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_prompts: int = Field(500, gt=0)
-    """Test-split prompts to evaluate on."""
-    max_tokens: int = Field(16, gt=0)
-    """Token budget per assistant turn."""
-    temperature: float = Field(0.0, ge=0)
-    """0 is greedy decoding."""
-    seed: int = 1234
-    """Chooses the test prompts; fixed so that runs are compared on the same ones."""
-    every_steps: int = Field(0, ge=0)
-    """`relay run`: greedy accuracy of the learner's policy on `in_run_prompts` held-out
-    prompts every N steps (single-turn tasks; 0: never). The final figure uses vLLM."""
-    in_run_prompts: int = Field(100, gt=0)
-    before: bool = True
-    """`relay run`: evaluate the starting policy too, so the run reports before and after."""
+from relay.config_models import EvalConfig
 
 
 @dataclass(frozen=True)

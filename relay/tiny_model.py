@@ -12,9 +12,10 @@ import string
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from relay.config_models import TinyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +31,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>a:{% endif %}"
 )
-
-
-class TinyModelConfig(BaseModel):
-    """Shape of the locally built Qwen2 policy (defaults: ~0.8M parameters)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    hidden_size: int = Field(128, gt=0)
-    """Model width; width / heads is the head size, which vLLM's CPU attention needs >= 32."""
-    intermediate_size: int = Field(384, gt=0)
-    """Width of the MLP."""
-    num_hidden_layers: int = Field(4, gt=0)
-    """Transformer blocks."""
-    num_attention_heads: int = Field(4, gt=0)
-    """Query heads."""
-    num_key_value_heads: int = Field(2, gt=0)
-    """Key/value heads (grouped-query attention)."""
-    max_position_embeddings: int = Field(256, gt=0)
-    """Longest sequence (prompt + completion) in tokens."""
-    seed: int = 0
-    """Seed of the random initialisation."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -12,40 +12,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.episodes import render_prompt
 from envs.base import Environment, Split
 from learner.batching import pad_right, padding_id
+from relay.config_models import WarmstartConfig
 from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
-
-
-class WarmstartConfig(BaseModel):
-    """Supervised warm start on the environment's demonstrations."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(800, gt=0)
-    """Optimizer steps."""
-    batch_size: int = Field(64, gt=0)
-    """Examples per step."""
-    lr: float = Field(1e-3, gt=0)
-    """Peak learning rate (AdamW), reached after `warmup_steps`."""
-    warmup_steps: int = Field(20, ge=0)
-    """Linear warm-up steps."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """After the warm-up: cosine decay to lr / 10 at the last step, or constant."""
-    n_examples: int = Field(4000, gt=0)
-    """Distinct training prompts drawn from the environment's train split."""
-    out_path: Path = Path("models/tiny-warm")
-    """Where the warm-started policy is saved (Hugging Face format)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,72 @@
+"""Settings of evaluation, warm start and the tiny model, apart from the code that uses
+them (torch, transformers, vLLM), so that loading a config imports none of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_prompts: int = Field(500, gt=0)
+    """Test-split prompts to evaluate on."""
+    max_tokens: int = Field(16, gt=0)
+    """Token budget per assistant turn."""
+    temperature: float = Field(0.0, ge=0)
+    """0 is greedy decoding."""
+    seed: int = 1234
+    """Chooses the test prompts; fixed so that runs are compared on the same ones."""
+    every_steps: int = Field(0, ge=0)
+    """`relay run`: greedy accuracy of the learner's policy on `in_run_prompts` held-out
+    prompts every N steps (single-turn tasks; 0: never). The final figure uses vLLM."""
+    in_run_prompts: int = Field(100, gt=0)
+    before: bool = True
+    """`relay run`: evaluate the starting policy too, so the run reports before and after."""
+
+
+class TinyModelConfig(BaseModel):
+    """Shape of the locally built Qwen2 policy (defaults: ~0.8M parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int = Field(128, gt=0)
+    """Model width; width / heads is the head size, which vLLM's CPU attention needs >= 32."""
+    intermediate_size: int = Field(384, gt=0)
+    """Width of the MLP."""
+    num_hidden_layers: int = Field(4, gt=0)
+    """Transformer blocks."""
+    num_attention_heads: int = Field(4, gt=0)
+    """Query heads."""
+    num_key_value_heads: int = Field(2, gt=0)
+    """Key/value heads (grouped-query attention)."""
+    max_position_embeddings: int = Field(256, gt=0)
+    """Longest sequence (prompt + completion) in tokens."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+class WarmstartConfig(BaseModel):
+    """Supervised warm start on the environment's demonstrations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(800, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(64, gt=0)
+    """Examples per step."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW), reached after `warmup_steps`."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After the warm-up: cosine decay to lr / 10 at the last step, or constant."""
+    n_examples: int = Field(4000, gt=0)
+    """Distinct training prompts drawn from the environment's train split."""
+    out_path: Path = Path("models/tiny-warm")
+    """Where the warm-started policy is saved (Hugging Face format)."""
