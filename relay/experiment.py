@@ -37,9 +37,23 @@ def publish_experiment(client: redis.Redis, config: RunConfig, run_id: str) -> N
         pipe.hset(f"{prefix}:experiment:files", mapping=files)
     pipe.hset(
         f"{prefix}:experiment",
-        mapping={"config": config.model_dump_json(), "run_id": run_id, "at": time.time()},
+        mapping={
+            "config": json.dumps(_without_secrets(config)),
+            "run_id": run_id,
+            "at": time.time(),
+        },
     )
     pipe.execute()
+
+
+def _without_secrets(config: RunConfig) -> dict:
+    """The config as actors need it, without the buffer's password or the dashboard's
+    token: it goes into Redis, its AOF and every joining host's hands. An actor brings
+    its own buffer URL (`relay actor --buffer`)."""
+    raw = config.model_dump(mode="json")
+    raw["buffer"]["url"] = None
+    raw["dashboard"]["token"] = None
+    return raw
 
 
 def join_experiment(
