@@ -14,6 +14,7 @@ atomic (docs/buffer.md has the data layout and the guarantees):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -171,12 +172,15 @@ class ReplayBuffer:
         }
         self.epoch = ""
         """This client's learner epoch once `fence_out_older_learners` ran; '' otherwise."""
-        self._load_scripts()
+        # Loaded at the first NOSCRIPT, not here: a read-only client (the dashboard's)
+        # may not load scripts, and one that never runs them needs no round trip.
+        self._shas = {
+            name: hashlib.sha1(code.encode()).hexdigest() for name, code in self._sources.items()
+        }
 
     def _load_scripts(self) -> None:
-        self._shas = {
-            name: self.client.script_load(source) for name, source in self._sources.items()
-        }
+        for name, source in self._sources.items():
+            self._shas[name] = self.client.script_load(source)
 
     # -- the policy version ------------------------------------------------------------
     def version(self) -> int:

@@ -39,6 +39,13 @@ class BufferUnreachable(RedisServerError, redis.ConnectionError):
 
 
 DEFAULT_OUTAGE_LIMIT_S = 120.0
+ROLES = {
+    # Actors put, reserve and release through scripts, read weights and the experiment.
+    "actor": "~* &* +@all -@admin -@dangerous",
+    # The dashboard and `relay status`: read commands on every key, nothing else.
+    "dashboard": "%R~* &* -@all +@read +@connection +@transaction +time -@dangerous",
+}
+"""Redis ACL users of the embedded server besides `default`, and what each may do."""
 _BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnection attempts
 _ONCE = Retry(NoBackoff(), 0)
 
@@ -101,6 +108,8 @@ class RedisServer:
         self.config = config
         self.port = port
         self.password = secrets.token_urlsafe(24)
+        """The default user's: the learner and the driver, who may do anything."""
+        self.role_passwords = {role: secrets.token_urlsafe(24) for role in ROLES}
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         """How many times the supervisor started the server again after it died."""
@@ -110,6 +119,11 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    def url_for(self, role: str) -> str:
+        """The URL of a restricted Redis user: `actor` (no admin or dangerous command:
+        no FLUSHALL, CONFIG, KEYS, SORT, SHUTDOWN, ...) or `dashboard` (reads only)."""
+        return f"redis://{role}:{self.role_passwords[role]}@{self.host}:{self.port}/0"
 
     @property
     def host(self) -> str:
@@ -226,8 +240,11 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
-    def client(self, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S) -> redis.Redis:
-        return connect(self.url, outage_limit_s)
+    def client(
+        self, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S, role: str | None = None
+    ) -> redis.Redis:
+        """A client as the default user, or as `role` (see `url_for`)."""
+        return connect(self.url if role is None else self.url_for(role), outage_limit_s)
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -242,6 +259,7 @@ class RedisServer:
             f"dir {self.data_dir.resolve()}",
             f"pidfile {self.data_dir.resolve() / 'redis.pid'}",
             f"requirepass {self.password}",
+            *(f"user {role} on >{self.role_passwords[role]} {ROLES[role]}" for role in ROLES),
             "appendonly yes",
             f"appendfsync {self.config.appendfsync}",
             "save ''",

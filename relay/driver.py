@@ -50,16 +50,20 @@ def run(
         client, server = open_redis(
             config.buffer.url, config.redis, config.run_dir / "redis", config.buffer.outage_limit_s
         )
+        actor_url = dashboard_client = None
         if server is not None:
             cleanup.callback(server.stop)
             config.buffer.url = server.url
             cleanup.callback(_share_buffer_url(config.run_dir, server.url))
+            # Least privilege: actors and the dashboard get Redis users of their own.
+            actor_url = server.url_for("actor")
+            dashboard_client = server.client(config.buffer.outage_limit_s, role="dashboard")
         if config.dashboard.enabled:
-            results["dashboard"] = _start_dashboard(config, client, cleanup)
+            results["dashboard"] = _start_dashboard(config, dashboard_client or client, cleanup)
         if config.eval.before and not resume:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
-        actors = Actors(config)
+        actors = Actors(config, actor_url)
         cleanup.callback(actors.shutdown)
         actors.start()
         state = _learn(config, resume, stop, actors, on_metrics)
@@ -196,10 +200,12 @@ def _cycled(choices: list[str] | None, index: int) -> str | None:
 class Actors:
     """The run's rollout actors: started, watched, stopped."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, buffer_url: str | None = None) -> None:
+        """`buffer_url`: the actors' own (restricted) URL, by default config.buffer.url."""
         from actors.ray_actor import ActorSpec
 
         self.config = config
+        buffer = config.buffer.model_copy(update={"url": buffer_url or config.buffer.url})
         self.specs = [
             ActorSpec(
                 actor_id=f"actor-{i}",
@@ -209,7 +215,7 @@ class Actors:
                 engine=config.engine,
                 env=config.env,
                 actor=config.actors,
-                buffer=config.buffer,
+                buffer=buffer,
                 cpu_cores=_cycled(config.actors.cpu_cores, i),
             )
             for i in range(config.actors.num_actors)
