@@ -95,9 +95,23 @@ def next_step_after(run_dir: Path, moment: float, limit_s: float = 600) -> float
     return None
 
 
-def actor_pids() -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::RolloutActor" in line]
+def actor_pids(driver: int) -> list[int]:
+    """The rollout actors' Ray workers of this run: descendants of its driver (the local
+    Ray it started is), whose command line Ray names after the actor class."""
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    parent, args = {}, {}
+    for line in ps.splitlines()[1:]:
+        pid, ppid, *rest = line.split(None, 2)
+        parent[int(pid)], args[int(pid)] = int(ppid), " ".join(rest)
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == driver:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return [p for p, a in args.items() if "ray::RolloutActor" in a and descends(p)]
 
 
 def poison_producer(url: str, prefix: str, stop_at: float, vocab: int) -> int:
@@ -165,7 +179,7 @@ def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
     moment = time.time()
     steps_lost = 0
     if fault == "actor_kill":
-        os.kill(rng.choice(actor_pids()), signal.SIGKILL)
+        os.kill(rng.choice(actor_pids(process.pid)), signal.SIGKILL)
     elif fault == "redis_kill":
         os.kill(int((run_dir / "redis" / "redis.pid").read_text()), signal.SIGKILL)
     elif fault == "redis_pause":
