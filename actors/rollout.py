@@ -40,6 +40,7 @@ from actors.episodes import (
 from actors.weight_sync import load_chunks, paused_engine
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import Completion, RolloutGroup, VersionRuns
+from buffer.server import shorten_outages
 from buffer.weights import WeightSource, WeightsUnavailable
 from envs.base import Environment, Prompt, Split
 
@@ -140,6 +141,8 @@ class RolloutWorker:
         """Generate until `stop` is set, or until `max_groups` groups were put (no more are
         started than that: benchmarks and tests get exactly the work they ask for)."""
         self._admit_limit = max_groups
+        finished = threading.Event()
+        threading.Thread(target=self._on_stop, args=(stop, finished), daemon=True).start()
         try:
             if self.weights is not None:
                 self._follow_weights(wait=True)
@@ -148,7 +151,16 @@ class RolloutWorker:
         finally:
             self._abandon_unfinished()
             self.report()
+            finished.set()
         return self.stats
+
+    def _on_stop(self, stop: threading.Event, finished: threading.Event) -> None:
+        # Once asked to stop, a buffer that does not answer (the run ended and took its
+        # Redis along) is given up on within seconds, not after buffer.outage_limit_s.
+        while not finished.is_set():
+            if stop.wait(0.5):
+                shorten_outages(self.buffer.client)
+                return
 
     def step(self) -> list[RolloutGroup]:
         """One iteration: new weights if due, admit groups, one engine step; returns groups put."""

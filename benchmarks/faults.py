@@ -16,7 +16,8 @@ After each run the embedded Redis is started again on its AOF and read. Per run:
 groups put, trained (sum over the learner's steps), acked (Redis's counter, and distinct
 acked ids), quarantined, ready; `acked_lost` = groups the learner logged as acked minus
 those Redis holds as acked (must be 0); `trained_twice` = acks beyond distinct acked ids
-(must be 0); `unaccounted` = put minus everything the buffer can account for; steps lost
+(must be 0); `unaccounted` = put plus the poison producer's injected entries (written
+past `put`'s counter) minus everything the buffer can account for (must be 0); steps lost
 (trained but not checkpointed before a driver kill); seconds from the fault to the next
 learner step. Writes benchmarks/results/faults.json. Not a test: it takes ~40 minutes.
 
@@ -48,6 +49,10 @@ from buffer.server import RedisServer, connect
 RELAY = str(Path(sys.executable).parent / "relay")
 CONFIG = "configs/demo.yaml"
 LEARN_STEPS, CHECKPOINT_EVERY, PAUSE_S = 160, 40, 60
+SUMMED = (
+    "groups_put", "groups_trained", "groups_acked", "groups_quarantined", "acked_lost",
+    "trained_twice", "unaccounted", "steps_lost",
+)  # fmt: skip
 FAULTS = ("actor_kill", "driver_kill", "redis_kill", "redis_pause", "group_sigint", "poison")
 
 
@@ -163,7 +168,7 @@ def account(run_dir: Path) -> dict:
         "groups_dropped_stale": counters.get("dropped_stale", 0),
         "acked_lost": max(0, logged_acks - counters.get("acked", 0)),
         "trained_twice": counters.get("acked", 0) - distinct_acked,
-        "unaccounted": counters.get("put", 0) - accounted,
+        "accounted": accounted,
         "redelivered": counters.get("redelivered", 0),
     }
 
@@ -210,7 +215,7 @@ def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
     expected_steps = None if fault == "group_sigint" else LEARN_STEPS
     if completed and expected_steps is not None:
         completed = json.loads(results.read_text())["steps"] == expected_steps
-    return {
+    run = {
         **record,
         "completed": completed,
         "exit_code": code,
@@ -221,6 +226,27 @@ def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
         "run_s": time.time() - started,
         **account(run_dir),
     }
+    return {**run, "unaccounted": unaccounted(run)}
+
+
+def summarize(runs: list[dict], faults: list[str]) -> dict:
+    summary = {}
+    for fault in faults:
+        mine = [r for r in runs if r["fault"] == fault]
+        recoveries = [r["recovery_s"] for r in mine if r.get("recovery_s") is not None]
+        summary[fault] = {
+            "runs": len(mine),
+            "completed": sum(r["completed"] for r in mine),
+            **{key: sum(r.get(key, 0) for r in mine) for key in SUMMED},
+            "recovery_s_max": max(recoveries) if recoveries else None,
+        }
+    return summary
+
+
+def unaccounted(run: dict) -> int:
+    """Put, plus entries the poison producer wrote past put's counter, minus what the buffer
+    accounts for (acked, live, dropped, quarantined)."""
+    return run["groups_put"] + run.get("poison_sent", 0) - run["accounted"]
 
 
 def main() -> None:
@@ -231,7 +257,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--summarize", type=Path, help="recompute the summary of an earlier faults.json's runs"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        earlier = json.loads(args.summarize.read_text())
+        for run in earlier["runs"]:
+            run.setdefault("accounted", run["groups_put"] - run["unaccounted"])
+            run["unaccounted"] = unaccounted(run)
+        earlier["summary"] = summarize(earlier["runs"], list(earlier["summary"]))
+        args.summarize.write_text(json.dumps(earlier, indent=2) + "\n")
+        print(json.dumps(earlier["summary"], indent=2))
+        return
     rng = random.Random(args.seed)
     runs = []
     for fault in args.faults.split(","):
@@ -241,23 +279,7 @@ def main() -> None:
             print(f"{fault} #{repeat} ...", flush=True)
             runs.append(one_run(fault, run_dir, args.model, rng))
             print(json.dumps(runs[-1]), flush=True)
-    summary = {}
-    for fault in args.faults.split(","):
-        mine = [r for r in runs if r["fault"] == fault]
-        recoveries = [r["recovery_s"] for r in mine if r.get("recovery_s") is not None]
-        summary[fault] = {
-            "runs": len(mine),
-            "completed": sum(r["completed"] for r in mine),
-            "groups_put": sum(r.get("groups_put", 0) for r in mine),
-            "groups_trained": sum(r.get("groups_trained", 0) for r in mine),
-            "groups_acked": sum(r.get("groups_acked", 0) for r in mine),
-            "groups_quarantined": sum(r.get("groups_quarantined", 0) for r in mine),
-            "acked_lost": sum(r.get("acked_lost", 0) for r in mine),
-            "trained_twice": sum(r.get("trained_twice", 0) for r in mine),
-            "unaccounted": sum(r.get("unaccounted", 0) for r in mine),
-            "steps_lost": sum(r.get("steps_lost", 0) for r in mine),
-            "recovery_s_max": max(recoveries) if recoveries else None,
-        }
+    summary = summarize(runs, args.faults.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     out = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

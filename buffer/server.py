@@ -61,9 +61,14 @@ class RideOutOutages(Retry):
     """
 
     def __init__(self, where: str, limit_s: float) -> None:
-        super().__init__(ExponentialWithJitterBackoff(*_BACKOFF_S), retries=-1)
+        super().__init__(ExponentialWithJitterBackoff(cap=_BACKOFF_S[1], base=_BACKOFF_S[0]), -1)
         self.where = where
         self.limit_s = limit_s
+
+    def __deepcopy__(self, memo: dict) -> RideOutOutages:
+        # redis-py deep-copies the retry into every connection; one shared object (it
+        # keeps no per-call state) lets `shorten_outages` reach calls already retrying.
+        return self
 
     def call_with_retry(
         self,
@@ -92,7 +97,7 @@ class RideOutOutages(Retry):
                         f"(buffer.outage_limit_s; last error: {error}); once it is back, "
                         "`--resume` continues the run"
                     ) from None
-                time.sleep(self._backoff.compute(failures))
+                time.sleep(self._backoff.compute(min(failures, 30)))  # 2**n stays a float
                 continue
             if failures:
                 log.info("the buffer at %s answers again after %.1fs", self.where,
@@ -285,6 +290,18 @@ class RedisServer:
                 time.sleep(0.05)
         self.kill()
         raise RedisServerError(f"redis-server did not answer within {self.config.start_timeout_s}s")
+
+
+STOPPING_OUTAGE_LIMIT_S = 5.0
+
+
+def shorten_outages(client: redis.Redis, limit_s: float = STOPPING_OUTAGE_LIMIT_S) -> None:
+    """Ride out outages for at most `limit_s` from now on, calls already retrying included:
+    a process that was asked to stop should not wait two minutes for a Redis that may have
+    gone for good (the run it served ended)."""
+    retry = client.get_retry()
+    if isinstance(retry, RideOutOutages):
+        retry.limit_s = min(retry.limit_s, limit_s)
 
 
 def connect(

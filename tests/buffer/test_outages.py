@@ -106,3 +106,30 @@ def test_a_server_down_past_the_limit_is_one_error_naming_it(tmp_path: Path) -> 
     assert f"127.0.0.1:{server.port}" in message and "buffer.outage_limit_s" in message
     assert server.password not in message and "--resume" in message
     assert 1.0 <= time.monotonic() - started < 10
+
+
+def test_a_process_asked_to_stop_gives_up_on_a_vanished_server_within_seconds(
+    tmp_path: Path,
+) -> None:
+    from buffer.server import shorten_outages
+
+    with RedisServer(tmp_path / "redis", RedisServerConfig()) as server:
+        client = connect(server.url, outage_limit_s=120)
+        buffer = ReplayBuffer(client, BufferConfig())
+        buffer.version()
+        server.kill()  # the run ended and took its Redis along
+        errors: list = []
+
+        def call() -> None:
+            try:
+                buffer.version()
+            except BufferUnreachable as error:
+                errors.append(error)
+
+        caller = threading.Thread(target=call)
+        started = time.monotonic()
+        caller.start()
+        time.sleep(1.0)  # retrying, with two minutes to go
+        shorten_outages(client, 1.0)  # SIGTERM: the already retrying call gives up too
+        caller.join(timeout=30)
+    assert len(errors) == 1 and time.monotonic() - started < 10
