@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from actors.config import EngineConfig
-from actors.weight_sync import WORKER_EXTENSION
+from weights.engine import WORKER_EXTENSION
 
 if TYPE_CHECKING:
     from vllm import LLM

@@ -48,8 +48,8 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
     from actors.rollout import RolloutWorker
     from buffer.replay_buffer import ReplayBuffer
     from buffer.server import connect
-    from buffer.weights import RedisWeightSource, RedisWeightStore
     from envs.registry import make_env
+    from weights.redis_store import RedisWeightSource, RedisWeightStore
 
     if spec.buffer.url is None:
         raise ValueError(f"{spec.actor_id}: buffer.url is required to start an actor")
@@ -58,7 +58,7 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
     if released := buffer.release_producer(spec.actor_id):
         log.warning("%s: released %d admission leases of its predecessor", spec.actor_id, released)
     if spec.actor.transport == "ray":
-        from buffer.ray_weights import RayWeightSource
+        from weights.ray_store import RayWeightSource
 
         weights = RayWeightSource(spec.buffer.key_prefix, timeout_s=spec.actor.weight_timeout_s)
     else:
@@ -129,7 +129,7 @@ class RolloutActor:
         self.worker.llm.llm_engine.engine_core.shutdown()
 
     # -- NCCL weight transfer: vLLM's VLLMWeightSyncClient protocol (GPU clusters) ----------
-    # Driven by the learner's `learner.nccl.NcclTransport` through vLLM's
+    # Driven by the learner's `weights.nccl.NcclTransport` through vLLM's
     # RayVLLMWeightSyncClient. Written against vLLM 0.32's documented weight-transfer API;
     # not run on this project's CPU machines (NCCL needs GPUs).
     def relay_expect_version(self, version: int) -> None:

@@ -37,12 +37,12 @@ from actors.episodes import (
     render_prompt,
     take_turn,
 )
-from actors.weight_sync import load_chunks, paused_engine
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import Completion, RolloutGroup, VersionRuns
 from buffer.server import shorten_outages
-from buffer.weights import WeightSource, WeightsUnavailable
 from envs.base import Environment, Prompt, Split
+from weights.engine import load_chunks, paused_engine
+from weights.wire import WeightSource, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 

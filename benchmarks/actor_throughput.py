@@ -29,14 +29,14 @@ from actors.config import ActorConfig
 from actors.engine import EngineConfig, build_llm
 from actors.episodes import SamplingConfig, render_prompt
 from actors.rollout import RolloutWorker
-from actors.weight_sync import load_chunks
 from buffer.config import BufferConfig, RedisServerConfig
-from buffer.ray_weights import RayObjectTransport, RayWeightSource
 from buffer.replay_buffer import ReplayBuffer
 from buffer.server import RedisServer
-from buffer.weights import RedisWeightSource, RedisWeightStore
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from relay.tiny_model import TinyModelConfig, build_tiny_model
+from weights.engine import load_chunks
+from weights.ray_store import RayObjectTransport, RayWeightSource
+from weights.redis_store import RedisWeightSource, RedisWeightStore
 
 GROUPS, GROUP_SIZE, TOKENS = 32, 8, 48
 MODELS = {

@@ -26,14 +26,14 @@ import torch
 from buffer.config import RedisServerConfig
 from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
 from buffer.server import RedisServer, free_port
-from buffer.weights import RedisWeightStore
 from learner.advantages import get_advantage
 from learner.batching import build_batch
 from learner.config import LearnerConfig, TruncatedIS
 from learner.logprobs import gather_logprobs
 from learner.losses import LossInputs, compute_loss
-from learner.publisher import RedisStoreTransport, WeightPublisher
 from relay.tiny_model import TinyModelConfig, build_tiny_model
+from weights.publisher import WeightPublisher
+from weights.redis_store import RedisWeightStore
 
 GROUPS, GROUP_SIZE, PROMPT, COMPLETION = 4, 8, 32, 224
 MODELS = {
@@ -142,7 +142,7 @@ def measure_model(name: str, shape: TinyModelConfig, work: Path, rounds: int, st
 def measure_publish(params: dict[str, torch.Tensor], data_dir: Path, versions: int = 5) -> dict:
     with RedisServer(data_dir, RedisServerConfig()) as server:
         store = RedisWeightStore(server.client(), "bench")
-        publisher = WeightPublisher([RedisStoreTransport(store)])
+        publisher = WeightPublisher([store])
         for version in range(1, versions + 1):
             publisher.publish(version, params)
             publisher.drain()

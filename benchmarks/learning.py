@@ -120,10 +120,10 @@ def score_snapshots(records: dict, config_path: Path, model: str) -> None:
     from transformers import AutoTokenizer
 
     from actors.engine import build_llm
-    from actors.weight_sync import update_engine_weights
     from envs.registry import make_env
     from relay.config import load_config
     from relay.evaluate import evaluate
+    from weights.engine import update_engine_weights
 
     config = load_config(config_path, [f"model.path={model}"])
     env, tokenizer = make_env(config.env), AutoTokenizer.from_pretrained(model)

@@ -53,7 +53,6 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
     """Train one (k, loss, seed) cell; returns its curve and its staleness histogram."""
     from actors.config import ActorConfig
     from actors.rollout import RolloutWorker
-    from actors.weight_sync import update_engine_weights
     from buffer.config import BufferConfig
     from buffer.replay_buffer import ReplayBuffer
     from buffer.server import free_port
@@ -61,6 +60,7 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
     from learner.config import LearnerConfig
     from learner.trainer import Learner
     from relay.evaluate import EvalConfig, evaluate
+    from weights.engine import update_engine_weights
 
     k, loss, seed = cell["k"], cell["loss"], cell["seed"]
     llm, tokenizer, env, server = (

@@ -28,8 +28,8 @@ import redis
 
 from buffer.replay_buffer import Batch, FencedOut, HeldBatch, ReplayBuffer
 from learner.config import LearnerConfig
-from learner.publisher import WeightPublisher
 from learner.trainer import Learner, NonFiniteStep
+from weights.publisher import WeightPublisher
 
 log = logging.getLogger(__name__)
 

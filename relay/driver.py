@@ -229,7 +229,7 @@ class Actors:
         from actors.ray_actor import start_actors
 
         if self.config.actors.transport == "ray":
-            from buffer.ray_weights import weight_registry
+            from weights.ray_store import weight_registry
 
             # Held for the whole run: the registry lives while someone references it, and
             # the actors must outlive the learner's publisher at the end.

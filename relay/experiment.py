@@ -14,9 +14,9 @@ from pathlib import Path
 
 import redis
 
-from buffer.weights import RedisWeightStore
 from relay.config import RunConfig, apply_override
 from relay.errors import RelayError
+from weights.redis_store import RedisWeightStore
 
 log = logging.getLogger(__name__)
 

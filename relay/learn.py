@@ -18,11 +18,11 @@ from pathlib import Path
 
 from buffer.replay_buffer import ReplayBuffer
 from buffer.server import connect, free_port
-from buffer.weights import RedisWeightStore
 from relay.config import RunConfig
 from relay.errors import RelayError
 from relay.experiment import publish_experiment
 from relay.trackers import Trackers
+from weights.redis_store import RedisWeightStore
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def learn(
     and, with `ray_transport`, to Ray's object store for the actors in the Ray cluster.
     """
     from learner.loop import NoRollouts, TrainingLoop
-    from learner.publisher import PublishError, RedisStoreTransport, WeightPublisher
     from learner.trainer import Learner
+    from weights.publisher import PublishError, WeightPublisher
 
     if config.buffer.url is None:
         raise RelayError("relay learn needs buffer.url (the experiment's Redis)")
@@ -89,9 +89,9 @@ def learn(
             buffer.set_version(stored)
         transports = []
         if _weights_in_redis(config, ray_transport):
-            transports.append(RedisStoreTransport(store))
+            transports.append(store)
         if ray_transport:
-            from buffer.ray_weights import RayObjectTransport
+            from weights.ray_store import RayObjectTransport
 
             transports.append(RayObjectTransport(config.buffer.key_prefix))
         publisher = WeightPublisher(transports, on_published=buffer.set_version)

@@ -21,9 +21,9 @@ from actors.engine import EngineConfig
 from actors.episodes import SamplingConfig
 from actors.ray_actor import ActorSpec, start_actors
 from buffer.config import BufferConfig
-from buffer.ray_weights import RayObjectTransport
 from buffer.replay_buffer import ReplayBuffer
 from envs.arithmetic import ArithmeticConfig
+from weights.ray_store import RayObjectTransport
 
 pytestmark = pytest.mark.slow
 

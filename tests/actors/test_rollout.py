@@ -17,14 +17,14 @@ import torch
 from actors.config import ActorConfig
 from actors.episodes import SamplingConfig
 from actors.rollout import RolloutWorker
-from actors.weight_sync import update_engine_weights
 from buffer.stats import read_stats
-from buffer.weights import RedisWeightSource, RedisWeightStore
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Verdict
 from learner.logprobs import completion_logprobs
 from tests.actors.logprob_check import LOGPROB_TOLERANCE
 from tests.actors.tool_echo import ToolEchoEnv
+from weights.engine import update_engine_weights
+from weights.redis_store import RedisWeightSource, RedisWeightStore
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from buffer.replay_buffer import FencedOut, ReplayBuffer
-from buffer.weights import RedisWeightStore
 from tests.buffer.factories import versioned_group
+from weights.redis_store import RedisWeightStore
 
 
 def test_a_newer_learner_fences_out_the_older_one(make_buffer) -> None:

@@ -21,8 +21,8 @@ import yaml
 
 from buffer.config import BufferConfig
 from buffer.replay_buffer import ReplayBuffer
-from buffer.weights import RedisWeightStore
 from tests.learner.synthetic import arithmetic_groups
+from weights.redis_store import RedisWeightStore
 
 STEPS, BATCH, GROUPS = 24, 2, 60
 RELAY = str(Path(sys.executable).parent / "relay")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from buffer.replay_buffer import ReplayBuffer
-from buffer.weights import RedisWeightStore
 from relay.config import load_config
 from relay.experiment import publish_experiment
+from weights.redis_store import RedisWeightStore
 
 pytestmark = pytest.mark.slow
 RELAY = str(Path(sys.executable).parent / "relay")

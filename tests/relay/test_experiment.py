@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from buffer.weights import RedisWeightStore
 from relay.config import load_config
 from relay.errors import RelayError
 from relay.experiment import join_experiment, publish_experiment
+from weights.redis_store import RedisWeightStore
 
 
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "sub/dir", "..", "a\\b", "x\0y"])

@@ -16,12 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine import EngineConfig, build_llm
 from actors.episodes import render_prompt
-from actors.weight_sync import update_engine_weights
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Message, Split
 from relay.models import fetch_model
 from tests.actors.logprob_check import LOGPROB_TOLERANCE, worst_difference
 from tests.learner.synthetic import arithmetic_groups
+from weights.engine import update_engine_weights
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"

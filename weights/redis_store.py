@@ -1,7 +1,6 @@
-"""Policy weights between learner and actors: the wire form, and a store in Redis.
+"""Weights in the buffer's Redis: a store any actor can follow with only the buffer's URL.
 
-Weights travel as a named-tensor stream: (name, dtype, shape, raw bytes) per tensor,
-plus the policy version they belong to. `RedisWeightStore` keeps the latest versions
+`RedisWeightStore` keeps the latest policy versions
 in the buffer's Redis, so an actor anywhere (another cluster included) can follow the
 learner with nothing but the buffer's address. Tensors are stored in parts of at most
 `part_mib`, each tensor with a SHA-256. A version becomes visible (`latest`) only once
@@ -17,56 +16,14 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import redis
 import torch
 
 from buffer.replay_buffer import FencedOut
+from weights.wire import PackedTensor, WeightsUnavailable, chunks, pack_state_dict, unpack_tensors
 
 log = logging.getLogger(__name__)
-
-PackedTensor = tuple[str, str, list[int], bytes]
-"""(name, dtype name, shape, raw bytes in the host's byte order)."""
-
-
-class WeightsUnavailable(RuntimeError):
-    """The asked-for version is not (or no longer) in the store, or arrived corrupted."""
-
-
-def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Iterator[PackedTensor]:
-    """The wire form of a state dict, one tensor at a time (CPU copies, raw bytes)."""
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        yield name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), raw
-
-
-def unpack_tensors(tensors: list[PackedTensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Back from the wire form to (name, tensor)."""
-    for name, dtype, shape, raw in tensors:
-        flat = (
-            torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            if raw
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        yield name, flat.view(getattr(torch, dtype)).reshape(shape)
-
-
-def chunks(
-    packed: Iterator[PackedTensor] | list[PackedTensor], max_bytes: int
-) -> Iterator[list[PackedTensor]]:
-    """Group tensors into chunks of at most `max_bytes` (a larger tensor travels alone)."""
-    chunk: list[PackedTensor] = []
-    size = 0
-    for item in packed:
-        if chunk and size + len(item[3]) > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += len(item[3])
-    if chunk:
-        yield chunk
 
 
 @dataclass(frozen=True)
@@ -92,7 +49,10 @@ redis.call('SET', KEYS[3], ARGV[2])
 
 
 class RedisWeightStore:
-    """The latest policy versions, in the buffer's Redis, readable from anywhere."""
+    """The latest policy versions, in the buffer's Redis, readable from anywhere; a
+    `WeightTransport` for the publisher."""
+
+    name = "redis"
 
     def __init__(
         self, client: redis.Redis, key_prefix: str, *, part_mib: float = 64, keep_versions: int = 2
@@ -203,22 +163,6 @@ class RedisWeightStore:
 
     def _tensors_key(self, version: int) -> str:
         return f"{self.prefix}:{version}:tensors"
-
-
-class WeightSource(Protocol):
-    """Where an actor follows the learner's versions from (one per transport)."""
-
-    def latest_version(self) -> int | None:
-        """The newest version ready to fetch, or None before the first publish."""
-        ...
-
-    def wait_for_version(self, timeout_s: float) -> int | None:
-        """Block until some version is published; None on timeout."""
-        ...
-
-    def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
-        """`version`'s tensors, a bounded chunk at a time (never a second full copy)."""
-        ...
 
 
 class RedisWeightSource:

@@ -14,25 +14,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
+
+from weights.wire import WeightTransport
 
 log = logging.getLogger(__name__)
 
 
 class PublishError(RuntimeError):
     """A weight transport failed or timed out."""
-
-
-class WeightTransport(Protocol):
-    """Where published weights go: a store any actor can read, an object store, NCCL..."""
-
-    name: str
-
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Make `state_dict` available as `version`; raise on failure."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -115,15 +106,3 @@ class WeightPublisher:
             self.drain()
         finally:
             self._executor.shutdown(wait=True)
-
-
-class RedisStoreTransport:
-    """Chunked tensors in the buffer's Redis: actors anywhere follow with only its URL."""
-
-    name = "redis"
-
-    def __init__(self, store) -> None:  # buffer.weights.RedisWeightStore
-        self.store = store
-
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.store.publish(version, state_dict)

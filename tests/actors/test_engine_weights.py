@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.episodes import render_prompt
-from actors.weight_sync import load_chunks, update_engine_weights
-from buffer.weights import RedisWeightStore
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Split
 from tests.actors.logprob_check import LOGPROB_TOLERANCE, worst_difference
+from weights.engine import load_chunks, update_engine_weights
+from weights.redis_store import RedisWeightStore
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from buffer.weights import PackedTensor, chunks, pack_state_dict
+from weights.wire import PackedTensor, chunks, pack_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RayWeightSource:
     def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
         import ray
 
-        from buffer.weights import WeightsUnavailable
+        from weights.wire import WeightsUnavailable
 
         refs = ray.get(self.registry.get.remote(version), timeout=self.timeout_s)
         if refs is None:

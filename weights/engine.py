@@ -9,7 +9,7 @@ and drops the `weight` parameter; the tied LM head keeps its weight but packs a 
 `load_weights` alone fails, and `reload_weights` leaves the packed LM head stale. Before
 its first load the extension switches every packed layer back to torch's plain linear
 over a full-size weight parameter, so that every load is an in-place copy and no layer
-needs repacking (checked end to end in tests/actors/test_weight_sync.py). On GPU the
+needs repacking (checked end to end in tests/actors/test_engine_weights.py). On GPU the
 same calls load into the regular parameters; no layer has a CPU kernel to switch.
 """
 
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from buffer.weights import PackedTensor, chunks, pack_state_dict, unpack_tensors
+from weights.wire import PackedTensor, chunks, pack_state_dict, unpack_tensors
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "actors.weight_sync.RelayWorkerExtension"
+WORKER_EXTENSION = "weights.engine.RelayWorkerExtension"
 """What `build_llm` passes as vLLM's `worker_extension_cls`."""
 
 

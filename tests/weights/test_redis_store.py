@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from buffer.server import RedisServer
-from buffer.weights import (
-    RedisWeightStore,
-    WeightsUnavailable,
-    chunks,
-    pack_state_dict,
-    unpack_tensors,
-)
+from weights.redis_store import RedisWeightStore
+from weights.wire import WeightsUnavailable, chunks, pack_state_dict, unpack_tensors
 
 
 def test_state_dict_round_trips_through_the_wire_form() -> None:

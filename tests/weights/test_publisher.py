@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from learner.publisher import PublishError, WeightPublisher
+from weights.publisher import PublishError, WeightPublisher
 
 
 class SlowTransport:
