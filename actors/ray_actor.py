@@ -91,11 +91,10 @@ class RolloutActor:
         restarts = 0
         if ray.get_runtime_context().was_current_actor_reconstructed:
             from buffer.server import connect
+            from buffer.telemetry import Telemetry
 
-            key = f"{spec.buffer.key_prefix}:restarts"
-            restarts = int(
-                connect(spec.buffer.url, spec.buffer.outage_limit_s).hincrby(key, spec.actor_id, 1)
-            )
+            client = connect(spec.buffer.url, spec.buffer.outage_limit_s)
+            restarts = Telemetry(client, spec.buffer.key_prefix).count_restart(spec.actor_id)
             log.warning("%s restarted (%d so far): rejoining at the latest version",
                         spec.actor_id, restarts)  # fmt: skip
         self.worker = build_worker(spec, restarts=restarts)

@@ -40,6 +40,7 @@ from actors.episodes import (
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import Completion, RolloutGroup, VersionRuns
 from buffer.server import shorten_outages
+from buffer.telemetry import Telemetry
 from envs.base import Environment, Prompt, Split
 from weights.engine import load_chunks, paused_engine
 from weights.wire import WeightSource, WeightsUnavailable
@@ -116,6 +117,7 @@ class RolloutWorker:
         self.env = env
         self.config = config
         self.buffer = buffer
+        self.telemetry = Telemetry.beside(buffer)
         self.weights = weights
         self.actor_id = actor_id
         self.run_id = run_id
@@ -438,7 +440,7 @@ class RolloutWorker:
 
     def report(self) -> None:
         """Write `health()` to the buffer (the dashboard's per-actor table)."""
-        self.buffer.set_health(self.actor_id, self.health())
+        self.telemetry.set_health(self.actor_id, self.health())
 
 
 def _turn_versions(n_tokens: int, start: int, switches: list[tuple[int, int]]) -> list[int]:

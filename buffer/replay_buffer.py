@@ -28,15 +28,12 @@ import redis
 
 from buffer.codec import EncodedGroup, decode_groups, encode_each
 from buffer.config import BufferConfig
+from buffer.keys import Keyspace
+from buffer.polling import poll
 from buffer.schema import MalformedRollout, RolloutGroup
 
 log = logging.getLogger(__name__)
 
-_KEY_NAMES = (
-    "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
-    "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
-    "held", "deliveries", "requests", "learner_epoch",
-)  # fmt: skip
 # Each script runs as `body()` under this: a call carries a request id as its last
 # argument, and its reply is kept for a while under that id. A client that resends a
 # call (its connection dropped, the server paused past the socket timeout and then ran
@@ -159,8 +156,7 @@ class ReplayBuffer:
     def __init__(self, client: redis.Redis, config: BufferConfig) -> None:
         self.client = client
         self.config = config
-        self.keys = [f"{config.key_prefix}:{name}" for name in _KEY_NAMES]
-        self._key = dict(zip(_KEY_NAMES, self.keys, strict=True))
+        self.keyspace = Keyspace(config.key_prefix)
         common = _lua("common.lua")
         # Replies are kept past the longest time a client goes on resending a call.
         ttl_ms = str(int((config.outage_limit_s + 300) * 1000))
@@ -185,7 +181,7 @@ class ReplayBuffer:
     # -- the policy version ------------------------------------------------------------
     def version(self) -> int:
         """The learner's current policy version (0 before the first push)."""
-        return int(self.client.get(self._key["version"]) or 0)
+        return int(self.client.get(self.keyspace.of("version")) or 0)
 
     def bump_version(self) -> int:
         """Publish the next policy version; returns it."""
@@ -202,7 +198,7 @@ class ReplayBuffer:
         the one rank 0 took), after which every script call of an older learner's client
         is refused with FencedOut. Returns the epoch."""
         if epoch is None:
-            epoch = int(self.client.incr(self._key["learner_epoch"]))
+            epoch = int(self.client.incr(self.keyspace.of("learner_epoch")))
         self.epoch = str(epoch)
         return epoch
 
@@ -239,7 +235,9 @@ class ReplayBuffer:
         that the leases of its dead predecessor (same id) do not block admission until
         they time out. Returns how many were released."""
         prefix = f"{producer_id}:".encode()
-        leases = [m for m in self.client.zrange(self._key["leases"], 0, -1) if m.startswith(prefix)]
+        leases = [
+            m for m in self.client.zrange(self.keyspace.of("leases"), 0, -1) if m.startswith(prefix)
+        ]
         return int(self._run("release", "", 0, *leases)) if leases else 0
 
     def put(
@@ -260,9 +258,9 @@ class ReplayBuffer:
             self._refuse(refused, [leases[i] for i in bad])
         pending = [i for i, e in enumerate(encoded) if not isinstance(e, MalformedRollout)]
         stored = duplicates = 0
-        deadline = time.monotonic() + self.config.put_timeout_s
-        wait = _POLL_S[0]
-        while pending:
+
+        def attempt() -> PutResult | None:
+            nonlocal pending, stored, duplicates
             # One transaction for the whole batch; safe to redo (put is idempotent per id).
             statuses = self._put_batch(encoded, groups, leases, pending, producer_id)
             full = []
@@ -274,17 +272,18 @@ class ReplayBuffer:
                 else:
                     full.append(i)
             pending = full
-            if pending:
-                if time.monotonic() > deadline:
-                    raise BufferFull(
-                        f"buffer full for {self.config.put_timeout_s:g}s "
-                        f"(capacity_groups={self.config.capacity_groups}, "
-                        f"capacity_mib={self.config.capacity_mib:g}); "
-                        f"{stored} of {len(groups)} stored"
-                    )
-                time.sleep(wait)
-                wait = min(wait * 2, _POLL_S[1])
-        return PutResult(stored, duplicates, refused)
+            return None if pending else PutResult(stored, duplicates, refused)
+
+        if not pending:
+            return PutResult(0, 0, refused)
+        if (result := poll(attempt, self.config.put_timeout_s, *_POLL_S)) is None:
+            raise BufferFull(
+                f"buffer full for {self.config.put_timeout_s:g}s "
+                f"(capacity_groups={self.config.capacity_groups}, "
+                f"capacity_mib={self.config.capacity_mib:g}); "
+                f"{stored} of {len(groups)} stored"
+            )
+        return result
 
     def _refuse(self, reasons: list[tuple[str, str]], leases: list[str]) -> None:
         """Quarantine groups refused at put (nothing of them is stored) with their reasons."""
@@ -292,9 +291,9 @@ class ReplayBuffer:
         pipe = self.client.pipeline(transaction=True)
         for group_id, reason in reasons:
             record = {"id": group_id, "reason": reason[:500], "at_ms": at_ms, "payload": b""}
-            pipe.rpush(self._key["quarantine"], msgpack.packb(record))
+            pipe.rpush(self.keyspace.of("quarantine"), msgpack.packb(record))
             log.warning("refused group %s at put: %s", group_id, reason)
-        pipe.hincrby(self._key["counters"], "quarantined", len(reasons))
+        pipe.hincrby(self.keyspace.of("counters"), "quarantined", len(reasons))
         pipe.execute()
         self.release(leases)
 
@@ -320,14 +319,14 @@ class ReplayBuffer:
             int(self.config.capacity_mib * 1024 * 1024),
             self.config.overflow,
             int(self.config.dedup_window_s * 1000),
-            f"{self.config.key_prefix}:producer:{producer}",
+            self.keyspace.producer(producer),
         ]
         pipe = self.client.pipeline(transaction=True)
         for i in indices:
             entry, group_id = encoded[i], groups[i].group_id
-            pipe.set(self.payload_key(group_id), entry.payload, nx=True)
+            pipe.set(self.keyspace.payload(group_id), entry.payload, nx=True)
             args += [group_id, entry.min_version, entry.max_version, entry.n_tokens, leases[i]]
-        keys = (len(self.keys), *self.keys)
+        keys = (len(self.keyspace.script_keys), *self.keyspace.script_keys)
         pipe.eval(self._sources["put"], *keys, *args, self.epoch, uuid.uuid4().hex)
         return pipe.execute()[-1]
 
@@ -349,10 +348,11 @@ class ReplayBuffer:
         """
         token = uuid.uuid4().hex
         claimed: list[SampledGroup] = []
-        deadline = time.monotonic() + timeout_s
-        wait = _POLL_S[0]
         previous_ack = None
-        while True:
+        version = 0
+
+        def attempt() -> Batch | None:
+            nonlocal previous_ack, version, claimed
             missing = n_groups - len(claimed)
             # The first claim is all or nothing; replacements of quarantined entries may be partial.
             ack_now = ack if ack is not None and previous_ack is None and ack.groups else None
@@ -363,17 +363,18 @@ class ReplayBuffer:
                 previous_ack = self._ack_result(ack_reply)
             version = int(reply[0])
             claimed += self._decode_claims(reply[1:], payloads, version, token)
-            if len(claimed) == n_groups:
-                return Batch(token, version, claimed, previous_ack)
-            if time.monotonic() >= deadline:
-                if claimed:
-                    # Give back a partial batch rather than holding it: expire it now.
-                    self._expire([Batch(token, version, claimed)])
-                    if hold_as:
-                        self.forget_held(hold_as, [Batch(token, version)])
-                return Batch(token, version, [], previous_ack)
-            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-            wait = min(wait * 2, _POLL_S[1])
+            return (
+                Batch(token, version, claimed, previous_ack) if len(claimed) == n_groups else None
+            )
+
+        if (batch := poll(attempt, timeout_s, *_POLL_S)) is not None:
+            return batch
+        if claimed:
+            # Give back a partial batch rather than holding it: expire it now.
+            self._expire([Batch(token, version, claimed)])
+            if hold_as:
+                self.forget_held(hold_as, [Batch(token, version)])
+        return Batch(token, version, [], previous_ack)
 
     def _claim(
         self, n: int, min_n: int, token: str, hold_as: str, ack: Batch | HeldBatch | None
@@ -383,7 +384,7 @@ class ReplayBuffer:
         Returns the ack script's reply (None without `ack`), the sample script's reply
         ({version, id, min_version, reuse, ...}) and the claimed payloads in claim order.
         """
-        listed = f"{self.config.key_prefix}:listed:{token}"
+        listed = self.keyspace.listed(token)
         visibility_ms = int(self.config.visibility_timeout_s * 1000)
         claim = [n, min_n, self.config.max_staleness, visibility_ms, token, hold_as, listed,
                  self.config.max_deliveries]  # fmt: skip
@@ -393,7 +394,7 @@ class ReplayBuffer:
         *replies, payloads, _ = self._eval_many(
             calls,
             then=[
-                ("SORT", listed, "BY", "nosort", "GET", self.payload_key("*")),
+                ("SORT", listed, "BY", "nosort", "GET", self.keyspace.payload("*")),
                 ("DEL", listed),
             ],
         )
@@ -450,7 +451,7 @@ class ReplayBuffer:
         mark = f"{consumer}|".encode()
         return [
             HeldBatch(field[len(mark) :].decode(), json.loads(ids))
-            for field, ids in self.client.hgetall(self._key["held"]).items()
+            for field, ids in self.client.hgetall(self.keyspace.of("held")).items()
             if field.startswith(mark)
         ]
 
@@ -486,7 +487,7 @@ class ReplayBuffer:
 
     def forget_held(self, consumer: str, batches: Sequence[Batch | HeldBatch]) -> None:
         """Drop batches from `consumer`'s journal of held claims, leaving the claims as they are."""
-        self.client.hdel(self._key["held"], *[f"{consumer}|{b.token}" for b in batches])
+        self.client.hdel(self.keyspace.of("held"), *[f"{consumer}|{b.token}" for b in batches])
 
     @staticmethod
     def _ack_result(reply: list) -> AckResult:
@@ -499,7 +500,7 @@ class ReplayBuffer:
     def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
         """The most recent quarantined entries (read back with msgpack, never unpickled)."""
         records = []
-        for raw in self.client.lrange(self._key["quarantine"], -limit, -1):
+        for raw in self.client.lrange(self.keyspace.of("quarantine"), -limit, -1):
             record = msgpack.unpackb(raw, raw=True)
             records.append(
                 QuarantineRecord(
@@ -511,37 +512,17 @@ class ReplayBuffer:
             )
         return records
 
-    # -- producers' health -------------------------------------------------------------------
-    def set_health(self, producer: str, health: dict) -> None:
-        """Record a producer's latest health figures (throughput, version lag, errors)."""
-        record = {**health, "updated_at": time.time()}
-        self.client.hset(f"{self.config.key_prefix}:health", producer, json.dumps(record))
-
-    def health(self) -> dict[str, dict]:
-        """Every producer's latest health record, by producer id."""
-        raw = self.client.hgetall(f"{self.config.key_prefix}:health")
-        return {producer.decode(): json.loads(record) for producer, record in raw.items()}
-
-    def record_metrics(self, source: str, metrics: dict, keep: int = 5000) -> None:
-        """Append one metrics record (e.g. a learner step) to `source`'s capped history."""
-        key = f"{self.config.key_prefix}:metrics:{source}"
-        pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(key, json.dumps(metrics))
-        pipe.ltrim(key, -keep, -1)
-        pipe.execute()
-
-    def metrics_history(self, source: str, last: int = 5000) -> list[dict]:
-        """The last `last` records of `source` (oldest first)."""
-        raw = self.client.lrange(f"{self.config.key_prefix}:metrics:{source}", -last, -1)
-        return [json.loads(record) for record in raw]
+    def counter(self, name: str) -> int:
+        """One of the buffer's counters (put, acked, dropped_stale, quarantined, ...)."""
+        return int(self.client.hget(self.keyspace.of("counters"), name) or 0)
 
     def key(self, name: str) -> str:
         """The Redis key of one of the buffer's structures (for stats and tests)."""
-        return self._key[name]
+        return self.keyspace.of(name)
 
     def payload_key(self, entry_id: str) -> str:
         """The Redis key holding one stored group's encoded bytes."""
-        return f"{self._key['payload']}:{entry_id}"
+        return self.keyspace.payload(entry_id)
 
     def _run(self, script: str, *args: object) -> list:
         (reply,) = self._eval_many([(script, list(args))])
@@ -562,7 +543,7 @@ class ReplayBuffer:
             pipe = self.client.pipeline(transaction=False)
             for i in todo:
                 name, args = calls[i]
-                keys = (len(self.keys), *self.keys)
+                keys = (len(self.keyspace.script_keys), *self.keyspace.script_keys)
                 pipe.evalsha(self._shas[name], *keys, *args, self.epoch, requests[i])
             for command in then:
                 pipe.execute_command(*command)

@@ -26,6 +26,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from buffer.config import RedisServerConfig
+from buffer.polling import poll
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +234,7 @@ class RedisServer:
         log.warning("a redis-server of a previous run (pid %d) still uses %s; stopping it",
                     pid, self.data_dir)  # fmt: skip
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists():
+        if poll(lambda: None if Path(f"/proc/{pid}").exists() else True, 30, 0.1) is None:
             os.kill(pid, signal.SIGKILL)
 
     def kill(self) -> None:
@@ -277,17 +275,19 @@ class RedisServer:
         return "\n".join(lines) + "\n"
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self.config.start_timeout_s
         client = redis.Redis.from_url(self.url, socket_timeout=10, retry=_ONCE)
-        while time.monotonic() < deadline:
+
+        def answers() -> bool | None:
             if self.process.poll() is not None:
                 error = self.process.stderr.read().decode(errors="replace").strip()
                 raise RedisServerError(f"redis-server exited at start: {error[-500:]}")
             try:
-                if client.ping():
-                    return
+                return client.ping() or None
             except (redis.ConnectionError, redis.BusyLoadingError):
-                time.sleep(0.05)
+                return None
+
+        if poll(answers, self.config.start_timeout_s, 0.05):
+            return
         self.kill()
         raise RedisServerError(f"redis-server did not answer within {self.config.start_timeout_s}s")
 

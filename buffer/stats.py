@@ -118,7 +118,7 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     ids = sorted(p.decode() for p in producer_ids)
     pipe = client.pipeline(transaction=False)
     for producer in ids:
-        pipe.hgetall(f"{buffer.config.key_prefix}:producer:{producer}")
+        pipe.hgetall(buffer.keyspace.producer(producer))
     # Ready groups are scored by their oldest token version: one ZCOUNT per version seen.
     buckets = _ready_buckets(oldest, version)
     for _, low, high in buckets:

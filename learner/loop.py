@@ -202,12 +202,12 @@ class TrainingLoop:
                 return batch, time.monotonic() - started
             waited = time.monotonic() - started
             if waited > self.config.sample_timeout_s:
-                dropped = self.buffer.client.hget(self.buffer.key("counters"), "dropped_stale")
+                dropped = self.buffer.counter("dropped_stale")
                 raise NoRollouts(
                     f"no batch of {self.config.batch_groups} groups within "
                     f"learner.sample_timeout_s={self.config.sample_timeout_s:g}s: are actors "
                     f"writing to this buffer (key prefix {self.buffer.config.key_prefix!r})? "
-                    f"{int(dropped or 0)} groups were dropped so far as staler than "
+                    f"{dropped} groups were dropped so far as staler than "
                     f"buffer.max_staleness={self.buffer.config.max_staleness}"
                 )
             if time.monotonic() - last_log > _WAIT_LOG_S:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import redis
 
+from buffer.keys import Keyspace
+from buffer.polling import poll
+from buffer.telemetry import Telemetry
 from relay.config import RunConfig, apply_override
 from relay.errors import RelayError
 from weights.redis_store import RedisWeightStore
@@ -31,19 +34,8 @@ def publish_experiment(client: redis.Redis, config: RunConfig, run_id: str) -> N
         for path in Path(config.model.path).iterdir()
         if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES)
     }
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(f"{prefix}:experiment:files")
-    if files:
-        pipe.hset(f"{prefix}:experiment:files", mapping=files)
-    pipe.hset(
-        f"{prefix}:experiment",
-        mapping={
-            "config": json.dumps(_without_secrets(config)),
-            "run_id": run_id,
-            "at": time.time(),
-        },
-    )
-    pipe.execute()
+    record = {"config": json.dumps(_without_secrets(config)), "run_id": run_id, "at": time.time()}
+    Telemetry(client, prefix).describe(record, files)
 
 
 def _without_secrets(config: RunConfig) -> dict:
@@ -81,7 +73,7 @@ def join_experiment(
     if version is None:
         raise RelayError(f"no weights were published under {key_prefix!r} within {timeout_s:g}s")
     model_dir = cache / key_prefix.replace(":", "_") / "model"
-    files = _checked_files(client.hgetall(f"{key_prefix}:experiment:files"), key_prefix)
+    files = _checked_files(Telemetry(client, key_prefix).description_files(), key_prefix)
     model_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (model_dir / name).write_bytes(data)
@@ -108,8 +100,9 @@ def _checked_files(files: dict[bytes, bytes], key_prefix: str) -> dict[str, byte
             or name != Path(name).name
         ):
             raise RelayError(
-                f"refusing the experiment's model file {name!r} (in {key_prefix}:experiment:"
-                "files): not a plain file name; nothing was written"
+                f"refusing the experiment's model file {name!r} (in "
+                f"{Keyspace(key_prefix).experiment_files}): not a plain file name; nothing was "
+                "written"
             )
         checked[name] = files[raw]
     return checked
@@ -117,17 +110,14 @@ def _checked_files(files: dict[bytes, bytes], key_prefix: str) -> dict[str, byte
 
 def _wait_for_experiment(client: redis.Redis, key_prefix: str, timeout_s: float) -> dict:
     """The experiment's record; an actor may start before its learner has written it."""
-    deadline = time.monotonic() + timeout_s
-    logged = False
-    while not (record := client.hgetall(f"{key_prefix}:experiment")):
-        if time.monotonic() > deadline:
-            raise RelayError(
-                f"no experiment under key prefix {key_prefix!r} in this Redis after "
-                f"{timeout_s:g}s: start the learner (relay run / relay learn), or pass the "
-                "experiment's --prefix"
-            )
-        if not logged:
-            log.info("waiting for experiment %s to be started by its learner", key_prefix)
-            logged = True
-        time.sleep(1.0)
+    telemetry = Telemetry(client, key_prefix)
+    if not (record := telemetry.description()):
+        log.info("waiting for experiment %s to be started by its learner", key_prefix)
+        record = poll(lambda: telemetry.description() or None, timeout_s, every_s=1.0)
+    if not record:
+        raise RelayError(
+            f"no experiment under key prefix {key_prefix!r} in this Redis after "
+            f"{timeout_s:g}s: start the learner (relay run / relay learn), or pass the "
+            "experiment's --prefix"
+        )
     return record

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from buffer.replay_buffer import ReplayBuffer
 from buffer.server import connect, free_port
+from buffer.telemetry import Telemetry
 from relay.config import RunConfig
 from relay.errors import RelayError
 from relay.experiment import publish_experiment
@@ -67,6 +68,7 @@ def learn(
         raise RelayError("relay learn needs buffer.url (the experiment's Redis)")
     client = connect(config.buffer.url, config.buffer.outage_limit_s)
     buffer = ReplayBuffer(client, config.buffer)
+    telemetry = Telemetry(client, config.buffer.key_prefix)
     learner = Learner(
         config.model.path, config.learner, rank=rank, world_size=config.learner.world_size,
         master_port=master_port or free_port(), seed=config.seed,
@@ -104,7 +106,7 @@ def learn(
             metrics = {**metrics, "time": time.time()}
             with metrics_file.open("a") as out:
                 out.write(json.dumps(metrics) + "\n")
-            buffer.record_metrics("learner", metrics)
+            telemetry.record_metrics("learner", metrics)
             trackers.log(metrics)
         on_metrics(metrics)
 

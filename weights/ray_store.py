@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from buffer.polling import poll
 from weights.wire import PackedTensor, chunks, pack_state_dict
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,7 @@ class RayWeightSource:
         return None if latest is None else latest[0]
 
     def wait_for_version(self, timeout_s: float) -> int | None:
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while (version := self.latest_version()) is None and time.monotonic() < deadline:
-            time.sleep(self.poll_s)
-        return version
+        return poll(self.latest_version, timeout_s, self.poll_s)
 
     def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
         import ray

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import redis
 import torch
 
+from buffer.keys import Keyspace
+from buffer.polling import poll
 from buffer.replay_buffer import FencedOut
 from weights.wire import PackedTensor, WeightsUnavailable, chunks, pack_state_dict, unpack_tensors
 
@@ -61,7 +63,7 @@ class RedisWeightStore:
             raise ValueError("keep_versions must be at least 1")
         self.client = client
         self.key_prefix = key_prefix
-        self.prefix = f"{key_prefix}:weights"
+        self.keys = Keyspace(key_prefix)
         self.epoch = ""
         """The learner epoch publishing must hold (see ReplayBuffer.fence_out_older_learners)."""
         self.part_bytes = int(part_mib * 1024 * 1024)
@@ -77,15 +79,15 @@ class RedisWeightStore:
             pipe = self.client.pipeline(transaction=False)
             for i in range(parts):
                 part = raw[i * self.part_bytes : (i + 1) * self.part_bytes]
-                pipe.hset(self._tensors_key(version), f"{name}#{i}", part)
+                pipe.hset(self.keys.weights_tensors(version), f"{name}#{i}", part)
             pipe.execute()
             digest = hashlib.sha256(raw).hexdigest()
             manifest.append(
                 {"name": name, "dtype": dtype, "shape": shape, "parts": parts, "sha256": digest}
             )
             total += len(raw)
-        keys = [self._manifest_key(version), f"{self.prefix}:versions", f"{self.prefix}:latest",
-                f"{self.key_prefix}:learner_epoch"]  # fmt: skip
+        keys = [self.keys.weights_manifest(version), self.keys.weights_versions,
+                self.keys.weights_latest, self.keys.of("learner_epoch")]  # fmt: skip
         try:
             self.client.eval(
                 _MAKE_LATEST, len(keys), *keys, self.epoch, version, json.dumps(manifest)
@@ -107,25 +109,23 @@ class RedisWeightStore:
 
     def latest_version(self) -> int | None:
         """The newest complete version, or None before the first publish."""
-        latest = self.client.get(f"{self.prefix}:latest")
+        latest = self.client.get(self.keys.weights_latest)
         return int(latest) if latest is not None else None
 
     def wait_for_newer(self, than: int | None, timeout_s: float, poll_s: float = 0.2) -> int | None:
         """Block until a version newer than `than` is published; None on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def newer() -> int | None:
             latest = self.latest_version()
-            if latest is not None and (than is None or latest > than):
-                return latest
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(poll_s)
+            return latest if latest is not None and (than is None or latest > than) else None
+
+        return poll(newer, timeout_s, poll_s)
 
     def stream(
         self, version: int, max_bytes: int = 64 * 1024 * 1024
     ) -> Iterator[list[PackedTensor]]:
         """`version`'s tensors in chunks of at most `max_bytes`, each checked against its hash."""
-        raw_manifest = self.client.get(self._manifest_key(version))
+        raw_manifest = self.client.get(self.keys.weights_manifest(version))
         if raw_manifest is None:
             raise WeightsUnavailable(
                 f"weights v{version} are not in the store (latest: {self.latest_version()})"
@@ -134,7 +134,7 @@ class RedisWeightStore:
         def tensors() -> Iterator[PackedTensor]:
             for entry in json.loads(raw_manifest):
                 fields = [f"{entry['name']}#{i}" for i in range(entry["parts"])]
-                parts = self.client.hmget(self._tensors_key(version), fields)
+                parts = self.client.hmget(self.keys.weights_tensors(version), fields)
                 if any(part is None for part in parts):
                     raise WeightsUnavailable(f"weights v{version} were dropped while being read")
                 raw = b"".join(parts)
@@ -153,16 +153,12 @@ class RedisWeightStore:
         }
 
     def _drop_old_versions(self) -> None:
-        old = self.client.zrange(f"{self.prefix}:versions", 0, -self.keep_versions - 1)
+        old = self.client.zrange(self.keys.weights_versions, 0, -self.keep_versions - 1)
         for version in (int(v) for v in old):
-            self.client.delete(self._manifest_key(version), self._tensors_key(version))
-            self.client.zrem(f"{self.prefix}:versions", str(version))
-
-    def _manifest_key(self, version: int) -> str:
-        return f"{self.prefix}:{version}:manifest"
-
-    def _tensors_key(self, version: int) -> str:
-        return f"{self.prefix}:{version}:tensors"
+            self.client.delete(
+                self.keys.weights_manifest(version), self.keys.weights_tensors(version)
+            )
+            self.client.zrem(self.keys.weights_versions, str(version))
 
 
 class RedisWeightSource:

@@ -1,7 +1,7 @@
 """What the dashboard, `/metrics` and `relay status` show, read from a run's Redis.
 
 Everything comes from the buffer: its statistics (`buffer.stats.read_stats`), the actors'
-health records (`set_health`) and the learner's per-step metrics (`record_metrics`). A
+health records and the learner's per-step metrics (`buffer.telemetry.Telemetry`). A
 `Watcher` polls them, keeps the recent history of buffer depth (which Redis does not
 store) and merges new learner records in, so that a poll reads O(versions + actors +
 new steps), never the stored groups.
@@ -14,6 +14,7 @@ from collections import deque
 
 from buffer.replay_buffer import ReplayBuffer
 from buffer.stats import BufferStats, percentile, read_stats
+from buffer.telemetry import Telemetry
 
 LEARNER_FIELDS = {
     "reward_mean": "learner/reward_mean",
@@ -49,6 +50,7 @@ class Watcher:
         self, buffer: ReplayBuffer, series_points: int = 1800, history_steps: int = 5000
     ) -> None:
         self.buffer = buffer
+        self.telemetry = Telemetry.beside(buffer)
         self.series: deque[dict] = deque(maxlen=series_points)
         self.history: deque[dict] = deque(maxlen=history_steps)
         self._lock = threading.Lock()
@@ -63,11 +65,11 @@ class Watcher:
     def read(self) -> None:
         """Read the buffer once; `snapshot()` renders what was read."""
         stats = read_stats(self.buffer, self._stats)
-        health = self.buffer.health()
+        health = self.telemetry.health()
         # Only the tail is read once the history is known: the learner writes a record
         # per step and a poll every few seconds sees a handful of new ones.
         last = 200 if self.history else self.history.maxlen
-        records = self.buffer.metrics_history("learner", last=last)
+        records = self.telemetry.metrics_history("learner", last=last)
         with self._lock:
             self._stats = stats
             self._actors = _actor_rows(health, stats)

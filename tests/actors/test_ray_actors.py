@@ -22,6 +22,7 @@ from actors.episodes import SamplingConfig
 from actors.ray_actor import ActorSpec, start_actors
 from buffer.config import BufferConfig
 from buffer.replay_buffer import ReplayBuffer
+from buffer.telemetry import Telemetry
 from envs.arithmetic import ArithmeticConfig
 from weights.ray_store import RayObjectTransport
 
@@ -77,7 +78,10 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
     # A new version through the object store; the running actor picks it up.
     buffer.set_version(1)
     transport.publish(1, dict(model.named_parameters()))
-    wait_until(lambda: buffer.health().get("actor-0", {}).get("version") == 1, "version 1")
+    wait_until(
+        lambda: Telemetry.beside(buffer).health().get("actor-0", {}).get("version") == 1,
+        "version 1",
+    )
     before_kill = put()
     wait_until(lambda: put() >= before_kill + 2, "groups at version 1")
 
@@ -88,7 +92,9 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
     )
     after_restart = put()
     wait_until(lambda: put() >= after_restart + 2, "groups after the restart")
-    assert buffer.health()["actor-0"]["version"] == 1  # rejoined at the latest version
+    assert (
+        Telemetry.beside(buffer).health()["actor-0"]["version"] == 1
+    )  # rejoined at the latest version
 
     ray_cluster.get(actor.stop.remote())
     stats = ray_cluster.get(run, timeout=120)

@@ -18,6 +18,7 @@ from actors.config import ActorConfig
 from actors.episodes import SamplingConfig
 from actors.rollout import RolloutWorker
 from buffer.stats import read_stats
+from buffer.telemetry import Telemetry
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Verdict
 from learner.logprobs import completion_logprobs
@@ -81,7 +82,7 @@ def test_groups_land_in_the_buffer_tagged_and_scored(
             assert completion.reward in (0.0, 1.0)
             assert all(completion.loss_mask)
         assert behaviour_error(hf_model, group) < LOGPROB_TOLERANCE
-    health = buffer.health()["actor-test"]
+    health = Telemetry.beside(buffer).health()["actor-test"]
     assert (
         health["groups"] == stats.groups and health["version"] == 0 and health["tokens_per_s"] > 0
     )

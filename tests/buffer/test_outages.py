@@ -23,7 +23,7 @@ def test_every_script_resent_with_its_request_id_changes_nothing_twice(make_buff
 
     def twice(script: str, *args: object) -> tuple[object, object]:
         """The same call sent twice, as a client resends it after losing the reply."""
-        keys = buffer.keys
+        keys = buffer.keyspace.script_keys
         buffer._load_scripts()
         sha = buffer._shas[script]
         first = buffer.client.evalsha(sha, len(keys), *keys, *args, "", f"request-{script}")

@@ -12,6 +12,7 @@ from buffer.config import BufferConfig, RedisServerConfig
 from buffer.replay_buffer import ReplayBuffer
 from buffer.server import RedisServer, connect
 from buffer.stats import read_stats
+from buffer.telemetry import Telemetry
 from tests.buffer.factories import versioned_group
 
 
@@ -25,7 +26,7 @@ def test_actors_put_and_reserve_and_the_dashboard_only_reads(tmp_path: Path) -> 
         version, leases = actor.reserve("actor-0", 2)
         groups = [versioned_group(f"g{i}", version) for i in range(2)]
         assert actor.put(groups, "actor-0", leases).stored == 2
-        actor.set_health("actor-0", {"groups": 2})
+        Telemetry.beside(actor).set_health("actor-0", {"groups": 2})
         for forbidden in (
             actor.client.flushall, lambda: actor.client.config_get("dir"),
             lambda: actor.client.keys("*"), actor.client.shutdown,
@@ -35,7 +36,10 @@ def test_actors_put_and_reserve_and_the_dashboard_only_reads(tmp_path: Path) -> 
                 forbidden()
 
         stats = read_stats(dashboard)
-        assert stats.counters["put"] == 2 and dashboard.health()["actor-0"]["groups"] == 2
+        assert (
+            stats.counters["put"] == 2
+            and Telemetry.beside(dashboard).health()["actor-0"]["groups"] == 2
+        )
         with pytest.raises(redis.exceptions.NoPermissionError):
             dashboard.client.set("roles:version", 99)
         with pytest.raises((redis.exceptions.NoPermissionError, redis.exceptions.ExecAbortError)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from buffer.replay_buffer import ReplayBuffer
+from buffer.telemetry import Telemetry
 from tests.buffer.factories import versioned_group
 
 ACTOR_HEALTH = {
@@ -51,9 +52,9 @@ def fill_known_run(buffer: ReplayBuffer) -> None:
     buffer.ack(batch)
     assert buffer.sample(1).groups[0].staleness == 1
     for actor_id, health in ACTOR_HEALTH.items():
-        buffer.set_health(actor_id, health)
+        Telemetry.beside(buffer).set_health(actor_id, health)
     for record in LEARNER_STEPS:
-        buffer.record_metrics("learner", record)
+        Telemetry.beside(buffer).record_metrics("learner", record)
 
 
 def prometheus_samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from buffer.replay_buffer import ReplayBuffer
+from buffer.telemetry import Telemetry
 from relay.config import load_config
 from relay.experiment import publish_experiment
 from weights.redis_store import RedisWeightStore
@@ -65,7 +66,7 @@ def test_actor_joins_with_only_the_redis_url(
         group = sampled.group
         assert group.actor_id == "remote-0" and group.run_id == "remote-run"
         assert all(set(c.policy_versions.per_token()) == {3} for c in group.completions)
-    health = buffer.health()["remote-0"]
+    health = Telemetry.beside(buffer).health()["remote-0"]
     assert health["version"] == 3 and health["groups"] >= 3
     # The local copy of the policy was written from Redis alone.
     assert (tmp_path / "test_remote" / "model" / "model.safetensors").is_file()

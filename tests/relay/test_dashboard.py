@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from buffer.replay_buffer import ReplayBuffer
+from buffer.telemetry import Telemetry
 from relay.cli import main
 from relay.dashboard.config import DashboardConfig
 from relay.dashboard.server import Dashboard
@@ -87,7 +88,9 @@ def test_learner_history_is_merged_without_repeats(known_buffer: ReplayBuffer) -
     watcher.poll()
     # A resumed learner repeats step numbers; records are told apart by their time.
     for step, stamp in ((4, 1010.0), (5, 1011.0)):
-        known_buffer.record_metrics("learner", {**LEARNER_STEPS[-1], "step": step, "time": stamp})
+        Telemetry.beside(known_buffer).record_metrics(
+            "learner", {**LEARNER_STEPS[-1], "step": step, "time": stamp}
+        )
     snapshot = watcher.poll()
     assert [r["step"] for r in snapshot["learner_history"]] == [1, 2, 3, 4, 4, 5]
     assert [r["step"] for r in watcher.snapshot(history_since=1004.0)["learner_history"]] == [4, 5]
@@ -127,7 +130,9 @@ def test_event_stream_sends_history_once_then_only_new_steps(
         first = next(events)
         assert [r["step"] for r in first["learner_history"]] == [1, 2, 3, 4]
         assert first["actors"][0]["actor_id"] == "actor-0"
-        known_buffer.record_metrics("learner", {**LEARNER_STEPS[-1], "step": 5, "time": 1005.0})
+        Telemetry.beside(known_buffer).record_metrics(
+            "learner", {**LEARNER_STEPS[-1], "step": 5, "time": 1005.0}
+        )
         for event in events:
             if event["learner_history"]:
                 assert [r["step"] for r in event["learner_history"]] == [5]

@@ -72,7 +72,7 @@ def test_only_the_newest_versions_are_kept(store: RedisWeightStore) -> None:
 
 def test_corruption_is_detected(store: RedisWeightStore) -> None:
     store.publish(1, state(1))
-    store.client.hset(f"{store.prefix}:1:tensors", "embed.weight#2", b"\x00" * 1024)
+    store.client.hset(store.keys.weights_tensors(1), "embed.weight#2", b"\x00" * 1024)
     with pytest.raises(WeightsUnavailable, match=r"embed\.weight is corrupted"):
         store.fetch(1)
 

@@ -1,0 +1,75 @@
+"""Every Redis key of one experiment, named in one place.
+
+All of an experiment's keys start with its `buffer.key_prefix`, so several experiments
+share one Redis. docs/buffer.md has the table of what each holds.
+"""
+
+from __future__ import annotations
+
+SCRIPT_KEYS = (
+    "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
+    "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
+    "held", "deliveries", "requests", "learner_epoch",
+)  # fmt: skip
+"""The keys every Lua script receives as KEYS, in this order (buffer/lua/common.lua)."""
+
+
+class Keyspace:
+    """The names of an experiment's keys under `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.script_keys = [f"{prefix}:{name}" for name in SCRIPT_KEYS]
+        self._script = dict(zip(SCRIPT_KEYS, self.script_keys, strict=True))
+
+    def of(self, name: str) -> str:
+        """One of the buffer's structures, by its name in `SCRIPT_KEYS`."""
+        return self._script[name]
+
+    def payload(self, entry_id: str) -> str:
+        """One stored group's encoded bytes (`*` for SORT ... GET)."""
+        return f"{self._script['payload']}:{entry_id}"
+
+    def producer(self, producer_id: str) -> str:
+        """A producer's counters (groups put, tokens, dropped)."""
+        return f"{self.prefix}:producer:{producer_id}"
+
+    def listed(self, token: str) -> str:
+        """The entry ids one `sample` call claimed, for the SORT that reads their payloads."""
+        return f"{self.prefix}:listed:{token}"
+
+    # -- telemetry ---------------------------------------------------------------------
+    @property
+    def health(self) -> str:
+        return f"{self.prefix}:health"
+
+    def metrics(self, source: str) -> str:
+        return f"{self.prefix}:metrics:{source}"
+
+    @property
+    def restarts(self) -> str:
+        """How often each actor id was started (a restarted actor knows it is one)."""
+        return f"{self.prefix}:restarts"
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.prefix}:experiment"
+
+    @property
+    def experiment_files(self) -> str:
+        return f"{self.prefix}:experiment:files"
+
+    # -- the Redis weight store ------------------------------------------------------------
+    @property
+    def weights_latest(self) -> str:
+        return f"{self.prefix}:weights:latest"
+
+    @property
+    def weights_versions(self) -> str:
+        return f"{self.prefix}:weights:versions"
+
+    def weights_manifest(self, version: int) -> str:
+        return f"{self.prefix}:weights:{version}:manifest"
+
+    def weights_tensors(self, version: int) -> str:
+        return f"{self.prefix}:weights:{version}:tensors"
