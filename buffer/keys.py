@@ -21,6 +21,15 @@ class Keyspace:
         self.prefix = prefix
         self.script_keys = [f"{prefix}:{name}" for name in SCRIPT_KEYS]
         self._script = dict(zip(SCRIPT_KEYS, self.script_keys, strict=True))
+        # Telemetry's keys.
+        self.health = f"{prefix}:health"
+        self.restarts = f"{prefix}:restarts"
+        """How often each actor id was started (a restarted actor knows it is one)."""
+        self.experiment = f"{prefix}:experiment"
+        self.experiment_files = f"{prefix}:experiment:files"
+        # The Redis weight store's: the newest complete version, and the versions kept.
+        self.weights_latest = f"{prefix}:weights:latest"
+        self.weights_versions = f"{prefix}:weights:versions"
 
     def of(self, name: str) -> str:
         """One of the buffer's structures, by its name in `SCRIPT_KEYS`."""
@@ -38,35 +47,8 @@ class Keyspace:
         """The entry ids one `sample` call claimed, for the SORT that reads their payloads."""
         return f"{self.prefix}:listed:{token}"
 
-    # -- telemetry ---------------------------------------------------------------------
-    @property
-    def health(self) -> str:
-        return f"{self.prefix}:health"
-
     def metrics(self, source: str) -> str:
         return f"{self.prefix}:metrics:{source}"
-
-    @property
-    def restarts(self) -> str:
-        """How often each actor id was started (a restarted actor knows it is one)."""
-        return f"{self.prefix}:restarts"
-
-    @property
-    def experiment(self) -> str:
-        return f"{self.prefix}:experiment"
-
-    @property
-    def experiment_files(self) -> str:
-        return f"{self.prefix}:experiment:files"
-
-    # -- the Redis weight store ------------------------------------------------------------
-    @property
-    def weights_latest(self) -> str:
-        return f"{self.prefix}:weights:latest"
-
-    @property
-    def weights_versions(self) -> str:
-        return f"{self.prefix}:weights:versions"
 
     def weights_manifest(self, version: int) -> str:
         return f"{self.prefix}:weights:{version}:manifest"
