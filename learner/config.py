@@ -49,8 +49,40 @@ class SequenceIS(BaseModel):
     """Sequence ratio clipped above at 1 + clip_high (GSPO uses 4e-4)."""
 
 
+class M2PO(BaseModel):
+    """`m2po`: M2PO's second-moment trust region, masking only the outlying tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["m2po"] = "m2po"
+    tau: float = Field(0.04, gt=0)
+    """The most the kept tokens' mean (log π_θ/μ)² may be (M2PO's τ_M2, 0.04 in the paper)."""
+
+
+class SequenceMaskedIS(BaseModel):
+    """`seq_mis`: sequence-level masked importance sampling (TRL's default, verl's Geo-RS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["seq_mis"] = "seq_mis"
+    lower: float = Field(0.5, gt=0, le=1)
+    """A sequence whose geometric-mean ratio is below this is masked out whole."""
+    upper: float = Field(2.0, ge=1)
+    """A sequence whose geometric-mean ratio is above this is masked out whole."""
+
+
+class VCPO(BaseModel):
+    """`vcpo`: truncated IS whose optimizer step shrinks with the batch's effective sample size."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["vcpo"] = "vcpo"
+    clip_c: float = Field(2.0, gt=0)
+    """Token weights π/μ are truncated at this value (as in `tis`)."""
+    min_step_scale: float = Field(0.1, gt=0, le=1)
+    """The learning rate is scaled by sqrt(ESS), but never below this fraction."""
+
+
 LossConfig = Annotated[
-    NoCorrection | TruncatedIS | DecoupledPPO | SequenceIS, Field(discriminator="type")
+    NoCorrection | TruncatedIS | DecoupledPPO | SequenceIS | M2PO | SequenceMaskedIS | VCPO,
+    Field(discriminator="type"),
 ]
 
 

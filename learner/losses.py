@@ -11,6 +11,7 @@ a process group or the buffer. The choice is a config value, a discriminated uni
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,10 +19,13 @@ import torch
 from pydantic import BaseModel
 
 from learner.config import (
+    M2PO,
+    VCPO,
     DecoupledPPO,
     LossConfig,
     NoCorrection,
     SequenceIS,
+    SequenceMaskedIS,
     TruncatedIS,
 )
 
@@ -56,6 +60,8 @@ class LossOutputs:
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    step_scale: float = 1.0
+    """The fraction of the learning rate this batch's optimizer step should take (VCPO)."""
 
 
 def no_correction(inputs: LossInputs, config: NoCorrection) -> LossOutputs:
@@ -135,11 +141,91 @@ def sequence_is(inputs: LossInputs, config: SequenceIS) -> LossOutputs:
     return LossOutputs(loss, metrics)
 
 
+def m2po(inputs: LossInputs, config: M2PO) -> LossOutputs:
+    """L = -Σ_t m_t k_t r_t A_t / Σ_t m_t,  r_t = π_θ(a_t) / μ(a_t), k_t ∈ {0, 1}.
+
+    The second-moment mask k drops the loss tokens with the largest (log r_t)², largest
+    first, until the mean (log r)² of the tokens kept is at most τ: however stale the batch,
+    only its outliers go, where a fixed clip would cut ever more tokens. The ratio itself
+    is differentiated, with no clip. M2PO (Zheng et al. 2025, "Prosperity before
+    Collapse"), as in AReaL. The batch is what one call sees: a micro-batch of one rank.
+    """
+    mask = inputs.loss_mask
+    log_ratio = inputs.logprobs - inputs.behaviour_logprobs
+    keep = second_moment_mask(log_ratio.detach() ** 2, mask, config.tau)
+    # exp only where kept: a dropped token's ratio may overflow, and inf x 0 is NaN.
+    ratio = torch.exp(torch.where(keep, log_ratio, log_ratio.new_zeros(())))
+    loss = -_token_mean(keep * ratio * inputs.advantages, inputs)
+    metrics = _importance_metrics(inputs)
+    squared = log_ratio.detach()[mask] ** 2
+    metrics["clip_fraction"] = 1.0 - _masked_mean(keep.float(), mask).item()
+    metrics["second_moment"] = squared.mean().item() if squared.numel() else 0.0
+    return LossOutputs(loss, metrics)
+
+
+def second_moment_mask(squared: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """True on the loss tokens M2PO keeps: the most tokens, smallest `squared` first, whose
+    mean is at most `tau` (sorted ascending, the running mean only grows)."""
+    values = squared[mask]
+    order = torch.argsort(values)
+    running_mean = torch.cumsum(values[order], 0) / torch.arange(1, values.numel() + 1)
+    n_kept = int((running_mean <= tau).cumprod(0).sum())
+    kept = torch.zeros_like(values, dtype=torch.bool)
+    kept[order[:n_kept]] = True
+    keep = torch.zeros_like(mask)
+    keep[mask] = kept
+    return keep
+
+
+def sequence_masked_is(inputs: LossInputs, config: SequenceMaskedIS) -> LossOutputs:
+    """L = -Σ_i k_i sg(g_i) Σ_t m_t A_t log π_θ(a_t) / Σ_t m_t.
+
+    g_i = exp(mean_t (log π_θ - log μ)) is sequence i's geometric-mean ratio, and
+    k_i = [lower ≤ g_i ≤ upper]: a sequence that drifted too far from its sampler is
+    masked out whole, the others are weighted by g_i (so every weight lies in
+    [lower, upper]). Sequence-level masked IS: TRL's default correction (it uses the
+    product of ratios), verl's Geo-RS (the geometric mean, which does not grow with length).
+    """
+    mask = inputs.loss_mask.float()
+    lengths = mask.sum(dim=1)
+    present = lengths > 0
+    log_ratio = (inputs.logprobs.detach() - inputs.behaviour_logprobs) * mask
+    ratio = torch.exp(log_ratio.sum(dim=1) / lengths.clamp(min=1))
+    keep = (ratio >= config.lower) & (ratio <= config.upper)
+    weight = torch.where(keep, ratio, ratio.new_zeros(()))[:, None]
+    loss = -_token_mean(weight * inputs.advantages * inputs.logprobs, inputs)
+    metrics = _importance_metrics(inputs)
+    metrics["clip_fraction"] = (~keep)[present].float().mean().item() if present.any() else 0.0
+    metrics["sequence_ratio_max"] = ratio[present].max().item() if present.any() else 1.0
+    return LossOutputs(loss, metrics)
+
+
+def vcpo(inputs: LossInputs, config: VCPO) -> LossOutputs:
+    """`tis`'s loss, with the optimizer step scaled by s = max(sqrt(ESS), min_step_scale).
+
+    ESS = (Σ_t w_t)² / (n Σ_t w_t²) ∈ (0, 1] over the n loss tokens' truncated weights
+    w_t = min(π_θ/μ, c): when a few tokens carry the batch's weight, the gradient is
+    noisy and the step shrinks; square-root scaling suits Adam. VCPO's ESS-guided step
+    scaling (Huang et al. 2026, "Stable Asynchrony"), without its optimal baseline, and
+    with the ESS of the weights this loss applies (VCPO takes sequence ratios).
+    """
+    out = truncated_is(inputs, TruncatedIS(clip_c=config.clip_c))
+    ratio = torch.exp(inputs.logprobs.detach() - inputs.behaviour_logprobs)
+    weights = torch.clamp(ratio, max=config.clip_c)[inputs.loss_mask]
+    spread = weights.numel() * float((weights**2).sum())
+    ess = float(weights.sum()) ** 2 / spread if spread > 0 else float(not weights.numel())
+    scale = max(math.sqrt(ess), config.min_step_scale) if math.isfinite(ess) else 1.0
+    return LossOutputs(out.loss, out.metrics, step_scale=scale)
+
+
 LOSSES: dict[str, Callable[[LossInputs, BaseModel], LossOutputs]] = {
     "none": no_correction,
     "tis": truncated_is,
     "decoupled_ppo": decoupled_ppo,
     "seq_is": sequence_is,
+    "m2po": m2po,
+    "seq_mis": sequence_masked_is,
+    "vcpo": vcpo,
 }
 
 

@@ -135,8 +135,8 @@ class Learner:
                 if problem:
                     self._skip_update()
                     raise NonFiniteStep(problem)
+                self._scale_step(parts[-len(minibatch) :])
                 self.engine.step()  # the minibatch's last micro-step: the optimizer steps
-        metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics["learner/lr"] = lr
         metrics["learner/step_s"] = time.perf_counter() - started
@@ -171,7 +171,7 @@ class Learner:
         )
         out = compute_loss(self.config.loss, inputs)
         loss = out.loss
-        metrics = dict(out.metrics)
+        metrics = {**out.metrics, "step_scale": out.step_scale}
         if not torch.isfinite(loss):
             # Its backward would poison every gradient; the step is skipped anyway.
             self.engine.backward(_zero_loss(self.engine.module), scale_wrt_gas=False)
@@ -203,6 +203,18 @@ class Learner:
         if self.any_rank(bad_grad):
             return "non-finite gradient"
         return None
+
+    def _scale_step(self, parts: list[dict[str, float]]) -> None:
+        """Shrink the coming optimizer step's learning rate by the loss's `step_scale`
+        (token-weighted over the minibatch's micro-batches, averaged over ranks). The
+        schedule sets the rate afresh after the step, so the scale lasts one step."""
+        weighted = [(p.get("step_scale", 1.0), p.get("tokens", 0.0)) for p in parts]
+        tokens = sum(t for _, t in weighted)
+        local = sum(s * t for s, t in weighted) / tokens if tokens else 1.0
+        scale = self.all_reduce_sum(local) / self.world_size
+        if scale != 1.0:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] *= scale
 
     def _skip_update(self) -> None:
         """Finish the minibatch's micro-steps without the optimizer step: DeepSpeed's step

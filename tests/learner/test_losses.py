@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
+from learner.config import M2PO, VCPO, SequenceMaskedIS
 from learner.losses import (
     DecoupledPPO,
     LossConfig,
@@ -18,6 +19,7 @@ from learner.losses import (
     TruncatedIS,
     compute_loss,
     get_loss,
+    second_moment_mask,
 )
 
 LN = math.log
@@ -151,11 +153,96 @@ def test_seq_is_by_hand() -> None:
     assert torch.count_nonzero(current.grad) == 0
 
 
+# Four tokens of one sequence, log π = -1 each, log r = log π - log μ = [0.1, -0.2, 0.3, 2.0]:
+# (log r)² = [0.01, 0.04, 0.09, 4.0], mean 1.035. Sorted ascending, the running means are
+# 0.01, 0.025, 0.046667, 1.035.
+M2_LOGPROBS, M2_BEHAVIOUR = [[-1.0] * 4], [[-1.1, -0.8, -1.3, -3.0]]
+
+
+def test_m2po_by_hand() -> None:
+    batch, current = inputs(M2_LOGPROBS, M2_BEHAVIOUR, [[1.0, 1.0, -1.0, 1.0]])
+    out = compute_loss(M2PO(tau=0.05), batch)
+    # τ = 0.05 keeps the three smallest (running mean 0.046667 <= 0.05), drops log r = 2.
+    # r = [e^0.1, e^-0.2, e^0.3] = [1.105171, 0.818731, 1.349859]
+    # L = -(1.105171 + 0.818731 - 1.349859) / 4 = -0.574043 / 4 = -0.143511
+    assert out.loss.item() == pytest.approx(-0.143511, abs=1e-6)
+    out.loss.backward()
+    # d(r A)/dlog π = r A: dL = -[1.105171, 0.818731, -1.349859, 0] / 4; dropped token: 0
+    expected = torch.tensor([[-0.276293, -0.204683, 0.337465, 0.0]])
+    assert torch.allclose(current.grad, expected, atol=1e-6)
+    assert out.metrics["clip_fraction"] == pytest.approx(0.25)
+    assert out.metrics["second_moment"] == pytest.approx(1.035, abs=1e-6)
+
+
+def test_m2po_drops_outliers_only_until_the_second_moment_fits() -> None:
+    squared = torch.tensor([[0.01, 0.04, 0.09, 4.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    # τ = 0.04: running means 0.01, 0.025 fit, 0.046667 does not: the two largest go.
+    assert second_moment_mask(squared, mask, 0.04).tolist() == [[True, True, False, False]]
+    assert second_moment_mask(squared, mask, 2.0).tolist() == [[True] * 4]  # 1.035 <= 2
+    assert second_moment_mask(squared, mask, 0.001).tolist() == [[False] * 4]
+    # Off the loss mask nothing is kept, and masked values do not count in the mean.
+    partial = torch.tensor([[True, False, True, True]])
+    assert second_moment_mask(squared, partial, 0.05).tolist() == [[True, False, True, False]]
+
+
+def test_m2po_survives_a_ratio_that_overflows() -> None:
+    # log r = 200 would make exp overflow to inf; the token is dropped, and inf x 0 must
+    # not turn the loss or the gradient into NaN.
+    batch, current = inputs([[0.0, -1.0]], [[-200.0, -1.0]], ONES)
+    out = compute_loss(M2PO(), batch)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(-0.5)  # only the second token, r = 1: -(1 x 1) / 2
+    assert torch.allclose(current.grad, torch.tensor([[0.0, -0.5]]))
+
+
+def test_seq_mis_by_hand() -> None:
+    # Sequence 1: log r = [ln 2, 0] -> g = exp(ln 2 / 2) = 1.414214 in [0.5, 2]: kept, A = 1
+    # Sequence 2: log r = [ln 4, ln 4] -> g = 4 > 2: masked out whole, A = 1
+    # Sequence 3: one loss token, log r = ln 0.5 -> g = 0.5 (the bound is kept), A = -1
+    # Loss tokens: 2 + 2 + 1 = 5.
+    # L = -(1.414214 x 1 x (ln 0.5 + ln 0.5) + 0.5 x -1 x ln 0.25) / 5
+    #   = -(-1.960516 + 0.693147) / 5 = 0.253474
+    batch, current = inputs(
+        [[LN(0.5), LN(0.5)], [LN(0.5), LN(0.5)], [LN(0.25), 0.0]],
+        [[LN(0.25), LN(0.5)], [LN(0.125), LN(0.125)], [LN(0.5), 0.0]],
+        [[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]],
+        mask=[[True, True], [True, True], [True, False]],
+    )
+    out = compute_loss(SequenceMaskedIS(lower=0.5, upper=2.0), batch)
+    assert out.loss.item() == pytest.approx(0.253474, abs=1e-6)
+    out.loss.backward()
+    # dL/dlog π = -k g A / 5: [-0.282843] x 2, the masked sequence 0, then +0.1
+    expected = torch.tensor([[-0.282843, -0.282843], [0.0, 0.0], [0.1, 0.0]])
+    assert torch.allclose(current.grad, expected, atol=1e-6)
+    assert out.metrics["clip_fraction"] == pytest.approx(1 / 3)
+    assert out.metrics["sequence_ratio_max"] == pytest.approx(4.0, abs=1e-5)
+
+
+def test_vcpo_by_hand() -> None:
+    batch, _ = inputs(PI, MU, ONES)
+    out = compute_loss(VCPO(clip_c=1.5), batch)
+    # The loss and gradient of tis with c = 1.5 (test_tis_by_hand): 0.866434.
+    assert out.loss.item() == pytest.approx(0.866434, abs=1e-6)
+    # w = [1.5, 0.5]: ESS = 2² / (2 x (2.25 + 0.25)) = 0.8, step scale sqrt(0.8) = 0.894427
+    assert out.step_scale == pytest.approx(0.894427, abs=1e-6)
+    # One weight of 2 among ten tokens of ratio e^-20: ESS ≈ 4 / (10 x 4) = 0.1,
+    # sqrt 0.316 -> raised to min_step_scale 0.5.
+    skewed, _ = inputs([[0.0] * 10], [[-LN(2.0)] + [20.0] * 9], [[1.0] * 10])
+    assert compute_loss(VCPO(min_step_scale=0.5), skewed).step_scale == 0.5
+    assert compute_loss(VCPO(min_step_scale=0.1), skewed).step_scale == pytest.approx(
+        math.sqrt(0.1), abs=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     "config",
-    [TruncatedIS(), DecoupledPPO(), SequenceIS(), DecoupledPPO(behaviour_weight_cap=1.0)],
+    [
+        TruncatedIS(), DecoupledPPO(), SequenceIS(), DecoupledPPO(behaviour_weight_cap=1.0),
+        M2PO(), SequenceMaskedIS(), VCPO(),
+    ],
     ids=lambda c: c.type,
-)
+)  # fmt: skip
 def test_on_policy_every_correction_is_policy_gradient(config: LossConfig) -> None:
     # With μ = π_prox = π_θ every weight and ratio is 1 (and inside the clip range), so
     # each corrected loss has the gradient of plain policy gradient. Sequences have
@@ -197,7 +284,15 @@ def test_masked_tokens_do_not_count() -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [NoCorrection(), TruncatedIS(), DecoupledPPO(), SequenceIS()],
+    [
+        NoCorrection(),
+        TruncatedIS(),
+        DecoupledPPO(),
+        SequenceIS(),
+        M2PO(),
+        SequenceMaskedIS(),
+        VCPO(),
+    ],
     ids=lambda c: c.type,
 )
 def test_non_finite_values_off_the_mask_reach_neither_loss_nor_gradient(
@@ -233,10 +328,12 @@ def test_non_finite_values_off_the_mask_reach_neither_loss_nor_gradient(
 def test_loss_config_is_a_discriminated_union() -> None:
     adapter = TypeAdapter(LossConfig)
     assert adapter.validate_python({"type": "tis", "clip_c": 3}).clip_c == 3
-    with pytest.raises(ValueError, match="'none', 'tis', 'decoupled_ppo', 'seq_is'"):
+    with pytest.raises(ValueError, match="'none', 'tis', 'decoupled_ppo', 'seq_is', 'm2po'"):
         adapter.validate_python({"type": "ppo"})
-    with pytest.raises(ValueError, match="valid: decoupled_ppo, none, seq_is, tis"):
+    with pytest.raises(ValueError, match="valid: decoupled_ppo, m2po, none, seq_is, seq_mis, tis"):
         get_loss("ppo")
+    with pytest.raises(ValueError, match="tau"):
+        adapter.validate_python({"type": "m2po", "tau": 0})
 
 
 def test_normaliser_replaces_the_local_token_count() -> None:

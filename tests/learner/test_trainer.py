@@ -237,6 +237,36 @@ def test_one_update_of_decoupled_ppo_is_the_update_of_uncapped_tis(
 
 
 @pytest.mark.slow
+def test_vcpo_shrinks_one_optimizer_step_by_its_step_scale(
+    learner: object, warm_model_dir: Path
+) -> None:
+    from learner.config import VCPO, LearnerConfig, TruncatedIS
+    from learner.trainer import Learner
+
+    start = torch.cat([p.flatten() for p in learner.state_dict().values()])
+    moved, reported = [], []
+    for loss in (TruncatedIS(clip_c=2.0), VCPO(clip_c=2.0, min_step_scale=0.01)):
+        one = Learner(str(warm_model_dir), LearnerConfig(lr=1e-3, loss=loss))
+        groups = arithmetic_groups(one.tokenizer, 4)  # behaviour -2 per token: ESS < 1
+        metrics = [one.step(groups, learner_version=0) for _ in range(2)]
+        reported.append(metrics)
+        # AdamW's first step moves each weight by about lr g / (|g| + eps) = lr: the
+        # largest move is the step's learning rate.
+        moved.append(torch.cat([p.flatten() for p in one.state_dict().values()]) - start)
+    scale = reported[1][0]["learner/step_scale"]
+    assert 0.01 < scale < 0.9
+    assert reported[0][0]["learner/step_scale"] == 1.0
+    # The learning rate itself is unchanged for the next step: the scale lasts one step.
+    assert reported[1][1]["learner/lr"] == reported[0][1]["learner/lr"] == 1e-3
+    first_tis = moved[0].abs().max().item()
+    assert first_tis == pytest.approx(1e-3 * 2, rel=0.05)  # two steps of lr 1e-3, same sign
+    # Two steps: the first at lr x scale, the second at about lr x its own scale.
+    second_scale = reported[1][1]["learner/step_scale"]
+    largest = moved[1].abs().max().item()
+    assert 1e-3 * (scale + second_scale) * 0.8 <= largest <= 1e-3 * (scale + second_scale) * 1.05
+
+
+@pytest.mark.slow
 def test_learner_scores_tokens_at_the_sampling_temperature(
     learner: object, warm_model_dir: Path
 ) -> None:
