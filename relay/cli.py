@@ -209,9 +209,15 @@ def _warmstart(args: argparse.Namespace, config: RunConfig, terminal: Terminal) 
             on_step=lambda step, loss: progress.update(task, completed=step, loss=loss),
         )
     _write_json(config.run_dir / "warmstart.json", asdict(report))
+    reached = (
+        f", held-out accuracy {100 * report.checked_accuracy:.1f}% (greedy)"
+        if report.checked_accuracy is not None
+        else ""
+    )
     terminal.console.print(
         f"warm start: {report.steps} steps on {report.examples} examples in {report.seconds:.0f}s, "
-        f"loss {report.first_loss:.3f} -> {report.final_loss:.3f}; saved to {report.out_path}"
+        f"loss {report.first_loss:.3f} -> {report.final_loss:.3f}{reached}; "
+        f"saved to {report.out_path}"
     )
 
 

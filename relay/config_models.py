@@ -57,7 +57,18 @@ class WarmstartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(800, gt=0)
-    """Optimizer steps."""
+    """Optimizer steps (the most, with `stop_at_accuracy`)."""
+    stop_at_accuracy: float | None = Field(None, gt=0, le=1)
+    """Stop as soon as greedy accuracy on held-out prompts reaches this, checked every
+    `check_every_steps`. A short warm start sits where accuracy climbs fastest, so the
+    step at which it reaches a level differs between CPUs (floating-point rounding): a
+    target, unlike a step count, gives the same starting point everywhere. None: run
+    all `steps`."""
+    check_every_steps: int = Field(25, gt=0)
+    """How often `stop_at_accuracy` is checked."""
+    check_prompts: int = Field(200, gt=0)
+    """Held-out prompts of each check (greedy, on the model being trained); drawn with
+    another seed than the evaluation's."""
     batch_size: int = Field(64, gt=0)
     """Examples per step."""
     lr: float = Field(1e-3, gt=0)

@@ -22,6 +22,7 @@ from envs.base import Environment, Split
 from learner.batching import pad_right, padding_id
 from relay.config_models import WarmstartConfig
 from relay.errors import RelayError
+from relay.evaluate import greedy_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class WarmstartReport:
     first_loss: float
     final_loss: float
     out_path: Path
+    checked_accuracy: float | None = None
+    """Greedy held-out accuracy at the last check (with `stop_at_accuracy`)."""
 
 
 def build_examples(
@@ -69,6 +72,8 @@ def warmstart(
     examples = build_examples(env, tokenizer, config.n_examples, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_scale(step, config))
+    checks = env.prompts(Split.TEST, config.check_prompts, seed + 1)
+    accuracy = None
     started = time.perf_counter()
     losses = []
     for step in range(config.steps):
@@ -82,25 +87,33 @@ def warmstart(
         schedule.step()
         losses.append(loss.item())
         on_step(step + 1, losses[-1])
+        if config.stop_at_accuracy is not None and (step + 1) % config.check_every_steps == 0:
+            accuracy = greedy_accuracy(model, tokenizer, env, checks, _reply_tokens(examples))
+            log.info("warm start step %d: held-out accuracy %.1f%%", step + 1, 100 * accuracy)
+            if accuracy >= config.stop_at_accuracy:
+                break
     seconds = time.perf_counter() - started
     config.out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(config.out_path)
     tokenizer.save_pretrained(config.out_path)
     log.info(
-        "warm start: %d steps in %.0fs, loss %.3f -> %.3f",
-        config.steps,
-        seconds,
-        losses[0],
+        "warm start: %d steps in %.0fs, loss %.3f -> %.3f", len(losses), seconds, losses[0],
         losses[-1],
-    )
+    )  # fmt: skip
     return WarmstartReport(
-        config.steps,
+        len(losses),
         len(examples),
         seconds,
         losses[0],
         float(np.mean(losses[-20:])),
         config.out_path,
+        accuracy,
     )
+
+
+def _reply_tokens(examples: list[tuple[list[int], int]]) -> int:
+    """Enough new tokens for the longest demonstration's reply."""
+    return max(len(ids) - prompt_len for ids, prompt_len in examples)
 
 
 def _collate(

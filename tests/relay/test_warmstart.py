@@ -53,3 +53,27 @@ def test_env_without_demonstrations_is_refused(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with pytest.raises(RelayError, match="no demonstrations"):
         build_examples(CodeEnv(CodeConfig()), tokenizer, 1, seed=0)
+
+
+def test_warmstart_stops_once_the_target_accuracy_is_reached(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.warmstart
+
+    # The checks' figures, in order (a double for the greedy decoding of held-out prompts).
+    figures = iter([0.05, 0.2, 0.35, 0.9])
+    checked_at = []
+
+    def check(model: object, tokenizer: object, env: object, prompts: list, max_tokens: int):
+        checked_at.append(len(prompts))
+        return next(figures)
+
+    monkeypatch.setattr(relay.warmstart, "greedy_accuracy", check)
+    config = WarmstartConfig(
+        steps=100, batch_size=8, n_examples=100, out_path=tmp_path / "warm",
+        stop_at_accuracy=0.3, check_every_steps=10, check_prompts=20,
+    )  # fmt: skip
+    report = warmstart(str(tiny_model_dir), ArithmeticEnv(ArithmeticConfig()), config, seed=0)
+    assert (report.steps, report.checked_accuracy) == (30, 0.35)  # the third check reached it
+    assert checked_at == [20, 20, 20]
+    assert (report.out_path / "config.json").is_file()
