@@ -35,8 +35,12 @@ class BufferConfig(BaseModel):
     """A claimed batch not acked within this time goes back to the buffer (its learner died)."""
     lease_timeout_s: float = Field(600.0, gt=0)
     """An admission lease not turned into a put within this time is released (its actor died)."""
-    max_reuse: int = Field(0, ge=0)
-    """Extra times a group may be trained on (deliberate off-policy replay); 0 = once."""
+    replay: int = Field(1, ge=1)
+    """Uses of each group: the learner may train on a group up to this many times while it
+    stays within max_staleness (1: exactly once). Fresh groups are sampled first; replays
+    fill the rest of a batch, the freshest first, so a learner that outpaces its actors
+    trains on replays instead of waiting. A group whose rewards are all equal is never
+    replayed (it has no group-relative gradient)."""
     outage_limit_s: float = Field(120.0, gt=0)
     """How long clients ride out a Redis that does not answer (restart, network, pause),
     reconnecting with backoff, before the run ends with one error naming the server."""

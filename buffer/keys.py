@@ -7,9 +7,9 @@ share one Redis. docs/buffer.md has the table of what each holds.
 from __future__ import annotations
 
 SCRIPT_KEYS = (
-    "payload", "ready", "live", "claimed", "claims", "reuse", "vcount",
+    "payload", "ready", "live", "claimed", "claims", "uses", "vcount",
     "counters", "sampled_staleness", "acked", "leases", "quarantine", "version", "producers",
-    "held", "deliveries", "requests", "learner_epoch",
+    "held", "deliveries", "requests", "learner_epoch", "replay", "pending", "sampled_uses",
 )  # fmt: skip
 """The keys every Lua script receives as KEYS, in this order (buffer/lua/common.lua)."""
 

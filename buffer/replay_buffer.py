@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Each script runs as `body()` under this: a call carries a request id as its last
 # argument, and its reply is kept for a while under that id. A client that resends a
 # call (its connection dropped, the server paused past the socket timeout and then ran
-# both) gets the first reply back, and nothing happens twice. A replayed `sample` lists
+# both) gets the first reply back, and nothing happens twice. A resent `sample` lists
 # its ids again for the SORT ... GET that follows it in the same round trip.
 #
 # Before it, the caller's learner epoch (last but one argument; '' for actors and tools):
@@ -49,7 +49,7 @@ local EPOCH = table.remove(ARGV)
 local done = redis.call('GET', REQUEST_KEY)
 if done then
   local reply = cmsgpack.unpack(done)
-  REPLAY
+  ON_RESEND
   return reply
 end
 if EPOCH ~= '' then
@@ -62,8 +62,10 @@ local reply = body()
 redis.call('SET', REQUEST_KEY, cmsgpack.pack(reply), 'PX', TTL_MS)
 return reply
 """
-_SCRIPTS = ("put", "sample", "ack", "quarantine", "reserve", "release", "extend", "set_version")
-_REPLAY = {
+_SCRIPTS = (
+    "put", "sample", "ack", "replay", "quarantine", "reserve", "release", "extend", "set_version",
+)  # fmt: skip
+_ON_RESEND = {
     "sample": """redis.call('DEL', ARGV[7])
   for i = 2, #reply, 3 do redis.call('RPUSH', ARGV[7], reply[i]) end
   redis.call('PEXPIRE', ARGV[7], tonumber(ARGV[4]))""",
@@ -100,8 +102,15 @@ class SampledGroup:
     entry_id: str
     group: RolloutGroup
     staleness: int
+    """The learner's version minus the group's oldest token version, at this use."""
     reuse: int
-    """How many times this group was trained on before this delivery."""
+    """How many uses of this group were handed out before this one (0: a fresh group)."""
+
+    @property
+    def worth_replaying(self) -> bool:
+        """Its rewards differ, so group-relative advantages give it a gradient."""
+        rewards = [c.reward for c in self.group.completions]
+        return min(rewards) != max(rewards)
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,11 @@ class Batch:
     def entry_ids(self) -> list[str]:
         return [g.entry_id for g in self.groups]
 
+    @property
+    def replay_flags(self) -> list[bool]:
+        """Per group, whether another use of it is worth offering."""
+        return [g.worth_replaying for g in self.groups]
+
 
 @dataclass(frozen=True)
 class HeldBatch:
@@ -126,10 +140,16 @@ class HeldBatch:
     token: str
     entry_ids: list[str]
 
+    @property
+    def replay_flags(self) -> list[bool]:
+        """Unknown without the groups: none is offered again."""
+        return [False] * len(self.entry_ids)
+
 
 @dataclass(frozen=True)
 class AckResult:
-    """Which claims were acked, how many had expired (not acked), how many went back for replay."""
+    """Which claims were acked, how many had expired (not acked), how many were offered for
+    another use (buffer.replay)."""
 
     acked_ids: list[str]
     stale_claims: int
@@ -163,7 +183,7 @@ class ReplayBuffer:
         self._sources = {
             name: common
             + f"local function body()\n{_lua(f'{name}.lua')}\nend\n"
-            + _IDEMPOTENT.replace("REPLAY", _REPLAY.get(name, "")).replace("TTL_MS", ttl_ms)
+            + _IDEMPOTENT.replace("ON_RESEND", _ON_RESEND.get(name, "")).replace("TTL_MS", ttl_ms)
             for name in _SCRIPTS
         }
         self.epoch = ""
@@ -438,8 +458,21 @@ class ReplayBuffer:
         ]
         return sum(self._eval_many(calls)) if calls else 0
 
+    def offer_replays(self, batch: Batch) -> int:
+        """Offer a trained batch's groups for their next use now (buffer.replay > 1), while
+        its claims stay held until the checkpoint that acks them; returns how many."""
+        if self.config.replay == 1 or not batch.groups:
+            return 0
+        (offered,) = self._eval_many([self._uses_call("replay", batch)])
+        return int(offered)
+
     def _ack_call(self, batch: Batch | HeldBatch) -> tuple[str, list]:
-        return "ack", [batch.token, self.config.max_reuse, *batch.entry_ids]
+        return self._uses_call("ack", batch)
+
+    def _uses_call(self, script: str, batch: Batch | HeldBatch) -> tuple[str, list]:
+        flags = ["1" if flag else "0" for flag in batch.replay_flags]
+        ids = batch.entry_ids
+        return script, [batch.token, self.config.replay, len(ids), *ids, *flags]
 
     # -- claims held across steps ------------------------------------------------------------
     # A learner that checkpoints every N steps keeps its batches claimed until the

@@ -32,9 +32,11 @@ class BufferStats:
 
     learner_version: int
     depth: int
-    """Groups ready to sample."""
+    """Fresh groups ready to sample (never trained on)."""
+    replay_depth: int
+    """Groups trained on and waiting for another use (buffer.replay > 1)."""
     claimed: int
-    """Groups handed to a learner and not yet acked."""
+    """Groups handed to a learner and not yet acked or offered again."""
     in_flight: int
     """Admission leases held by actors generating groups."""
     bytes: int
@@ -45,10 +47,14 @@ class BufferStats:
     left out: a learner holds trained batches until its next checkpoint."""
     sampled_staleness_histogram: dict[int, int]
     """Everything sampled so far, by staleness at sampling time."""
+    sampled_uses_histogram: dict[int, int]
+    """Everything sampled so far, by which use of its group it was (1: fresh, 2: the first
+    replay, ...)."""
     counters: dict[str, int]
-    """put, sampled, acked, reused, duplicates, dropped_stale, dropped_capacity,
-    redelivered, stale_acks, quarantined, leases_granted, leases_expired, admitted,
-    put_tokens, put_bytes, dropped_uniform (generated, rewards all equal, not put)."""
+    """put, sampled, acked, reused (offered for another use), replays_expired (left
+    unused past max_staleness), duplicates, dropped_stale, dropped_capacity, redelivered,
+    stale_acks, quarantined, leases_granted, leases_expired, admitted, put_tokens,
+    put_bytes, dropped_uniform (generated, rewards all equal, not put)."""
     producers: list[ProducerStats] = field(default_factory=list)
     rates: dict[str, float] = field(default_factory=dict)
     """put/sampled/acked groups and put tokens per second since the previous snapshot."""
@@ -60,7 +66,9 @@ class BufferStats:
         out = {
             "buffer/learner_version": self.learner_version,
             "buffer/depth": self.depth,
+            "buffer/replay_depth": self.replay_depth,
             "buffer/claimed": self.claimed,
+            "buffer/replayed_share": self.replayed_share,
             "buffer/in_flight": self.in_flight,
             "buffer/bytes": self.bytes,
         }
@@ -76,9 +84,16 @@ class BufferStats:
         out.update({f"buffer/{name}": value for name, value in self.rates.items()})
         return out
 
+    @property
+    def replayed_share(self) -> float:
+        """The share of everything sampled that was a replay (a group's second use or later)."""
+        total = sum(self.sampled_uses_histogram.values())
+        return 1.0 - self.sampled_uses_histogram.get(1, 0) / total if total else 0.0
+
 
 COUNTER_NAMES = (
-    "put", "sampled", "acked", "reused", "duplicates", "dropped_stale", "dropped_capacity",
+    "put", "sampled", "acked", "reused", "replays_expired", "duplicates", "dropped_stale",
+    "dropped_capacity",
     "redelivered", "stale_acks", "quarantined", "leases_granted", "leases_expired",
     "admitted", "put_tokens", "put_bytes", "dropped_uniform",
 )  # fmt: skip
@@ -100,14 +115,16 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     pipe.hgetall(buffer.key("counters"))
     pipe.hgetall(buffer.key("vcount"))
     pipe.hgetall(buffer.key("sampled_staleness"))
+    pipe.hgetall(buffer.key("sampled_uses"))
     pipe.zcard(buffer.key("ready"))
+    pipe.zcard(buffer.key("replay"))
     pipe.zcard(buffer.key("live"))  # stored groups: ready ones and claimed ones
     pipe.zcard(buffer.key("leases"))
     pipe.smembers(buffer.key("producers"))
     pipe.zrange(buffer.key("ready"), 0, 0, withscores=True)
     pipe.time()
-    (version, counters, vcount, sampled, depth, stored, leases, producer_ids, oldest,
-     now) = pipe.execute()  # fmt: skip
+    (version, counters, vcount, sampled, uses, depth, replay_depth, stored, leases,
+     producer_ids, oldest, now) = pipe.execute()  # fmt: skip
     version = int(version or 0)
     now_s = now[0] + now[1] / 1e6
     counters = {k.decode(): int(v) for k, v in counters.items()}
@@ -144,12 +161,16 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     return BufferStats(
         learner_version=version,
         depth=int(depth),
-        claimed=int(stored) - int(depth),  # claims are recorded per batch, not per group
+        replay_depth=int(replay_depth),
+        # Claims are recorded per batch, not per group; a released replay may still be
+        # claimed until its checkpoint, so this counts it once, as waiting.
+        claimed=int(stored) - int(depth) - int(replay_depth),
         in_flight=int(leases),
         bytes=counters.get("bytes", 0),
         staleness_histogram=dict(sorted(staleness.items())),
         ready_staleness_histogram=dict(sorted(ready_staleness.items())),
         sampled_staleness_histogram=dict(sorted((int(k), int(v)) for k, v in sampled.items())),
+        sampled_uses_histogram=dict(sorted((int(k), int(v)) for k, v in uses.items())),
         counters=counters_now,
         producers=producers,
         rates=rates,

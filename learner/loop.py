@@ -223,6 +223,9 @@ class TrainingLoop:
         except NonFiniteStep as error:
             self._quarantine(batch, str(error))
             return False
+        if self.config.checkpoint.every_steps:
+            # Held until the checkpoint acks it, but its groups may be used again now.
+            self.buffer.offer_replays(batch)
         self.state.step += 1
         self.state.trained_groups += len(groups)
         publish_s = 0.0
@@ -242,6 +245,7 @@ class TrainingLoop:
             "learner/wait_s": wait_s,
             "learner/publish_block_s": publish_s,
             "learner/sampled_staleness_max": float(max(g.staleness for g in batch.groups)),
+            "learner/replayed_fraction": sum(g.reuse > 0 for g in batch.groups) / len(groups),
         })  # fmt: skip
         if self.evaluate is not None and self.eval_every and self.state.step % self.eval_every == 0:
             metrics.update(self.evaluate(self.learner))

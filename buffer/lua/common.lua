@@ -1,10 +1,10 @@
 -- Shared by every script (prepended by replay_buffer.py). KEYS is always the same list:
-local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIMS, K_REUSE, K_VCOUNT,
+local K_PAYLOAD, K_READY, K_LIVE, K_CLAIMED, K_CLAIMS, K_USES, K_VCOUNT,
       K_COUNTERS, K_SAMPLED, K_ACKED, K_LEASES, K_QUARANTINE, K_VERSION, K_PRODUCERS, K_HELD,
-      K_DELIVERIES, K_REQUESTS, K_EPOCH =
+      K_DELIVERIES, K_REQUESTS, K_EPOCH, K_REPLAY, K_PENDING, K_SAMPLED_USES =
       KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
       KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16],
-      KEYS[17], KEYS[18]
+      KEYS[17], KEYS[18], KEYS[19], KEYS[20], KEYS[21]
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -42,10 +42,13 @@ local function remove_entries(ids)
   end
   for i = 1, #keys, 512 do redis.call('DEL', unpack(keys, i, math.min(i + 511, #keys))) end
   call_chunked('ZREM', K_READY, ids)
+  call_chunked('ZREM', K_REPLAY, ids)
   call_chunked('ZREM', K_LIVE, ids)
-  call_chunked('HDEL', K_REUSE, ids)
+  call_chunked('HDEL', K_USES, ids)
+  call_chunked('HDEL', K_PENDING, ids)
   call_chunked('HDEL', K_DELIVERIES, ids)
-  redis.call('HINCRBY', K_COUNTERS, 'bytes', -freed)
+  -- Never -0: Lua writes it as "-0", which HINCRBY refuses.
+  if freed > 0 then redis.call('HINCRBY', K_COUNTERS, 'bytes', -freed) end
   for version, count in pairs(per_version) do
     if redis.call('HINCRBY', K_VCOUNT, version, -count) <= 0 then
       redis.call('HDEL', K_VCOUNT, version)
@@ -103,19 +106,50 @@ local function release_claims(token, ids)
   return mine, others
 end
 
--- Claims whose visibility deadline passed go back to ready: their consumer died.
+-- Uses (buffer.replay): `uses` counts the times a group was handed out and not given
+-- back, `pending` those of them not acked yet. A group waits in `ready` before its first
+-- use and in `replay` between uses; while claimed it is in neither, unless its trained
+-- use was released for the next one before its checkpoint acked it.
+
+-- Give back a use that never reached a committed update (its consumer died, or its claim
+-- expired): the group is offered again for that same use, in `ready` if it was its first.
+local function give_back_use(id)
+  local version = redis.call('ZSCORE', K_LIVE, id)
+  if not version then return end  -- dropped as stale or quarantined meanwhile
+  if redis.call('HINCRBY', K_PENDING, id, -1) <= 0 then redis.call('HDEL', K_PENDING, id) end
+  if redis.call('HINCRBY', K_USES, id, -1) <= 0 then
+    redis.call('HDEL', K_USES, id)
+    redis.call('ZREM', K_REPLAY, id)
+    redis.call('ZADD', K_READY, version, id)
+  else
+    redis.call('ZADD', K_REPLAY, version, id)
+  end
+end
+
+-- Claims whose visibility deadline passed are given back: their consumer died.
 local function requeue_expired_claims(now)
   local expired = redis.call('ZRANGEBYSCORE', K_CLAIMED, '-inf', now)
   local requeued = 0
   for _, token in ipairs(expired) do
     for _, id in ipairs(held_ids(token)) do
-      local version = redis.call('ZSCORE', K_LIVE, id)
-      if version then redis.call('ZADD', K_READY, version, id) end
+      give_back_use(id)
       requeued = requeued + 1
     end
     forget_claims(token)
   end
   if requeued > 0 then redis.call('HINCRBY', K_COUNTERS, 'redelivered', requeued) end
+end
+
+-- After a use was trained: offer the group for its next one while it has uses left and
+-- is worth it (`replayable`: its rewards differ, so it still has a gradient to give).
+-- Returns 1 when offered now, 2 when it already was (or waits in `ready`), 0 otherwise.
+local function offer_replay(id, replay, replayable)
+  if redis.call('ZSCORE', K_REPLAY, id) or redis.call('ZSCORE', K_READY, id) then return 2 end
+  local version = redis.call('ZSCORE', K_LIVE, id)
+  if not replayable or not version then return 0 end
+  if tonumber(redis.call('HGET', K_USES, id) or '0') >= replay then return 0 end
+  redis.call('ZADD', K_REPLAY, version, id)
+  return 1
 end
 
 -- An admitted slot that will never be trained (lease expired or released, group dropped,

@@ -38,6 +38,9 @@ def make_group(*completions: Completion, **changes: object) -> RolloutGroup:
 def versioned_group(
     group_id: str, version: int, group_size: int = 2, tokens: int = 4
 ) -> RolloutGroup:
-    """A group whose every token was sampled by policy `version`."""
-    completions = [make_completion(tokens, version) for _ in range(group_size)]
+    """A group whose every token was sampled by policy `version`; its completions' rewards
+    alternate 1, 0, ... (a group with a learning signal, worth replaying)."""
+    completions = [
+        make_completion(tokens, version, reward=float(i % 2 == 0)) for i in range(group_size)
+    ]
     return make_group(*completions, group_id=group_id)

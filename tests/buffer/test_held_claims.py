@@ -86,13 +86,13 @@ def test_a_group_given_back_max_deliveries_times_is_quarantined_not_handed_out(m
 
 
 def test_an_ack_starts_the_delivery_count_again(make_buffer) -> None:
-    buffer = make_buffer(visibility_timeout_s=60, max_deliveries=2, max_reuse=2)
+    buffer = make_buffer(visibility_timeout_s=60, max_deliveries=2, replay=3)
     buffer.put([versioned_group("g", 0)], "actor")
     for _ in range(3):  # given back once, then trained: never at the limit
         buffer.abandon("learner-0", [buffer.sample(1, hold_as="learner-0")])
         assert buffer.ack(buffer.sample(1)).acked == 1
     assert buffer.quarantined() == []
-    assert buffer.sample(1).groups == []  # used 1 + max_reuse times: gone, not quarantined
+    assert buffer.sample(1).groups == []  # used `replay` times: gone, not quarantined
 
 
 def test_no_delivery_limit_with_max_deliveries_0(make_buffer) -> None:

@@ -23,14 +23,16 @@ def known_patterns(keys: Keyspace) -> list[str]:
 
 
 def test_everything_an_experiment_writes_is_named_by_its_keyspace(make_buffer) -> None:
-    buffer = make_buffer(visibility_timeout_s=60)
+    buffer = make_buffer(visibility_timeout_s=60, replay=2)
     telemetry = Telemetry.beside(buffer)
     store = RedisWeightStore(buffer.client, buffer.config.key_prefix, keep_versions=1)
     buffer.fence_out_older_learners()
     version, leases = buffer.reserve("actor-0", 3)
     buffer.put([versioned_group(f"g{i}", version) for i in range(3)], "actor-0", leases)
     batch = buffer.sample(2, hold_as="learner-0")
+    buffer.offer_replays(batch)
     buffer.commit("learner-0", [batch])
+    buffer.ack(buffer.sample(2))  # a fresh group and a replay
     buffer.quarantine(buffer.sample(1), "a test")
     for v in (1, 2):
         store.publish(v, {"w": torch.full((2,), float(v))})

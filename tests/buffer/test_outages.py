@@ -18,7 +18,7 @@ from tests.buffer.factories import versioned_group
 
 
 def test_every_script_resent_with_its_request_id_changes_nothing_twice(make_buffer) -> None:
-    buffer = make_buffer(visibility_timeout_s=60, max_reuse=0)
+    buffer = make_buffer(visibility_timeout_s=60)
     buffer.put([versioned_group(f"g{i}", 0) for i in range(4)], "actor")
 
     def twice(script: str, *args: object) -> tuple[object, object]:
@@ -42,7 +42,10 @@ def test_every_script_resent_with_its_request_id_changes_nothing_twice(make_buff
     assert buffer.client.zcard(buffer.key("ready")) == 2  # not 0: claimed once
     assert buffer.client.lrange(listed, 0, -1) == first[1::3]  # listed again for SORT
     ids = first[1::3]
-    first, again = twice("ack", "t", 0, *ids)
+    first, again = twice("replay", "t", 2, 2, *ids, "1", "1")
+    assert first == again == 2  # both offered for a second use, once
+    assert counters()[b"reused"] == b"2"
+    first, again = twice("ack", "t", 2, 2, *ids, "1", "1")
     assert first == again and first[0] == 0  # no "stale claim" on the resend
     assert counters()[b"acked"] == b"2"
 

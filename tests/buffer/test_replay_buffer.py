@@ -93,7 +93,7 @@ def test_claims_are_recorded_per_batch_and_acked_in_parts(make_buffer: object) -
     assert buffer.client.zrange(buffer.key("claimed"), 0, -1) == [batch.token.encode()]
     assert read_stats(buffer).claimed == 4
     first, second = batch.entry_ids[:1], batch.entry_ids[1:]
-    part = buffer._ack_result(buffer._run("ack", batch.token, 0, *first, *first))
+    part = buffer._ack_result(buffer._run("ack", batch.token, 1, 2, *first, *first, "0", "0"))
     assert (part.acked_ids, part.stale_claims) == (first, 1)  # a repeated id is acked once
     assert read_stats(buffer).claimed == 3
     rest = buffer.ack(batch)  # the acked id again, and the three still held
@@ -293,16 +293,21 @@ def test_admission_control_bounds_staleness_under_a_slow_consumer(make_buffer: o
     assert stats.depth + stats.claimed + stats.in_flight <= (max_staleness + 1) * per_version
 
 
-def test_reuse_replays_a_group_and_counts_it(make_buffer: object) -> None:
-    buffer = make_buffer(max_reuse=1)
+def test_replay_trains_a_group_again_and_counts_each_use(make_buffer: object) -> None:
+    buffer = make_buffer(replay=2)
     buffer.put([versioned_group("r", 0)], "actor-0")
     first = buffer.sample(1)
-    assert buffer.ack(first).reused == 1
+    assert first.groups[0].reuse == 0
+    assert buffer.ack(first).reused == 1  # offered for its second use
     second = buffer.sample(1, timeout_s=1)
     assert second.groups[0].reuse == 1
-    assert buffer.ack(second).reused == 0
+    assert buffer.ack(second).reused == 0  # its last use: forgotten
+    assert buffer.sample(1).groups == []
     stats = read_stats(buffer)
-    assert (stats.depth, stats.counters["reused"], stats.counters["acked"]) == (0, 1, 2)
+    assert (stats.depth, stats.replay_depth, stats.claimed) == (0, 0, 0)
+    assert (stats.counters["reused"], stats.counters["acked"]) == (1, 2)
+    assert stats.sampled_uses_histogram == {1: 1, 2: 1}
+    assert stats.replayed_share == 0.5
 
 
 def test_stats_of_known_groups(make_buffer: object) -> None:

@@ -29,13 +29,24 @@ RELAY = str(Path(sys.executable).parent / "relay")
 
 
 def learn_config(
-    tmp_path: Path, model: Path, redis_server, prefix: str, learner: dict, groups: int
+    tmp_path: Path,
+    model: Path,
+    redis_server,
+    prefix: str,
+    learner: dict,
+    groups: int,
+    replay: int = 1,
 ) -> tuple[Path, ReplayBuffer]:
     """A `relay learn` config for tmp_path/run on the session's Redis under `prefix`, and
     that buffer holding `groups` synthetic groups (no staleness bound, no admission)."""
     from transformers import AutoTokenizer
 
-    buffer_config = {"key_prefix": prefix, "admission_control": False, "max_staleness": 10_000}
+    buffer_config = {
+        "key_prefix": prefix,
+        "admission_control": False,
+        "max_staleness": 10_000,
+        "replay": replay,
+    }
     config = tmp_path / "learn.yaml"
     config.write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / "run"), "model": {"path": str(model)},
@@ -146,6 +157,41 @@ def test_stop_crash_and_resume_keep_versions_and_lose_no_rollout(
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     for name, tensor in exported.named_parameters():
         assert (tensor.detach() == published[name]).all(), name
+
+
+@pytest.mark.slow
+def test_replay_across_a_crash_acks_every_committed_use_once(
+    warm_model_dir: Path, redis_server, tmp_path: Path
+) -> None:
+    from buffer.stats import read_stats
+
+    run_dir, prefix, steps, groups = tmp_path / "run", "test:replay", 16, 16
+    config, buffer = learn_config(tmp_path, warm_model_dir, redis_server, prefix, {
+        "steps": steps, "batch_groups": BATCH, "lr": 1e-4, "sample_timeout_s": 30,
+        "checkpoint": {"every_steps": 4, "keep": 2},
+    }, groups=groups, replay=2)  # fmt: skip
+    # 16 groups of 2 uses for 16 steps of 2: every use is needed, so the run finishes
+    # only if the crash lost none (it would stop on sample_timeout_s otherwise).
+    crashed = start(config)
+    wait_for_steps(crashed, run_dir, 7)
+    crashed.kill()
+    finish(crashed)
+    killed_at = metrics(run_dir)[-1]["step"]
+    resumed = start(config, "--resume")
+    out = finish(resumed)
+    assert resumed.returncode == 0, out
+
+    rows = metrics(run_dir)
+    assert rows[-1]["step"] == steps
+    assert any(r["learner/replayed_fraction"] > 0 for r in rows)
+    stats = read_stats(buffer)
+    # Every use in the final weights was acked once: 16 committed steps of 2 uses.
+    assert stats.counters["acked"] == steps * BATCH
+    assert set(stats.sampled_uses_histogram) <= {1, 2}  # no group handed out a third time
+    # The crash's uncommitted uses were handed out again: more deliveries than acks.
+    lost = (killed_at - killed_at // 4 * 4) * BATCH
+    assert sum(stats.sampled_uses_histogram.values()) >= steps * BATCH + lost
+    assert stats.claimed == 0 and buffer.held("learner-0") == []
 
 
 @pytest.mark.slow
