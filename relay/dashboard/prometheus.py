@@ -22,7 +22,9 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 
 _BUFFER_GAUGES = {
     "learner_version": ("relay_learner_version", "policy version the learner last published"),
-    "depth": ("relay_buffer_depth_groups", "groups ready to sample"),
+    "depth": ("relay_buffer_depth_groups", "fresh groups ready to sample"),
+    "replay_depth": ("relay_buffer_replay_groups", "trained groups waiting for another use"),
+    "replayed_share": ("relay_buffer_replayed_share", "share of sampled groups that were replays"),
     "claimed": ("relay_buffer_claimed_groups", "groups sampled and not yet acked"),
     "in_flight": ("relay_buffer_in_flight_groups", "admission leases held by actors"),
     "bytes": ("relay_buffer_bytes", "encoded bytes stored"),
@@ -52,6 +54,7 @@ _LEARNER_GAUGES = {
     "is_ess": "effective sample size of the importance weights, as a fraction",
     "clip_fraction": "fraction of tokens whose ratio was clipped",
     "staleness_mean": "mean staleness of the last trained batch",
+    "replayed_fraction": "share of the last trained batch that were replays",
 }
 
 

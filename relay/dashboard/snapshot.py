@@ -30,6 +30,7 @@ LEARNER_FIELDS = {
     "staleness_max": "learner/staleness_max",
     "loss": "learner/loss",
     "tokens": "learner/tokens",
+    "replayed_fraction": "learner/replayed_fraction",
 }
 """A learner step's record on the dashboard, by the name the learner logs it under."""
 
@@ -114,11 +115,14 @@ def _buffer_figures(stats: BufferStats) -> dict:
     return {
         "learner_version": stats.learner_version,
         "depth": stats.depth,
+        "replay_depth": stats.replay_depth,
         "claimed": stats.claimed,
         "in_flight": stats.in_flight,
         "bytes": stats.bytes,
         "staleness": _histogram_figures(stats.ready_staleness_histogram),
         "sampled_staleness": _histogram_figures(stats.sampled_staleness_histogram),
+        "uses": _histogram_figures(stats.sampled_uses_histogram),
+        "replayed_share": stats.replayed_share,
         "counters": counters,
         "lost_work": {
             "dropped_stale": counters["dropped_stale"],
@@ -127,7 +131,7 @@ def _buffer_figures(stats: BufferStats) -> dict:
             "claims_expired": counters["redelivered"],
             "leases_expired": counters["leases_expired"],
             "quarantined": counters["quarantined"],
-            "reused": counters["reused"],
+            "replays_expired": counters["replays_expired"],
         },
         "rates": stats.rates,
     }

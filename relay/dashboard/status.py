@@ -49,6 +49,16 @@ def _figures(buffer: dict, learner: dict) -> Table:
     grid.add_row(
         "lost work", "  ".join(f"{name.replace('_', ' ')} {n}" for name, n in lost.items())
     )
+    uses = buffer["uses"]
+    if any(use > 1 for use, _ in uses["counts"]):
+        last = learner.get("replayed_fraction")
+        grid.add_row(
+            "replay",
+            f"waiting {buffer['replay_depth']}  replayed {buffer['replayed_share']:.0%} of all "
+            f"sampled, {_value(last, '.0%')} of the last batch  (use:groups "
+            + "  ".join(f"{use}:{n}" for use, n in uses["counts"])
+            + ")",
+        )
     for label, figures in (("staleness", buffer["staleness"]),
                            ("trained on", buffer["sampled_staleness"])):  # fmt: skip
         histogram = "  ".join(f"{s}:{n}" for s, n in figures["counts"]) or "-"

@@ -188,3 +188,32 @@ def test_relay_status_without_a_buffer_says_where_to_point_it(
 ) -> None:
     assert main(["status", f"run_dir={tmp_path}"]) == 1
     assert "--buffer redis://" in capsys.readouterr().err
+
+
+def test_relay_status_and_the_snapshot_show_replay(
+    make_buffer, redis_server, capsys: pytest.CaptureFixture
+) -> None:
+    from relay.dashboard.prometheus import exposition
+    from tests.buffer.factories import versioned_group
+
+    buffer = make_buffer(replay=2)
+    buffer.put([versioned_group(f"g{i}", 0) for i in range(3)], "actor-0")
+    buffer.ack(buffer.sample(2))  # two fresh uses, both offered again
+    buffer.ack(buffer.sample(2))  # the last fresh group (offered again) and a last use
+    Telemetry.beside(buffer).record_metrics("learner", {
+        "step": 2, "time": 1.0, "learner/replayed_fraction": 0.5,
+    })  # fmt: skip
+    snapshot = Watcher(buffer).poll()
+    figures = snapshot["buffer"]
+    assert (figures["depth"], figures["replay_depth"], figures["claimed"]) == (0, 2, 0)
+    assert dict(map(tuple, figures["uses"]["counts"])) == {1: 3, 2: 1}
+    assert figures["replayed_share"] == pytest.approx(0.25)
+    assert snapshot["learner"]["replayed_fraction"] == 0.5
+    metrics = exposition(snapshot).decode()
+    assert "relay_buffer_replay_groups 2.0" in metrics
+    assert "relay_learner_replayed_fraction 0.5" in metrics
+    watch = ["--buffer", redis_server.url, "--prefix", buffer.config.key_prefix]
+    assert main(["status", *watch]) == 0
+    table = capsys.readouterr().out
+    assert "waiting 2  replayed 25% of all sampled, 50% of the last batch" in table
+    assert "use:groups 1:3  2:1" in table

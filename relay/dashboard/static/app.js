@@ -130,6 +130,9 @@ function renderBuffer(snapshot) {
   setText("buffer-claimed", fmt.int(b.claimed));
   setText("buffer-in-flight", fmt.int(b.in_flight));
   setText("buffer-bytes", fmt.mib(b.bytes));
+  setText("buffer-replay-depth", fmt.int(b.replay_depth));
+  setText("buffer-replayed-share",
+    `${fmt.pct(b.replayed_share)} / ${fmt.pct(snapshot.learner.replayed_fraction)}`);
   for (const [name, value] of Object.entries(b.lost_work)) setText(`lost-${name}`, fmt.int(value));
   setHistogram(state.charts.staleness, b.staleness, "staleness-stats");
   setHistogram(state.charts.sampledStaleness, b.sampled_staleness, "sampled-staleness-stats");
