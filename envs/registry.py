@@ -26,6 +26,7 @@ from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import EnvError, Environment, import_object
 from envs.calculator import CalculatorConfig, CalculatorEnv
 from envs.code_tests import CodeConfig, CodeEnv
+from envs.copy_digits import CopyConfig, CopyEnv
 from envs.dataset_env import DatasetConfig, DatasetEnv
 from envs.math_problems import MathConfig, MathEnv
 from envs.reasoning_gym_env import ReasoningGymConfig, ReasoningGymEnv
@@ -39,6 +40,7 @@ ENVIRONMENTS = {
     "calculator": CalculatorEnv,
     "reasoning_gym": ReasoningGymEnv,
     "dataset": DatasetEnv,
+    "copy": CopyEnv,
 }
 
 
@@ -90,6 +92,7 @@ EnvConfig = Annotated[
     | Annotated[CalculatorConfig, Tag("calculator")]
     | Annotated[ReasoningGymConfig, Tag("reasoning_gym")]
     | Annotated[DatasetConfig, Tag("dataset")]
+    | Annotated[CopyConfig, Tag("copy")]
     | Annotated[PluginEnvConfig, Tag("plugin")],
     Discriminator(_env_tag),
 ]
