@@ -36,5 +36,5 @@ def test_only_the_exact_string_is_right() -> None:
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValidationError, match="min_length=9 exceeds max_length=4"):
         CopyConfig(min_length=9, max_length=4)
-    with pytest.raises(ValidationError, match="must contain {digits}"):
+    with pytest.raises(ValidationError, match=r"must contain \{digits\}"):
         CopyConfig(question="copy this")
