@@ -170,6 +170,19 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _replays_need_staleness_room(self) -> RunConfig:
+        # Runs after the sync schedule: mode sync sets max_staleness 0.
+        replay, buffer = self.buffer.replay, self.buffer
+        if replay > 1 and buffer.max_staleness == 0 and self.learner.push_every_steps == 1:
+            reason = "mode sync trains on-policy, " if self.mode == "sync" else ""
+            raise ValueError(
+                f"buffer.replay={replay} never replays with buffer.max_staleness=0: "
+                f"{reason}a group is a version staler at its next use (the learner publishes "
+                "every step); raise buffer.max_staleness or learner.push_every_steps"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _placement_needs_a_cluster(self) -> RunConfig:
         if (self.ray.learner_resources or self.ray.learner_num_gpus) and self.ray.address is None:
             raise ValueError(

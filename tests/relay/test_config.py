@@ -69,7 +69,10 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["warmstart.lr=-1"], "warmstart.lr: input should be greater than 0 (got -1)"),
-        (["warmstart.lrr=1"], "warmstart.lrr: unknown key; allowed: batch_size, lr,"),
+        (
+            ["warmstart.lrr=1"],
+            "warmstart.lrr: unknown key; allowed: batch_size, check_every_steps, check_prompts,",
+        ),
         (["env.type=chess"], "env: unknown env.type 'chess'; installed: arithmetic, math, code"),
         (["env.digits=many"], "env.digits: input should be a valid integer"),
         (["env.type=math", "env.digits=2"], "env.digits: unknown key; allowed: max_answer_chars"),
@@ -100,6 +103,24 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
         ),
         (["learner.lr_schedule=step"], "learner.lr_schedule: input should be 'constant'"),
         (["actors.cpu_cores=3"], "actors.cpu_cores: input should be a valid list"),
+        (["buffer.replay=0"], "buffer.replay: input should be greater than or equal to 1"),
+        (
+            ["buffer.replay=2", "buffer.max_staleness=0"],
+            "buffer.replay=2 never replays with buffer.max_staleness=0: a group is a version "
+            "staler at its next use",
+        ),
+        (
+            ["buffer.replay=2", "mode=sync"],
+            "buffer.replay=2 never replays with buffer.max_staleness=0: mode sync trains on-policy",
+        ),
+        (
+            ["learner.loss.type=m2po", "learner.loss.tau=0"],
+            "learner.loss.tau: input should be greater than 0 (got 0)",
+        ),
+        (
+            ["learner.loss.type=seq_mis", "learner.loss.upper=0.5"],
+            "learner.loss.upper: input should be greater than or equal to 1 (got 0.5)",
+        ),
         # A rule within one section names the section, then its fields, without the input.
         (
             ["learner.minibatches=9"],
