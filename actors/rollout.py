@@ -86,8 +86,14 @@ class ActorStats:
     """Finished groups dropped because their rewards were all equal (skip_uniform_groups)."""
     tokens: int = 0
     """Sampled tokens (the policy's, not the environment's)."""
+    prompt_tokens: int = 0
+    """Context tokens sent for prefill: each turn's context once (a group's episodes
+    share one request on their first turn)."""
     busy_s: float = 0.0
     idle_s: float = 0.0
+    admission_wait_s: float = 0.0
+    """Idle time while admission control granted fewer groups than there was room for:
+    the actor was ahead of the learner by the staleness bound."""
     weight_loads: int = 0
     weight_load_s: float = 0.0
     errors: int = 0
@@ -135,6 +141,8 @@ class RolloutWorker:
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._admit_limit: int | None = None
+        self._refused = False
+        """The last reservation got fewer leases than there was room for."""
         self.restarts = 0
         """How many times Ray restarted this actor (reported in `health`)."""
 
@@ -174,7 +182,10 @@ class RolloutWorker:
             self._admit()
         if not self._running:
             time.sleep(_IDLE_SLEEP_S)
-            self.stats.idle_s += time.monotonic() - now
+            idle = time.monotonic() - now
+            self.stats.idle_s += idle
+            if self._refused:
+                self.stats.admission_wait_s += idle
             self._maybe_report()
             return []
         finished = []
@@ -200,6 +211,7 @@ class RolloutWorker:
         if free <= 0:
             return
         buffer_version, leases = self.buffer.reserve(self.actor_id, free)
+        self._refused = len(leases) < free
         if leases and self.weights is not None and buffer_version > self.version:
             # New groups start on the newest policy: admission control counts them from
             # the buffer's version, so starting them on older weights would make them
@@ -229,6 +241,7 @@ class RolloutWorker:
 
         first = episodes[0]
         context = first.episode.prompt_token_ids + first.episode.token_ids
+        self.stats.prompt_tokens += len(context)  # one request, however many episodes
         budget = min(self.config.sampling.max_tokens, self.max_model_len - len(context))
         request_id = f"{first.group.group_id}.{id(first)}.{first.turn}"
         for index, running in enumerate(episodes):
@@ -430,6 +443,11 @@ class RolloutWorker:
             "tokens_per_s": stats.tokens / elapsed,
             "groups_per_s": stats.groups / elapsed,
             "idle_fraction": stats.idle_s / max(stats.idle_s + stats.busy_s, 1e-9),
+            "busy_s": stats.busy_s,
+            "idle_s": stats.idle_s,
+            "admission_wait_s": stats.admission_wait_s,
+            "prompt_tokens": stats.prompt_tokens,
+            "uniform_groups": stats.uniform_groups,
             "weight_loads": stats.weight_loads,
             "weight_load_s": stats.weight_load_s,
             "in_flight_groups": len(self._groups),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,30 @@ def test_groups_land_in_the_buffer_tagged_and_scored(
     assert (
         health["groups"] == stats.groups and health["version"] == 0 and health["tokens_per_s"] > 0
     )
+    # Each group's prompt was prefilled once for its four completions (one request).
+    prefilled = sum(len(g.group.prompt_token_ids) for g in batch.groups)
+    assert prefilled <= health["prompt_tokens"] < 2 * prefilled
+    assert health["admission_wait_s"] == 0.0
+
+
+def test_time_waiting_for_admission_is_counted(vllm_engine, tokenizer, make_buffer) -> None:
+    # Admission allows (version 0 + max_staleness 0 + 1) x 2 = 2 groups; the worker wants 4
+    # and waits, idle, until it is stopped.
+    buffer = make_buffer(groups_per_version=2, max_staleness=0)
+    env = ArithmeticEnv(ArithmeticConfig())
+    rollout = worker(vllm_engine, tokenizer, env, buffer, group_size=2, groups_in_flight=4)
+    stop, done = threading.Event(), []
+    running = threading.Thread(target=lambda: done.append(rollout.run(stop, max_groups=4)))
+    running.start()
+    deadline = time.monotonic() + 120
+    while buffer.counter("put") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # both admitted groups are in: from here on it can only wait
+    stop.set()
+    running.join(30)
+    (stats,) = done
+    assert stats.groups == 2
+    assert 0.5 < stats.admission_wait_s <= stats.idle_s
 
 
 def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
