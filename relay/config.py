@@ -123,8 +123,9 @@ class RunConfig(BaseModel):
     """Seeds prompts, sampling and initialisation."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     env: EnvConfig = Field(default_factory=ArithmeticConfig)
-    """The task; `type` selects it (arithmetic, math, code, calculator, reasoning_gym, or a
-    plugin by entry point or `package.module:Class`: docs/environments.md)."""
+    """The task; `type` selects it (arithmetic, math, code, calculator, reasoning_gym,
+    dataset, copy, or a plugin by entry point or `package.module:Class`:
+    docs/environments.md)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """vLLM engine settings (actors and evaluation)."""
     actors: ActorConfig = Field(default_factory=ActorConfig)
