@@ -1,5 +1,5 @@
-"""Configuration of the rollout actors, their sampling and their engines (no torch, vLLM
-or Ray import, so configs load fast)."""
+"""Configuration of the rollout actors, their sampling, their engines and held-out
+evaluation on an engine (no torch, vLLM or Ray import, so configs load fast)."""
 
 from __future__ import annotations
 
@@ -115,3 +115,26 @@ class ActorConfig(BaseModel):
                 "policy softmax(logits / temperature), and greedy decoding has none"
             )
         return sampling
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_prompts: int = Field(500, gt=0)
+    """Test-split prompts to evaluate on."""
+    max_tokens: int = Field(16, gt=0)
+    """Token budget per assistant turn."""
+    temperature: float = Field(0.0, ge=0)
+    """0 is greedy decoding."""
+    seed: int = 1234
+    """Chooses the test prompts; fixed so that runs are compared on the same ones."""
+    every_steps: int = Field(0, ge=0)
+    """`relay run`: greedy accuracy of the learner's policy on `in_run_prompts` held-out
+    prompts every N steps (single-turn tasks; 0: never). The final figure uses vLLM."""
+    in_run_prompts: int = Field(100, gt=0)
+    before: bool = True
+    """`relay run`: evaluate the starting policy too, so the run reports before and after.
+    The first actor does it on its own engine before it starts generating, so no engine
+    is started for it (a learner-only run, with no actors, starts one)."""

@@ -15,7 +15,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict
 
-from actors.config import ActorConfig, EngineConfig
+from actors.config import ActorConfig, EngineConfig, EvalConfig
 from buffer.config import BufferConfig
 from envs.registry import EnvConfig
 
@@ -38,6 +38,9 @@ class ActorSpec(BaseModel):
     """Must carry the buffer's `url`: actors always connect to an existing Redis."""
     cpu_cores: str | None = None
     """CPU only: the cores its engine runs on (see `ActorConfig.cpu_cores`)."""
+    evaluate_first: EvalConfig | None = None
+    """Score the starting policy on held-out prompts with this engine before generating
+    (`relay run`'s "before" figure, without an engine of its own)."""
 
 
 def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
@@ -99,10 +102,13 @@ class RolloutActor:
                         spec.actor_id, restarts)  # fmt: skip
         self.worker = build_worker(spec, restarts=restarts)
         self._stop = threading.Event()
+        self._evaluation: dict | None = None
 
     def run(self) -> dict:
-        """Generate until `stop()`; returns the final counters."""
+        """Generate until `stop()` (after `spec.evaluate_first`); returns the final counters."""
         try:
+            if self.spec.evaluate_first is not None and self._evaluation is None:
+                self._evaluation = self._evaluate(self.spec.evaluate_first)
             stats = self.worker.run(self._stop)
         except Exception as error:
             self.worker.stats.errors += 1
@@ -113,6 +119,26 @@ class RolloutActor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def evaluation(self) -> dict | None:
+        """The report of `spec.evaluate_first` (None until it is done)."""
+        return self._evaluation
+
+    def _evaluate(self, config: EvalConfig) -> dict:
+        """Held-out accuracy of the policy the engine holds, before any generation."""
+        from dataclasses import asdict
+
+        from actors.evaluation import evaluate
+
+        worker = self.worker
+        report = evaluate(
+            worker.llm, worker.tokenizer, worker.env, config, max_model_len=worker.max_model_len
+        )
+        log.info(
+            "%s: held-out accuracy %.1f%% on %d prompts before training (%.1fs)",
+            self.spec.actor_id, 100 * report.accuracy, report.n_prompts, report.seconds,
+        )  # fmt: skip
+        return {**asdict(report), "model": self.spec.model_path}
 
     def health(self) -> dict:
         import ray

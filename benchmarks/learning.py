@@ -120,9 +120,9 @@ def score_snapshots(records: dict, config_path: Path, model: str) -> None:
     from transformers import AutoTokenizer
 
     from actors.engine import build_llm
+    from actors.evaluation import evaluate
     from envs.registry import make_env
     from relay.config import load_config
-    from relay.evaluate import evaluate
     from weights.engine import update_engine_weights
 
     config = load_config(config_path, [f"model.path={model}"])

@@ -36,7 +36,7 @@ def run_seed(config: Path, seed: int, run_dir: Path, reuse: bool) -> dict:
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     learner_tokens = sum(s["learner/tokens"] for s in steps)
     learner_s = sum(s["learner/step_s"] for s in steps)
-    actors = summary["actors"].values()
+    actors = list(summary["actors"].values())
     return {
         "seed": seed,
         "accuracy_before": summary["before"]["accuracy"],
@@ -55,6 +55,39 @@ def run_seed(config: Path, seed: int, run_dir: Path, reuse: bool) -> dict:
         "actor_idle_fraction": statistics.mean(a["idle_fraction"] for a in actors),
         "reward_first_5_steps": statistics.mean(s["learner/reward_mean"] for s in steps[:5]),
         "reward_last_5_steps": statistics.mean(s["learner/reward_mean"] for s in steps[-5:]),
+        "time": time_breakdown(summary, steps, actors),
+    }
+
+
+def time_breakdown(summary: dict, steps: list[dict], actors: list[dict]) -> dict:
+    """Where the run's wall clock went, for the learner and for the actors (an actor is
+    busy while its engine has sequences to run, weight loads during them included, and
+    idle otherwise: refused by admission control, or loading weights with nothing running)."""
+    waited = sum(s["learner/wait_s"] for s in steps[1:])  # the first wait is start-up
+    computed = sum(s["learner/step_s"] + s["learner/publish_block_s"] for s in steps[1:])
+    replayed = [s.get("learner/replayed_fraction", 0.0) for s in steps]
+    return {
+        "run_s": summary["seconds"],
+        "evaluation_s": summary["before"]["seconds"] + summary["after"]["seconds"],
+        "startup_wait_s": steps[0]["learner/wait_s"],
+        "learner_waiting_share": waited / (waited + computed),
+        "learner_wait_s": waited,
+        "learner_compute_s": computed,
+        "replayed_share": statistics.mean(replayed),
+        "actors": [
+            {
+                "busy_s": a["busy_s"],
+                "weight_loads": a["weight_loads"],
+                "weight_load_s": a["weight_load_s"],
+                "idle_s": a["idle_s"],
+                "admission_wait_s": a["admission_wait_s"],
+                "sampled_tokens": a["tokens"],
+                "prefilled_tokens": a["prompt_tokens"],
+                "groups_put": a["groups"],
+                "uniform_groups_dropped": a["uniform_groups"],
+            }
+            for a in actors
+        ],
     }
 
 
@@ -71,7 +104,11 @@ def main() -> None:
         "config": str(args.config),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "seeds": seeds,
-        "mean": {key: statistics.mean(s[key] for s in seeds) for key in seeds[0] if key != "seed"},
+        "mean": {
+            key: statistics.mean(s[key] for s in seeds)
+            for key in seeds[0]
+            if key not in ("seed", "time")
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "smollm2.json").write_text(json.dumps(report, indent=2) + "\n")

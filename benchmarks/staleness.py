@@ -1,7 +1,8 @@
 """Staleness against corrections: every trained batch exactly k policy versions old.
 
-For each k in {0, 2, 8, 32} and each loss (none, tis, decoupled_ppo, seq_is), for every
-seed, the demo's task and recipe (warm-started tiny model, 16 groups x 8, lr 1e-4) train
+For each k in {0, 2, 8, 32, 128} and each loss (none, tis, decoupled_ppo, seq_is, m2po,
+seq_mis, vcpo), for every seed, the demo's task and recipe (warm-started tiny model,
+16 groups x 8, lr 1e-4) train
 for the same number of learner steps. Staleness is enforced by holding the actor's
 weights back: the learner keeps its last k+1 versions, and before it generates the
 batch for step s the actor's engine loads version max(0, v - k), where v is the
@@ -18,7 +19,7 @@ step sees a policy that moved away from the frozen π_prox, so the clip can act)
 Two worker processes, one per core, share the cells (each runs its engine and learner
 on its own core, alternating). Held-out accuracy: greedy on vLLM, 500 test prompts.
 
-    python benchmarks/staleness.py --out benchmarks/results        # about 20 minutes
+    python benchmarks/staleness.py --out benchmarks/results        # about 80 minutes
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import threading
 import time
 from pathlib import Path
 
-STALENESS = (0, 2, 8, 32)
-LOSSES = ("none", "tis", "decoupled_ppo", "seq_is")
+STALENESS = (0, 2, 8, 32, 128)
+LOSSES = ("none", "tis", "decoupled_ppo", "seq_is", "m2po", "seq_mis", "vcpo")
 
 
 def learner_config(loss: str, steps: int, lr: float) -> dict:
@@ -51,7 +52,8 @@ def learner_config(loss: str, steps: int, lr: float) -> dict:
 
 def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
     """Train one (k, loss, seed) cell; returns its curve and its staleness histogram."""
-    from actors.config import ActorConfig
+    from actors.config import ActorConfig, EvalConfig
+    from actors.evaluation import evaluate
     from actors.rollout import RolloutWorker
     from buffer.config import BufferConfig
     from buffer.replay_buffer import ReplayBuffer
@@ -59,7 +61,6 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
     from buffer.stats import read_stats
     from learner.config import LearnerConfig
     from learner.trainer import Learner
-    from relay.evaluate import EvalConfig, evaluate
     from weights.engine import update_engine_weights
 
     k, loss, seed = cell["k"], cell["loss"], cell["seed"]
@@ -118,6 +119,7 @@ def run_cell(cell: dict, args: argparse.Namespace, shared: dict) -> dict:
     learner.close()
     return {
         **cell,
+        "steps": args.steps,
         "curve": curve,
         "final_accuracy": curve[-1][1],
         "sampled_staleness_histogram": {str(s): n for s, n in
@@ -191,27 +193,25 @@ def plot(results: list[dict], table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(LOSSES)
     for i, loss in enumerate(LOSSES):
         rows = [table.get(f"{loss}@{k}") for k in STALENESS]
-        xs = [j + (i - 1.5) * width for j, r in enumerate(rows) if r]
+        xs = [j + (i - (len(LOSSES) - 1) / 2) * width for j, r in enumerate(rows) if r]
         means = [100 * r["mean"] for r in rows if r]
         errs = [[100 * (r["mean"] - min(r["final_accuracy"])) for r in rows if r],
                 [100 * (max(r["final_accuracy"]) - r["mean"]) for r in rows if r]]  # fmt: skip
-        left.bar(xs, means, width, yerr=errs, capsize=3, label=loss)
+        left.bar(xs, means, width, yerr=errs, capsize=2, label=loss)
+        ks = [k for k, r in zip(STALENESS, rows, strict=True) if r]
+        right.plot([max(k, 0.5) for k in ks], means, marker="o", label=loss)
     left.set_xticks(range(len(STALENESS)), [f"k={k}" for k in STALENESS])
     left.set_ylabel("final held-out accuracy (%), range over seeds")
-    left.legend(fontsize=8)
-    colors = dict(zip(LOSSES, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
-    styles = dict(zip(STALENESS, ("-", "--", "-.", ":"), strict=True))
-    for r in results:
-        steps, accuracy = zip(*r["curve"], strict=True)
-        right.plot(steps, [100 * a for a in accuracy], color=colors[r["loss"]],
-                   ls=styles[r["k"]], alpha=0.6, lw=1)  # fmt: skip
-    right.set_xlabel("learner step")
-    right.set_ylabel("held-out accuracy (%)")
-    right.set_title("colour: loss, line: k", fontsize=9)
+    left.legend(fontsize=7, ncol=2)
+    right.set_xscale("log", base=2)
+    right.set_xticks([max(k, 0.5) for k in STALENESS], [str(k) for k in STALENESS])
+    right.set_xlabel("versions of staleness k (every trained batch exactly k old)")
+    right.set_ylabel("mean final held-out accuracy (%)")
+    right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -219,7 +219,7 @@ def plot(results: list[dict], table: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/tiny-warm", help="the warm-started policy")
-    parser.add_argument("--steps", type=int, default=200, help="learner steps per cell")
+    parser.add_argument("--steps", type=int, default=400, help="learner steps per cell")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--staleness", type=int, nargs="+", default=list(STALENESS))
@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2, help="processes, one core each")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, default=Path("runs/staleness"),
+                        help="finished cells, kept so that a stopped run resumes")  # fmt: skip
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cells", help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
@@ -239,32 +241,46 @@ def main() -> None:
 
     grid = itertools.product(args.seeds, args.staleness, args.losses)
     cells = [{"k": k, "loss": loss, "seed": seed} for seed, k, loss in grid]
+    # Finished cells are kept in --work, so a run that stopped goes on where it was.
+    args.work.mkdir(parents=True, exist_ok=True)
+    results_file = args.work / "cells.jsonl"
+    done = [json.loads(line) for line in results_file.read_text().splitlines()] if (
+        results_file.is_file()) else []  # fmt: skip
+    finished = {(r["k"], r["loss"], r["seed"]) for r in done if r["steps"] == args.steps}
+    todo = [c for c in cells if (c["k"], c["loss"], c["seed"]) not in finished]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {results_file}")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as work:
-        results_file = Path(work) / "cells.jsonl"
-        shared = [str(a) for a in ("--model", args.model, "--steps", args.steps, "--lr", args.lr,
-                                   "--eval-every", args.eval_every,
-                                   "--eval-prompts", args.eval_prompts)]  # fmt: skip
-        workers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    *shared,
-                    "--worker",
-                    str(i),
-                    "--cells",
-                    json.dumps(cells[i :: args.workers]),
-                    "--results",
-                    str(results_file),
-                ],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            for i in range(args.workers)
-        ]
-        if any(w.wait() for w in workers):
-            sys.exit("a worker failed")
-        results = [json.loads(line) for line in results_file.read_text().splitlines()]
+    shared = [str(a) for a in ("--model", args.model, "--steps", args.steps, "--lr", args.lr,
+                               "--eval-every", args.eval_every,
+                               "--eval-prompts", args.eval_prompts)]  # fmt: skip
+    # The slowest cells (k = 128 holds 129 versions) first, dealt out in turn.
+    todo.sort(key=lambda c: -c["k"])
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                *shared,
+                "--worker",
+                str(i),
+                "--cells",
+                json.dumps(todo[i :: args.workers]),
+                "--results",
+                str(results_file),
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for i in range(args.workers)
+        if todo[i :: args.workers]
+    ]
+    if any(w.wait() for w in workers):
+        sys.exit("a worker failed")
+    wanted = {(c["k"], c["loss"], c["seed"]) for c in cells}
+    results = [
+        r
+        for r in (json.loads(line) for line in results_file.read_text().splitlines())
+        if (r["k"], r["loss"], r["seed"]) in wanted and r["steps"] == args.steps
+    ]
     table = summarize(results)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "

@@ -225,8 +225,8 @@ def _eval(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> No
     from transformers import AutoTokenizer
 
     from actors.engine import build_llm
+    from actors.evaluation import evaluate
     from envs.registry import make_env
-    from relay.evaluate import evaluate
 
     if args.model is None:
         prepare_model(config)

@@ -26,12 +26,12 @@ from pydantic import (
     model_validator,
 )
 
-from actors.config import ActorConfig, EngineConfig
+from actors.config import ActorConfig, EngineConfig, EvalConfig
 from buffer.config import BufferConfig, RedisServerConfig
 from envs.arithmetic import ArithmeticConfig
 from envs.registry import EnvConfig, PluginConfigError
 from learner.config import LearnerConfig
-from relay.config_models import EvalConfig, TinyModelConfig, WarmstartConfig
+from relay.config_models import TinyModelConfig, WarmstartConfig
 from relay.dashboard.config import DashboardConfig
 from relay.errors import ConfigError
 

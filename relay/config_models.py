@@ -1,5 +1,5 @@
-"""Settings of evaluation, warm start and the tiny model, apart from the code that uses
-them (torch, transformers, vLLM), so that loading a config imports none of it."""
+"""Settings of the warm start and the tiny model, apart from the code that uses them
+(torch, transformers), so that loading a config imports none of it."""
 
 from __future__ import annotations
 
@@ -7,27 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class EvalConfig(BaseModel):
-    """Held-out evaluation."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_prompts: int = Field(500, gt=0)
-    """Test-split prompts to evaluate on."""
-    max_tokens: int = Field(16, gt=0)
-    """Token budget per assistant turn."""
-    temperature: float = Field(0.0, ge=0)
-    """0 is greedy decoding."""
-    seed: int = 1234
-    """Chooses the test prompts; fixed so that runs are compared on the same ones."""
-    every_steps: int = Field(0, ge=0)
-    """`relay run`: greedy accuracy of the learner's policy on `in_run_prompts` held-out
-    prompts every N steps (single-turn tasks; 0: never). The final figure uses vLLM."""
-    in_run_prompts: int = Field(100, gt=0)
-    before: bool = True
-    """`relay run`: evaluate the starting policy too, so the run reports before and after."""
 
 
 class TinyModelConfig(BaseModel):

@@ -60,10 +60,13 @@ def run(
             dashboard_client = server.client(config.buffer.outage_limit_s, role="dashboard")
         if config.dashboard.enabled:
             results["dashboard"] = _start_dashboard(config, dashboard_client or client, cleanup)
-        if config.eval.before and not resume:
+        # The starting policy is scored by the first actor, on its engine, before it
+        # generates: no engine of its own to start, and the learner starts meanwhile.
+        before = config.eval.before and not resume
+        if before and config.actors.num_actors == 0:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
-        actors = Actors(config, actor_url)
+        actors = Actors(config, actor_url, evaluate_first=before)
         cleanup.callback(actors.shutdown)
         actors.start()
         state = _learn(config, resume, stop, actors, on_metrics)
@@ -71,6 +74,8 @@ def run(
         results["version"] = state.version
         results["trained_groups"] = state.trained_groups
         results["actors"] = actors.health()
+        if before and actors.specs:
+            results["before"] = actors.first_evaluation()
         actors.shutdown()
         results["policy"] = str(config.run_dir / "policy")
         results["after"] = _evaluate(config, results["policy"])
@@ -173,8 +178,8 @@ def _evaluate(config: RunConfig, model_path: str) -> dict:
     from transformers import AutoTokenizer
 
     from actors.engine import build_llm
+    from actors.evaluation import evaluate
     from envs.registry import make_env
-    from relay.evaluate import evaluate
 
     if not (Path(model_path) / "config.json").is_file():
         raise RelayError(f"no model at {model_path}: run `relay model init` (and warmstart)")
@@ -200,8 +205,11 @@ def _cycled(choices: list[str] | None, index: int) -> str | None:
 class Actors:
     """The run's rollout actors: started, watched, stopped."""
 
-    def __init__(self, config: RunConfig, buffer_url: str | None = None) -> None:
-        """`buffer_url`: the actors' own (restricted) URL, by default config.buffer.url."""
+    def __init__(
+        self, config: RunConfig, buffer_url: str | None = None, evaluate_first: bool = False
+    ) -> None:
+        """`buffer_url`: the actors' own (restricted) URL, by default config.buffer.url;
+        `evaluate_first`: the first actor scores the starting policy before generating."""
         from actors.ray_actor import ActorSpec
 
         self.config = config
@@ -217,6 +225,7 @@ class Actors:
                 actor=config.actors,
                 buffer=buffer,
                 cpu_cores=_cycled(config.actors.cpu_cores, i),
+                evaluate_first=config.eval if evaluate_first and i == 0 else None,
             )
             for i in range(config.actors.num_actors)
         ]
@@ -266,6 +275,19 @@ class Actors:
                 log.warning("%s failed (%s); restarting its loop", self.specs[i].actor_id,
                             str(error).splitlines()[0][:200])  # fmt: skip
                 self.runs[i] = self.handles[i].run.remote()
+
+    def first_evaluation(self) -> dict | None:
+        """The first actor's held-out report of the starting policy (None if it has none)."""
+        import ray
+
+        try:
+            report = ray.get(self.handles[0].evaluation.remote(), timeout=60)
+        except Exception as error:  # a dead actor must not hide the run's results
+            log.warning("no held-out figure before training: %s", str(error).splitlines()[0])
+            return None
+        if report is None:
+            log.warning("the first actor did not score the starting policy (it restarted?)")
+        return report
 
     def health(self) -> dict:
         import ray

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actors.config import EvalConfig
 from actors.episodes import SamplingConfig, render_prompt, run_episodes
+from actors.evaluation import evaluate
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from envs.base import Message, Split
 from learner.logprobs import completion_logprobs
-from relay.evaluate import EvalConfig, evaluate
 from tests.actors.logprob_check import LOGPROB_TOLERANCE, worst_difference
 from tests.actors.tool_echo import ToolEchoEnv
 

@@ -113,6 +113,9 @@ def test_relay_run_trains_on_rollouts_and_cleans_up(
     assert results["trained_groups"] == STEPS * BATCH
     assert 0.0 <= results["after"]["accuracy"] <= 1.0
     assert ("before" in results) == (mode == "async")
+    if mode == "async":  # scored by the first actor, on its engine, before it generated
+        assert results["before"]["n_prompts"] == 20
+        assert "held-out accuracy before" in done.stdout
     assert "held-out accuracy after" in done.stdout
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
