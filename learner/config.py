@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class NoCorrection(BaseModel):
@@ -153,6 +153,19 @@ class LearnerConfig(BaseModel):
     num_threads: int | None = Field(None, gt=0)
     """CPU threads of each learner rank's torch (None: torch's default, one per core).
     On a machine shared with actors, leave them their cores."""
+    cpu_cores: str | None = None
+    """CPU only: the cores every thread of the learner's process may run on, in taskset's
+    list form ("1", "2-3,6"); None: any. Actors run at a lower priority (Ray's nice 15):
+    a learner thread that lands on an actor's core (its weight publisher, a collective)
+    all but stops that actor's engine. Give the learner cores no actor has."""
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _core_list(cls, cores: str | None) -> str | None:
+        if cores is not None:
+            parse_cores(cores)
+        return cores
+
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 on CPU (log-probs must match the actors'); bf16 on GPU."""
     advantage: Literal["grpo", "grpo_no_std", "rloo"] = "grpo"
@@ -187,3 +200,14 @@ class LearnerConfig(BaseModel):
         if self.lr_schedule == "linear":
             return warmup * (1.0 - progress)
         return warmup
+
+
+def parse_cores(cores: str) -> set[int]:
+    """taskset's list form ("0", "1-3,6") as a set of core numbers."""
+    chosen: set[int] = set()
+    for part in cores.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+            raise ValueError(f"{cores!r} is not a list of cores like '1' or '0-3,6'")
+        chosen.update(range(int(low), int(high or low) + 1))
+    return chosen

@@ -26,7 +26,7 @@ from torch import nn
 from buffer.schema import RolloutGroup
 from learner.advantages import get_advantage
 from learner.batching import TrainBatch, build_batch, padding_id
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, parse_cores
 from learner.logprobs import gather_logprobs
 from learner.losses import LossInputs, compute_loss, reference_kl
 
@@ -67,6 +67,8 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        if config.cpu_cores is not None:
+            pin_process(parse_cores(config.cpu_cores))
         seed_everything(seed + rank)
         self.config = config
         self.temperature = temperature
@@ -333,6 +335,23 @@ def _combine(parts: list[dict[str, float]], config: LearnerConfig) -> dict[str, 
             combined[name] = sum(v * w for v, w in values) / tokens
     combined["optimizer_steps"] = float(config.optimizer_steps_per_batch)
     return combined
+
+
+def pin_process(cores: set[int]) -> None:
+    """Every thread of this process, and those it starts later, on `cores` only. Linux's
+    affinity is per thread, and threads inherit their creator's."""
+    available = os.sched_getaffinity(0)
+    if not cores <= available:
+        raise ValueError(
+            f"learner.cpu_cores: cores {sorted(cores - available)} are not available "
+            f"here (this process may use {sorted(available)})"
+        )
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+    log.info("learner threads pinned to cores %s", sorted(cores))
 
 
 def seed_everything(seed: int) -> None:

@@ -452,3 +452,36 @@ def test_claims_outlive_a_step_slower_than_the_visibility_timeout(
     }
     assert counters.get("redelivered", 0) == 0 and counters.get("stale_acks", 0) == 0
     assert counters["acked"] == 4 and counters["sampled"] == 4
+
+
+def test_learner_cores_are_parsed_and_every_thread_pinned() -> None:
+    import subprocess
+    import sys
+
+    from learner.config import parse_cores
+
+    assert parse_cores("0-2,5") == {0, 1, 2, 5}
+    for bad in ("a", "3-1", "1,", "-2"):
+        with pytest.raises(ValueError, match="not a list of cores"):
+            parse_cores(bad)
+    # In a process of its own: a thread started before pinning and one started after both
+    # end up on core 0 only; a core the machine lacks is refused, naming the field.
+    script = """
+import os, threading
+from learner.trainer import pin_process
+done = threading.Event()
+early = threading.Thread(target=done.wait); early.start()
+pin_process({0})
+late = threading.Thread(target=done.wait); late.start()
+print(sorted({frozenset(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')},
+             key=sorted))
+done.set()
+try:
+    pin_process({100000})
+except ValueError as error:
+    print(error)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[frozenset({0})]"
+    assert lines[1].startswith("learner.cpu_cores: cores [100000] are not available here")

@@ -104,6 +104,7 @@ def test_dump_reloads_to_the_same_config(tmp_path: Path) -> None:
         (["learner.lr_schedule=step"], "learner.lr_schedule: input should be 'constant'"),
         (["actors.cpu_cores=3"], "actors.cpu_cores: input should be a valid list"),
         (["buffer.replay=0"], "buffer.replay: input should be greater than or equal to 1"),
+        (["learner.cpu_cores=one"], "learner.cpu_cores: value error, 'one' is not a list of cores"),
         (
             ["buffer.replay=2", "buffer.max_staleness=0"],
             "buffer.replay=2 never replays with buffer.max_staleness=0: a group is a version "
