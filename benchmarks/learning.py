@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RELAY = str(Path(sys.executable).parent / "relay")
@@ -100,6 +101,23 @@ def cpu_busy(record: dict, start: float, end: float) -> float | None:
         return None
     busy = inside[-1]["busy"] - inside[0]["busy"]
     return busy / (busy + inside[-1]["idle"] - inside[0]["idle"])
+
+
+def snapshot_writer(run_dir: Path, model: object, tokenizer: object) -> Callable[[int], None]:
+    """For a peer outside Relay: `write(step)` saves the policy as `relay run`'s snapshots
+    are saved (run_dir/snapshots/stepNNNNNNNN, listed with their time)."""
+    snapshots = run_dir / "snapshots"
+    snapshots.mkdir(parents=True, exist_ok=True)
+    listing = (snapshots / "snapshots.jsonl").open("w")
+
+    def write(step: int) -> None:
+        path = snapshots / f"step{step:08d}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        listing.write(json.dumps({"step": step, "time": time.time(), "path": str(path)}) + "\n")
+        listing.flush()
+
+    return write
 
 
 def read_records(run_dir: Path) -> dict:

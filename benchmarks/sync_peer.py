@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from learning import snapshot_writer
 
 
 def main() -> None:
@@ -53,17 +54,8 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / learner.steps)))
     )
-    snapshots = args.run_dir / "snapshots"
-    snapshots.mkdir(parents=True, exist_ok=True)
+    snapshot = snapshot_writer(args.run_dir, model, tokenizer)
     metrics_file = (args.run_dir / "metrics.jsonl").open("w")
-    listing = (snapshots / "snapshots.jsonl").open("w")
-
-    def snapshot(step: int) -> None:
-        path = snapshots / f"step{step:08d}"
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        listing.write(json.dumps({"step": step, "time": time.time(), "path": str(path)}) + "\n")
-        listing.flush()
 
     prompts = (env.prompts(Split.TRAIN, groups, args.seed * 100_003 + draw)
                for draw in itertools.count())  # fmt: skip
