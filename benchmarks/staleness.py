@@ -20,6 +20,7 @@ Two worker processes, one per core, share the cells (each runs its engine and le
 on its own core, alternating). Held-out accuracy: greedy on vLLM, 500 test prompts.
 
     python benchmarks/staleness.py --out benchmarks/results        # about 80 minutes
+    (finished cells are kept in --work: run it again to go on, or to summarise them)
 """
 
 from __future__ import annotations
@@ -176,15 +177,41 @@ def summarize(results: list[dict]) -> dict:
         hist = collections.Counter()
         for c in cells:
             hist.update({int(s): n for s, n in c["sampled_staleness_histogram"].items()})
+        # The last three evaluations, a steadier figure than the final one alone.
+        late = [statistics.mean(a for _, a in c["curve"][-3:]) for c in cells]
         table[f"{loss}@{k}"] = {
             "k": k, "loss": loss, "seeds": [c["seed"] for c in cells],
             "final_accuracy": finals,
             "mean": statistics.mean(finals),
             "spread": max(finals) - min(finals),
+            "last_three_evals_mean": statistics.mean(late),
             "sampled_staleness_histogram": dict(sorted(hist.items())),
             "clip_fraction_mean": statistics.mean(c["clip_fraction_mean"] for c in cells),
         }  # fmt: skip
     return table
+
+
+def against_on_policy(results: list[dict], table: dict) -> dict:
+    """Per k, the best correction's mean final accuracy against on-policy training.
+
+    On-policy is every cell at k = 0, whatever its loss: with fresh data every loss has
+    the policy-gradient gradient, so they are samples of the same thing."""
+    fresh = [r["final_accuracy"] for r in results if r["k"] == 0]
+    if not fresh:
+        return {}
+    on_policy = statistics.mean(fresh)
+    out: dict = {"on_policy_mean": on_policy, "on_policy_runs": len(fresh)}
+    for k in sorted({r["k"] for r in results} - {0}):
+        rows = [row for row in table.values() if row["k"] == k and row["loss"] != "none"]
+        best = max(rows, key=lambda row: row["mean"])
+        none = table.get(f"none@{k}")
+        out[f"k={k}"] = {
+            "best_loss": best["loss"],
+            "best_mean": best["mean"],
+            "points_below_on_policy": 100 * (on_policy - best["mean"]),
+            "none_mean": none["mean"] if none else None,
+        }
+    return out
 
 
 def plot(results: list[dict], table: dict, path: Path) -> None:
@@ -286,7 +313,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, vLLM CPU build",
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "minutes": round((time.monotonic() - started) / 60, 1),
+        "minutes_this_call": round((time.monotonic() - started) / 60, 1),
+        "cell_minutes": round(sum(r["seconds"] for r in results) / 60, 1),
         "setup": {
             "model": args.model,
             "steps_per_cell": args.steps,
@@ -297,14 +325,18 @@ def main() -> None:
             "generation and training alternate",
         },
         "table": table,
+        "against_on_policy": against_on_policy(results, table),
         "cells": sorted(results, key=lambda r: (r["k"], r["loss"], r["seed"])),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "staleness.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, table, args.out / "staleness.png")
     for name, row in table.items():
+        histogram = row["sampled_staleness_histogram"]
+        at_k = histogram.get(row["k"], 0) / sum(histogram.values())
         print(f"{name:>18}: {100 * row['mean']:.1f} % (spread {100 * row['spread']:.1f}), "
-              f"sampled staleness {row['sampled_staleness_histogram']}")  # fmt: skip
+              f"{at_k:.0%} of trained groups exactly {row['k']} versions stale")  # fmt: skip
+    print(json.dumps(report["against_on_policy"], indent=1))
 
 
 if __name__ == "__main__":
