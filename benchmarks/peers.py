@@ -16,7 +16,7 @@ optimizer step. The target is TRL's final accuracy (mean over seeds); the speedu
 TRL's mean time to it over Relay's.
 
 Tasks: `demo` (configs/demo.yaml, 2-digit additions, replies of 2-4 tokens) and `copy`
-(configs/copy.yaml, digit strings whose length is heavy-tailed: the replies' p99 is 14x
+(configs/copy.yaml, digit strings whose length is heavy-tailed: the replies' p99 is 8.5x
 their median). Needs `pip install -e .[peers]` and both warm starts (`make demo`;
 `relay model init -c configs/copy.yaml && relay warmstart -c configs/copy.yaml`).
 

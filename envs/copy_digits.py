@@ -26,13 +26,16 @@ class CopyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["copy"] = "copy"
-    min_length: int = Field(1, ge=1)
-    """Shortest string, in digits."""
-    max_length: int = Field(48, ge=1, le=1000)
+    min_length: int = Field(3, ge=1)
+    """Shortest string, in digits. Strings are split between train and test by a hash, so
+    a length with few distinct strings (ten of one digit) may have none in the test split:
+    from 3 digits on, both splits see the same length distribution."""
+    max_length: int = Field(64, ge=1, le=1000)
     """Longest string, in digits."""
-    length_exponent: float = Field(1.5, ge=0)
-    """P(L) ∝ L^-length_exponent on [min_length, max_length]: 0 is uniform; 1.5 makes the
-    99th percentile of lengths about ten times the median at the defaults."""
+    length_exponent: float = Field(1.7, ge=0)
+    """P(L) ∝ L^-length_exponent on [min_length, max_length]: 0 is uniform; at the
+    defaults the replies' 99th percentile (in tokens, end of turn included) is about 8.5
+    times their median (7 and 60)."""
     test_percent: int = Field(10, ge=1, le=50)
     """Share of all strings (by a stable hash) kept for the held-out split."""
     question: str = "copy {digits}"

@@ -10,17 +10,20 @@ from envs.base import Message, Split
 from envs.copy_digits import CopyConfig, CopyEnv, string_split
 
 
-def test_lengths_are_heavy_tailed_and_splits_disjoint() -> None:
+def test_lengths_are_heavy_tailed_alike_in_both_splits_which_are_disjoint() -> None:
     env = CopyEnv(CopyConfig())
     train = env.prompts(Split.TRAIN, 5000, seed=0)
-    lengths = np.array([len(p.reference) for p in train])
-    # P(L) ∝ L^-1.5 on 1..48: the 99th percentile is over ten times the median.
-    assert np.percentile(lengths, 99) >= 10 * np.percentile(lengths, 50)
-    assert lengths.min() >= 1 and lengths.max() <= 48
-    test = env.prompts(Split.TEST, 500, seed=0)
+    test = env.prompts(Split.TEST, 2000, seed=0)
+    for prompts in (train, test):
+        # Reply tokens: the digits and the end of turn. P(L) ∝ L^-1.7 on 3..64: the 99th
+        # percentile is over eight times the median, in both splits.
+        replies = np.array([len(p.reference) + 1 for p in prompts])
+        assert np.percentile(replies, 99) >= 8 * np.percentile(replies, 50)
+        assert np.percentile(replies, 50) == 7
+        assert replies.min() >= 4 and replies.max() <= 65
     assert not {p.reference for p in test} & {p.reference for p in train}
     assert all(string_split(p.reference, 10) is Split.TEST for p in test)
-    assert env.prompts(Split.TEST, 500, seed=0) == test  # deterministic in the seed
+    assert env.prompts(Split.TEST, 2000, seed=0) == test  # deterministic in the seed
     assert test[0].messages[0].content == f"copy {test[0].reference}"
 
 
