@@ -271,7 +271,11 @@ class Learner:
         if self._owns_group and dist.is_initialized():
             if self.world_size > 1:
                 dist.barrier()
-            dist.destroy_process_group()
+            # DeepSpeed's own call: it also forgets the groups it cached (a clone of the
+            # world group), which a later learner in this process would find destroyed.
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's parameters (tied ones once), for publishing to actors."""

@@ -237,16 +237,14 @@ def test_one_update_of_decoupled_ppo_is_the_update_of_uncapped_tis(
 
 
 @pytest.mark.slow
-def test_vcpo_shrinks_one_optimizer_step_by_its_step_scale(
-    learner: object, warm_model_dir: Path
-) -> None:
+def test_vcpo_shrinks_one_optimizer_step_by_its_step_scale(warm_model_dir: Path) -> None:
     from learner.config import VCPO, LearnerConfig, TruncatedIS
     from learner.trainer import Learner
 
-    start = torch.cat([p.flatten() for p in learner.state_dict().values()])
     moved, reported = [], []
     for loss in (TruncatedIS(clip_c=2.0), VCPO(clip_c=2.0, min_step_scale=0.01)):
         one = Learner(str(warm_model_dir), LearnerConfig(lr=1e-3, loss=loss))
+        start = torch.cat([p.detach().flatten().clone() for p in one.state_dict().values()])
         groups = arithmetic_groups(one.tokenizer, 4)  # behaviour -2 per token: ESS < 1
         metrics = [one.step(groups, learner_version=0) for _ in range(2)]
         reported.append(metrics)
