@@ -233,7 +233,7 @@ def plot(results: list[dict], table: dict, path: Path) -> None:
         right.plot([max(k, 0.5) for k in ks], means, marker="o", label=loss)
     left.set_xticks(range(len(STALENESS)), [f"k={k}" for k in STALENESS])
     left.set_ylabel("final held-out accuracy (%), range over seeds")
-    left.legend(fontsize=7, ncol=2)
+    left.legend(fontsize=7, ncol=4, loc="lower left")
     right.set_xscale("log", base=2)
     right.set_xticks([max(k, 0.5) for k in STALENESS], [str(k) for k in STALENESS])
     right.set_xlabel("versions of staleness k (every trained batch exactly k old)")
