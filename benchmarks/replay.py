@@ -1,23 +1,31 @@
 """Replay where generation is the bottleneck: `buffer.replay` R in {1, 2, 4}, time to a
 fixed held-out accuracy.
 
-The configuration is generation-bound on purpose: the demo with one actor (one vLLM
-engine on core 0) and the learner on core 1, so that with R = 1 the learner waits for
-rollouts most of its time. Every run has the same step schedule, batch and
-`buffer.max_staleness` (4 by default, so that a group can be used again a few versions
-after it was generated); only R changes. With R > 1 a batch takes the fresh groups
-there are and fills the rest with replays, the freshest first.
+Two set-ups, each from its own warm start:
+
+- `copy` (configs/copy.yaml): replies of 3-64 digits, two engines that share both cores
+  with the learner. Decoding 70-token replies is slow next to one learner step, so with
+  R = 1 the learner waits for rollouts most of its time: the case replay is for.
+- `demo-one-actor` (configs/demo.yaml, one engine on core 0, the learner on core 1): the
+  demo's 2-4-token answers are cheap to generate, so the learner waits little even with
+  one actor. It shows what replay costs or gains where generation is not the bottleneck.
+
+Every run of a set-up has the same step schedule, batch and `buffer.max_staleness` (4 by
+default, so that a group can be used again a few versions after it was generated); only
+R changes. With R > 1 a batch takes the fresh groups there are and fills the rest with
+replays, the freshest first.
 
 Runs never pause to evaluate: the learner exports a snapshot every few steps with its
 time, and afterwards one vLLM engine scores every snapshot greedily on the config's
 held-out prompts (benchmarks/learning.py's machinery). Time starts when the first batch
 reaches the learner (engine start-up, the same for every R, is reported apart).
 
-Reported per R: seconds to the target accuracy (each seed, and the mean), the speedup
+Reported per set-up and R: seconds to the target accuracy (each seed, and the mean), the speedup
 over R = 1, the learner's waiting share, steps/s, the replayed share of what it trained
 on, and the final accuracy.
 
-    python benchmarks/replay.py --out benchmarks/results          # about 25 minutes
+    python benchmarks/replay.py --out benchmarks/results          # about 70 minutes
+    python benchmarks/replay.py --setups copy --reuse             # one set-up, keep runs
 """
 
 from __future__ import annotations
@@ -30,28 +38,45 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from learning import RELAY, CpuSampler, curve, read_records, score_snapshots, time_to, timing
 
 REPLAYS = (1, 2, 4)
-GENERATION_BOUND = [
-    "actors.num_actors=1", 'actors.cpu_cores=["0"]', "learner.num_threads=1",
-    "eval.every_steps=0", "eval.before=false", "dashboard.enabled=false",
-]  # fmt: skip
-"""The demo's config with one actor: generation, not the learner, is the bottleneck."""
+NO_PAUSES = ["eval.every_steps=0", "eval.before=false", "dashboard.enabled=false"]
+ONE_ACTOR = ["actors.num_actors=1", 'actors.cpu_cores=["0"]', "learner.num_threads=1"]
 
 
-def run(args: argparse.Namespace, replay: int, seed: int, run_dir: Path) -> dict:
+@dataclass(frozen=True)
+class Setup:
+    config: Path
+    model: str
+    overrides: list[str]
+    target: float
+    """The held-out accuracy whose time is measured."""
+    budget_s: float
+    """Each run's `learner.time_limit_s`."""
+
+
+SETUPS = {
+    "copy": Setup(Path("configs/copy.yaml"), "models/tiny-copy-warm", NO_PAUSES, 0.43, 300.0),
+    "demo-one-actor": Setup(
+        Path("configs/demo.yaml"), "models/tiny-warm", [*ONE_ACTOR, *NO_PAUSES], 0.75, 240.0
+    ),
+}
+
+
+def run(args: argparse.Namespace, setup: Setup, replay: int, seed: int, run_dir: Path) -> dict:
     overrides = [
-        *GENERATION_BOUND, f"model.path={args.model}", f"seed={seed}", f"run_dir={run_dir}",
+        *setup.overrides, f"model.path={setup.model}", f"seed={seed}", f"run_dir={run_dir}",
         f"buffer.replay={replay}", f"buffer.max_staleness={args.max_staleness}",
-        f"learner.time_limit_s={args.budget_s}",
+        f"learner.time_limit_s={setup.budget_s}",
         f"learner.snapshot_every_steps={args.snapshot_every}",
     ]  # fmt: skip
     with CpuSampler(run_dir / "cpu.jsonl"):
         subprocess.run(
-            [RELAY, "run", "-c", str(args.config), *overrides], check=True,
+            [RELAY, "run", "-c", str(setup.config), *overrides], check=True,
             stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     return read_records(run_dir)
@@ -88,33 +113,58 @@ def summarize(records: dict, seeds: list[int], target: float) -> dict:
     return rows
 
 
-def plot(records: dict, target: float, path: Path) -> None:
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 4), squeeze=False)
     colors = dict(zip(REPLAYS, ("tab:grey", "tab:blue", "tab:green"), strict=True))
-    for name, record in records.items():
-        replay = int(name.split("-")[0][1:])
-        t, accuracy = zip(*curve(record), strict=True)
-        ax.plot(t, [100 * a for a in accuracy], color=colors[replay], alpha=0.8, label=name)
-    ax.axhline(100 * target, color="grey", ls=":", label="target")
-    ax.set_xlabel("training wall clock (s)")
-    ax.set_ylabel("held-out accuracy (%, greedy, vLLM)")
-    ax.set_title("buffer.replay R, one actor (generation-bound)", fontsize=10)
-    ax.legend(fontsize=8)
+    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+        for run_name, points in result["curves"].items():
+            replay = int(run_name.split("-")[0][1:])
+            t, accuracy = zip(*points, strict=True)
+            ax.plot(t, [100 * a for a in accuracy], color=colors[replay], alpha=0.8, label=run_name)
+        ax.axhline(100 * result["target_accuracy"], color="grey", ls=":", label="target")
+        idle = statistics.mean(result["summary"]["R1"]["learner_idle"])
+        ax.set_title(f"{name}: buffer.replay R (learner idle {idle:.0%} at R = 1)", fontsize=10)
+        ax.set_xlabel("training wall clock (s)")
+        ax.set_ylabel("held-out accuracy (%, greedy, vLLM)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def measure(args: argparse.Namespace, name: str, setup: Setup) -> dict:
+    if not (Path(setup.model) / "config.json").is_file():
+        sys.exit(f"no model at {setup.model}: run `relay warmstart -c {setup.config}` first")
+    records = {}
+    for seed in args.seeds:  # R values alternate, so each sees the same machine state
+        for replay in REPLAYS:
+            run_name, run_dir = f"R{replay}-{seed}", args.work / name / f"R{replay}-{seed}"
+            if not (args.reuse and (run_dir / "results.json").is_file()):
+                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+                started = time.monotonic()
+                records[run_name] = run(args, setup, replay, seed, run_dir)
+                print(f"{name} {run_name}: relay run took {time.monotonic() - started:.0f}s")
+            else:
+                records[run_name] = read_records(run_dir)
+    score_snapshots(records, setup.config, setup.model)
+    return {
+        "config": str(setup.config),
+        "model": setup.model,
+        "overrides": setup.overrides,
+        "budget_s": setup.budget_s,
+        "target_accuracy": setup.target,
+        "summary": summarize(records, args.seeds, setup.target),
+        "curves": {run_name: curve(record) for run_name, record in records.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
-    parser.add_argument("--model", default="models/tiny-warm", help="the warm-started policy")
-    parser.add_argument("--target", type=float, default=0.8, help="held-out accuracy to reach")
-    parser.add_argument("--budget-s", type=float, default=180.0)
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--max-staleness", type=int, default=4)
     parser.add_argument("--snapshot-every", type=int, default=25)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -122,39 +172,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--reuse", action="store_true", help="keep runs already in --work")
     args = parser.parse_args()
-    if not (Path(args.model) / "config.json").is_file():
-        sys.exit(f"no model at {args.model}: run `make demo` (or relay warmstart) first")
 
-    records = {}
-    for seed in args.seeds:  # R values alternate, so each sees the same machine state
-        for replay in REPLAYS:
-            name, run_dir = f"R{replay}-{seed}", args.work / f"R{replay}-{seed}"
-            if not (args.reuse and (run_dir / "results.json").is_file()):
-                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-                started = time.monotonic()
-                records[name] = run(args, replay, seed, run_dir)
-                print(f"{name}: relay run took {time.monotonic() - started:.0f}s", flush=True)
-            else:
-                records[name] = read_records(run_dir)
-    score_snapshots(records, args.config, args.model)
-    summary = summarize(records, args.seeds, args.target)
+    path = args.out / "replay.json"
+    kept = json.loads(path.read_text()).get("setups", {}) if path.is_file() else {}
+    results = {name: kept[name] for name in SETUPS if name in kept}  # the others' last run
+    for name in args.setups:
+        results[name] = measure(args, name, SETUPS[name])
+        print(name, json.dumps(results[name]["summary"], indent=1), flush=True)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, vLLM CPU build",
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "config": str(args.config),
-        "overrides": GENERATION_BOUND,
         "max_staleness": args.max_staleness,
-        "budget_s": args.budget_s,
-        "target_accuracy": args.target,
         "seeds": args.seeds,
-        "summary": summary,
-        "curves": {name: curve(record) for name, record in records.items()},
+        "setups": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "replay.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(records, args.target, args.out / "replay.png")
-    print(json.dumps(summary, indent=1))
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, args.out / "replay.png")
 
 
 if __name__ == "__main__":
