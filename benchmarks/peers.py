@@ -89,7 +89,13 @@ def trl_worker(args: argparse.Namespace) -> None:
     config = load_config(args.config, [f"model.path={args.model}", f"seed={args.seed}", *args.set])
     learner, actors = config.learner, config.actors
     env = make_env(config.env)
-    prompts = env.prompts(Split.TRAIN, learner.steps * learner.batch_groups, args.seed)
+    # One draw of distinct prompts per step, as Relay's actors draw theirs: a task may
+    # have fewer distinct prompts than steps × batch (the demo: 8,979 for 12,800).
+    prompts = [
+        prompt
+        for draw in range(learner.steps)
+        for prompt in env.prompts(Split.TRAIN, learner.batch_groups, args.seed * 100_003 + draw)
+    ]
     rows = [{"prompt": [{"role": m.role, "content": m.content} for m in p.messages],
              "index": i} for i, p in enumerate(prompts)]  # fmt: skip
 
