@@ -24,7 +24,7 @@ Reported per set-up and R: seconds to the target accuracy (each seed, and the me
 over R = 1, the learner's waiting share, steps/s, the replayed share of what it trained
 on, and the final accuracy.
 
-    python benchmarks/replay.py --out benchmarks/results          # about 70 minutes
+    python benchmarks/replay.py --out benchmarks/results          # about 60 minutes
     python benchmarks/replay.py --setups copy --reuse             # one set-up, keep runs
 """
 
@@ -60,7 +60,7 @@ class Setup:
 
 
 SETUPS = {
-    "copy": Setup(Path("configs/copy.yaml"), "models/tiny-copy-warm", NO_PAUSES, 0.43, 300.0),
+    "copy": Setup(Path("configs/copy.yaml"), "models/tiny-copy-warm", NO_PAUSES, 0.42, 240.0),
     "demo-one-actor": Setup(
         Path("configs/demo.yaml"), "models/tiny-warm", [*ONE_ACTOR, *NO_PAUSES], 0.75, 240.0
     ),
