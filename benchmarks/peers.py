@@ -20,7 +20,7 @@ Tasks: `demo` (configs/demo.yaml, 2-digit additions, replies of 2-4 tokens) and 
 their median). Needs `pip install -e .[peers]` and both warm starts (`make demo`;
 `relay model init -c configs/copy.yaml && relay warmstart -c configs/copy.yaml`).
 
-    python benchmarks/peers.py --out benchmarks/results          # about 60 minutes
+    python benchmarks/peers.py --out benchmarks/results          # about 25 minutes
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ TASKS = {
     "demo": (Path("configs/demo.yaml"), "models/tiny-warm"),
     "copy": (Path("configs/copy.yaml"), "models/tiny-copy-warm"),
 }
-TASK_OVERRIDES = {"copy": ["learner.steps=150"]}
-"""For both systems: TRL's HF `generate` takes 5-15 s a step on copy here, so its 300 steps
-would take most of an hour a seed. The cosine schedule spans the shorter run."""
 SYSTEMS = ("relay", "trl")
 
 
@@ -271,8 +268,7 @@ def main() -> None:
                     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
                     started = time.monotonic()
                     with CpuSampler(args.work / task / f"{name}-cpu.jsonl"):
-                        overrides = [*TASK_OVERRIDES.get(task, []), *args.set]
-                        launch(config, model, seed, run_dir, args.snapshot_every, overrides)
+                        launch(config, model, seed, run_dir, args.snapshot_every, args.set)
                     print(f"{task} {name}: {time.monotonic() - started:.0f}s", flush=True)
                 records[name] = read_records(run_dir) | {
                     "spawned": json.loads((run_dir / "spawned.json").read_text())["time"]
@@ -286,7 +282,7 @@ def main() -> None:
         f"{platform.python_version()}, vLLM CPU build, TRL 1.16.0 (HF generate)",
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seeds": args.seeds,
-        "overrides": {task: [*TASK_OVERRIDES.get(task, []), *args.set] for task in args.tasks},
+        "overrides": args.set,
         "reply_tokens": lengths,
         "summary": summaries,
         "curves": curves,

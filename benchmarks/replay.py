@@ -1,11 +1,12 @@
 """Replay where generation is the bottleneck: `buffer.replay` R in {1, 2, 4}, time to a
 fixed held-out accuracy.
 
-Two set-ups, each from its own warm start:
+Three set-ups, each from its task's warm start:
 
 - `copy` (configs/copy.yaml): replies of 3-64 digits, two engines that share both cores
-  with the learner. Decoding 70-token replies is slow next to one learner step, so with
-  R = 1 the learner waits for rollouts most of its time: the case replay is for.
+  with the learner.
+- `copy-one-actor`: the same with one engine on core 0 and the learner on core 1, so that
+  generation, at half the engines, is what the learner waits for: the case replay is for.
 - `demo-one-actor` (configs/demo.yaml, one engine on core 0, the learner on core 1): the
   demo's 2-4-token answers are cheap to generate, so the learner waits little even with
   one actor. It shows what replay costs or gains where generation is not the bottleneck.
@@ -61,6 +62,9 @@ class Setup:
 
 SETUPS = {
     "copy": Setup(Path("configs/copy.yaml"), "models/tiny-copy-warm", NO_PAUSES, 0.42, 240.0),
+    "copy-one-actor": Setup(
+        Path("configs/copy.yaml"), "models/tiny-copy-warm", [*ONE_ACTOR, *NO_PAUSES], 0.42, 240.0
+    ),
     "demo-one-actor": Setup(
         Path("configs/demo.yaml"), "models/tiny-warm", [*ONE_ACTOR, *NO_PAUSES], 0.75, 240.0
     ),
