@@ -12,8 +12,11 @@ evaluator.
 
 Two clocks: from process start (the moment this script spawns `relay run` or the TRL
 process: imports, engine starts and Relay's pre-run evaluation count) and from the first
-optimizer step. The target is TRL's final accuracy (mean over seeds); the speedup is
-TRL's mean time to it over Relay's.
+optimizer step. Two targets, both set by TRL's runs: its final accuracy (mean over
+seeds), as the issue that asked for this benchmark defined it, and 90 % of TRL's gain over
+the shared start. Where both systems end on the same plateau, whether a run touches the
+first is down to evaluation noise; the second measures how fast each gets most of the way.
+The speedup is TRL's mean time to a target over Relay's (none if a run never reached it).
 
 Tasks: `demo` (configs/demo.yaml, 2-digit additions, replies of 2-4 tokens) and `copy`
 (configs/copy.yaml, digit strings whose length is heavy-tailed: the replies' p99 is 8.5x
@@ -21,6 +24,7 @@ their median). Needs `pip install -e .[peers]` and both warm starts (`make demo`
 `relay model init -c configs/copy.yaml && relay warmstart -c configs/copy.yaml`).
 
     python benchmarks/peers.py --out benchmarks/results          # about 25 minutes
+    python benchmarks/peers.py --resummarize                     # new targets, same curves
 """
 
 from __future__ import annotations
@@ -162,18 +166,31 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
 
 
 def summarize(task: str, runs: dict) -> dict:
-    """TRL's final accuracy as the target; each run's time to it on both clocks."""
+    """Each run's time, on both clocks, to two targets set by TRL's runs: its final
+    accuracy (the mean of its seeds), and 90 % of its gain over the shared start. Where
+    both systems end on the same plateau, whether a run reaches the first is down to the
+    evaluation's noise (about 2 points on 500 prompts); the second is not."""
     trl = [r for name, r in runs.items() if name.startswith("trl")]
-    target = statistics.mean(r["final_accuracy"] for r in trl)
-    summary: dict = {"target_accuracy": target, "target": "TRL's final accuracy, mean of seeds"}
-    for clock in ("from_start", "from_first_step"):
-        reached = {name: time_to(r[clock], target) for name, r in runs.items()}
-        summary[f"seconds_to_target_{clock}"] = reached
-        by_system = {s: [t for n, t in reached.items() if n.startswith(s)] for s in SYSTEMS}
-        if all(t is not None for times in by_system.values() for t in times):
-            summary[f"speedup_{clock}"] = statistics.mean(by_system["trl"]) / statistics.mean(
-                by_system["relay"]
+    final = statistics.mean(r["final_accuracy"] for r in trl)
+    start = statistics.mean(r["from_start"][0][1] for r in trl)
+    targets = {
+        "trl_final": (final, "TRL's final accuracy, mean of seeds"),
+        "trl_gain_90": (start + 0.9 * (final - start), "90 % of TRL's mean gain over the start"),
+    }
+    summary: dict = {"start_accuracy": start, "targets": {}}
+    for key, (accuracy, what) in targets.items():
+        row: dict = {"accuracy": accuracy, "what": what}
+        for clock in ("from_start", "from_first_step"):
+            reached = {name: time_to(r[clock], accuracy) for name, r in runs.items()}
+            row[f"seconds_{clock}"] = reached
+            by_system = {s: [t for n, t in reached.items() if n.startswith(s)] for s in SYSTEMS}
+            done = all(t is not None for times in by_system.values() for t in times)
+            row[f"speedup_{clock}"] = (
+                statistics.mean(by_system["trl"]) / statistics.mean(by_system["relay"])
+                if done
+                else None
             )
+        summary["targets"][key] = row
     for system in SYSTEMS:
         mine = [r for n, r in runs.items() if n.startswith(system)]
         summary[system] = {
@@ -222,8 +239,10 @@ def plot(curves: dict, summaries: dict, path: Path) -> None:
                 t, accuracy = zip(*run[clock], strict=True)
                 ax.plot(t, [100 * a for a in accuracy], color=colors[name.split("-")[0]],
                         alpha=0.8, label=name)  # fmt: skip
-            ax.axhline(100 * summaries[task]["target_accuracy"], color="grey", ls=":",
-                       label="TRL's final (mean)")  # fmt: skip
+            for key, style in (("trl_final", ":"), ("trl_gain_90", "--")):
+                target = summaries[task]["targets"][key]
+                ax.axhline(100 * target["accuracy"], color="grey", ls=style, lw=1,
+                           label=target["what"])  # fmt: skip
             ax.set_title(f"{task}: seconds {clock.replace('_', ' ')}", fontsize=10)
             ax.set_xlabel("wall clock (s)")
             ax.set_ylabel("held-out accuracy (%, greedy, vLLM)")
@@ -241,6 +260,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--reuse", action="store_true", help="keep runs already in --work")
     parser.add_argument(
+        "--resummarize", action="store_true",
+        help="recompute the summary and plot from the curves already in OUT/peers.json",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a config override for both systems (e.g. learner.steps=20 for a quick check)",
     )  # fmt: skip
@@ -252,6 +275,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.trl_worker:
         return trl_worker(args)
+    if args.resummarize:
+        report = json.loads((args.out / "peers.json").read_text())
+        report["summary"] = {task: summarize(task, c) for task, c in report["curves"].items()}
+        return write(report, args.out)
     for task in args.tasks:
         model = TASKS[task][1]
         if not (Path(model) / "config.json").is_file():
@@ -287,10 +314,14 @@ def main() -> None:
         "summary": summaries,
         "curves": curves,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(curves, summaries, args.out / "peers.png")
-    print(json.dumps(summaries, indent=1))
+    write(report, args.out)
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report["curves"], report["summary"], out / "peers.png")
+    print(json.dumps(report["summary"], indent=1))
 
 
 if __name__ == "__main__":
