@@ -1,15 +1,17 @@
 """Replay where generation is the bottleneck: `buffer.replay` R in {1, 2, 4}, time to a
 fixed held-out accuracy.
 
-Three set-ups, each from its task's warm start:
+Four set-ups, each from its task's warm start:
 
 - `copy` (configs/copy.yaml): replies of 3-64 digits, two engines that share both cores
   with the learner.
-- `copy-one-actor`: the same with one engine on core 0 and the learner on core 1, so that
-  generation, at half the engines, is what the learner waits for: the case replay is for.
+- `copy-one-actor`: the same with one engine on core 0 and the learner on core 1.
 - `demo-one-actor` (configs/demo.yaml, one engine on core 0, the learner on core 1): the
   demo's 2-4-token answers are cheap to generate, so the learner waits little even with
   one actor. It shows what replay costs or gains where generation is not the bottleneck.
+- `demo-slow-actor`: the same actor with 4 groups in flight instead of 32, so that its
+  engine runs small batches and the learner waits for it most of the time: a stand-in
+  for an actor that is slow or far away, the case replay is for.
 
 Every run of a set-up has the same step schedule, batch and `buffer.max_staleness` (4 by
 default, so that a group can be used again a few versions after it was generated); only
@@ -67,6 +69,13 @@ SETUPS = {
     ),
     "demo-one-actor": Setup(
         Path("configs/demo.yaml"), "models/tiny-warm", [*ONE_ACTOR, *NO_PAUSES], 0.75, 240.0
+    ),
+    "demo-slow-actor": Setup(
+        Path("configs/demo.yaml"),
+        "models/tiny-warm",
+        [*ONE_ACTOR, "actors.groups_in_flight=4", *NO_PAUSES],
+        0.7,
+        180.0,
     ),
 }
 
