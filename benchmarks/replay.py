@@ -132,9 +132,12 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 4), squeeze=False)
+    rows = (len(results) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(12.8, 4 * rows), squeeze=False)
     colors = dict(zip(REPLAYS, ("tab:grey", "tab:blue", "tab:green"), strict=True))
-    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+    for ax in axes.flat[len(results) :]:
+        ax.axis("off")
+    for ax, (name, result) in zip(axes.flat, results.items(), strict=False):
         for run_name, points in result["curves"].items():
             replay = int(run_name.split("-")[0][1:])
             t, accuracy = zip(*points, strict=True)
