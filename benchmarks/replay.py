@@ -27,7 +27,7 @@ Reported per set-up and R: seconds to the target accuracy (each seed, and the me
 over R = 1, the learner's waiting share, steps/s, the replayed share of what it trained
 on, and the final accuracy.
 
-    python benchmarks/replay.py --out benchmarks/results          # about 60 minutes
+    python benchmarks/replay.py --out benchmarks/results          # about 50 minutes
     python benchmarks/replay.py --setups copy --reuse             # one set-up, keep runs
 """
 
