@@ -30,6 +30,7 @@ same in both modes, is reported apart as startup_wait_s).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RELAY = str(Path(sys.executable).parent / "relay")
@@ -101,6 +102,16 @@ def cpu_busy(record: dict, start: float, end: float) -> float | None:
         return None
     busy = inside[-1]["busy"] - inside[0]["busy"]
     return busy / (busy + inside[-1]["idle"] - inside[0]["idle"])
+
+
+def prompt_draws(env: object, groups: int, seed: int) -> Iterator[list]:
+    """The training prompts of each step for the peers that Relay is compared with: one
+    draw of `groups` distinct prompts per step, seeded per run and step, as Relay's actors
+    draw theirs (a task may have fewer distinct prompts than steps x groups)."""
+    from envs.base import Split
+
+    for draw in itertools.count():
+        yield env.prompts(Split.TRAIN, groups, seed * 100_003 + draw)
 
 
 def snapshot_writer(run_dir: Path, model: object, tokenizer: object) -> Callable[[int], None]:

@@ -30,6 +30,7 @@ their median). Needs `pip install -e .[peers]` and both warm starts (`make demo`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -39,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from learning import CpuSampler, read_records, score_snapshots, snapshot_writer
+from learning import CpuSampler, prompt_draws, read_records, score_snapshots, snapshot_writer
 
 RELAY = str(Path(sys.executable).parent / "relay")
 TASKS = {
@@ -86,20 +87,15 @@ def trl_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from envs.base import Message, Split
+    from envs.base import Message
     from envs.registry import make_env
     from relay.config import load_config
 
     config = load_config(args.config, [f"model.path={args.model}", f"seed={args.seed}", *args.set])
     learner, actors = config.learner, config.actors
     env = make_env(config.env)
-    # One draw of distinct prompts per step, as Relay's actors draw theirs: a task may
-    # have fewer distinct prompts than steps × batch (the demo: 8,979 for 12,800).
-    prompts = [
-        prompt
-        for draw in range(learner.steps)
-        for prompt in env.prompts(Split.TRAIN, learner.batch_groups, args.seed * 100_003 + draw)
-    ]
+    draws = prompt_draws(env, learner.batch_groups, args.seed)
+    prompts = [prompt for batch in itertools.islice(draws, learner.steps) for prompt in batch]
     rows = [{"prompt": [{"role": m.role, "content": m.content} for m in p.messages],
              "index": i} for i, p in enumerate(prompts)]  # fmt: skip
 
@@ -165,7 +161,7 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, accuracy in points if accuracy >= target), None)
 
 
-def summarize(task: str, runs: dict) -> dict:
+def summarize(runs: dict) -> dict:
     """Each run's time, on both clocks, to two targets set by TRL's runs: its final
     accuracy (the mean of its seeds), and 90 % of its gain over the shared start. Where
     both systems end on the same plateau, whether a run reaches the first is down to the
@@ -277,7 +273,7 @@ def main() -> None:
         return trl_worker(args)
     if args.resummarize:
         report = json.loads((args.out / "peers.json").read_text())
-        report["summary"] = {task: summarize(task, c) for task, c in report["curves"].items()}
+        report["summary"] = {task: summarize(c) for task, c in report["curves"].items()}
         return write(report, args.out)
     for task in args.tasks:
         model = TASKS[task][1]
@@ -302,7 +298,7 @@ def main() -> None:
                 }
         score_snapshots(records, config, model)
         curves[task] = {name: clocks(r, r["spawned"]) for name, r in records.items()}
-        summaries[task] = summarize(task, curves[task])
+        summaries[task] = summarize(curves[task])
         lengths[task] = reply_lengths(config)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "

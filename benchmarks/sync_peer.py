@@ -15,21 +15,20 @@ in snapshots/, and results.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import time
 from pathlib import Path
 
 import torch
-from learning import snapshot_writer
+from learning import prompt_draws, snapshot_writer
 
 
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.episodes import render_prompt
-    from envs.base import Message, Split
+    from envs.base import Message
     from envs.registry import make_env
     from learner.advantages import grpo
     from relay.config import load_config
@@ -57,8 +56,7 @@ def main() -> None:
     snapshot = snapshot_writer(args.run_dir, model, tokenizer)
     metrics_file = (args.run_dir / "metrics.jsonl").open("w")
 
-    prompts = (env.prompts(Split.TRAIN, groups, args.seed * 100_003 + draw)
-               for draw in itertools.count())  # fmt: skip
+    prompts = prompt_draws(env, groups, args.seed)
     pad = tokenizer.pad_token_id
     started = time.monotonic()
     snapshot(0)
