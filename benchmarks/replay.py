@@ -23,9 +23,9 @@ time, and afterwards one vLLM engine scores every snapshot greedily on the confi
 held-out prompts (benchmarks/learning.py's machinery). Time starts when the first batch
 reaches the learner (engine start-up, the same for every R, is reported apart).
 
-Reported per set-up and R: seconds to the target accuracy (each seed, and the mean), the speedup
-over R = 1, the learner's waiting share, steps/s, the replayed share of what it trained
-on, and the final accuracy.
+Reported per set-up and R: seconds to the target accuracy (each seed, and the mean), the
+speedup over R = 1, the learner's waiting share, steps/s, the replayed share of what it
+trained on, and the final accuracy.
 
     python benchmarks/replay.py --out benchmarks/results          # about 50 minutes
     python benchmarks/replay.py --setups copy --reuse             # one set-up, keep runs
