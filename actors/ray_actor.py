@@ -49,16 +49,12 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
 
     from actors.engine import build_llm
     from actors.rollout import RolloutWorker
-    from buffer.replay_buffer import ReplayBuffer
-    from buffer.server import connect
     from envs.registry import make_env
     from weights.redis_store import RedisWeightSource, RedisWeightStore
 
-    if spec.buffer.url is None:
-        raise ValueError(f"{spec.actor_id}: buffer.url is required to start an actor")
-    client = connect(spec.buffer.url, spec.buffer.outage_limit_s)
-    buffer = ReplayBuffer(client, spec.buffer)
-    if released := buffer.release_producer(spec.actor_id):
+    buffer = gate_client(spec)
+    client = buffer.client
+    if released := buffer.release_producer():
         log.warning("%s: released %d admission leases of its predecessor", spec.actor_id, released)
     if spec.actor.transport == "ray":
         from weights.ray_store import RayWeightSource
@@ -74,13 +70,25 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
         spec.actor,
         buffer,
         weights,
-        actor_id=spec.actor_id,
         run_id=spec.run_id,
         seed=spec.seed,
         max_model_len=spec.engine.max_model_len,
     )
     worker.restarts = restarts
     return worker
+
+
+def gate_client(spec: ActorSpec) -> object:
+    """The actor's side of the buffer's gate, logged in with the credential in its URL."""
+    from buffer.credentials import name_from_url
+    from buffer.gate import GateClient
+    from buffer.server import connect
+
+    if spec.buffer.url is None:
+        raise ValueError(f"{spec.actor_id}: buffer.url is required to start an actor")
+    credential = name_from_url(spec.buffer.url, spec.buffer.key_prefix)
+    client = connect(spec.buffer.url, spec.buffer.outage_limit_s)
+    return GateClient(client, spec.buffer, credential, spec.actor_id)
 
 
 class RolloutActor:
@@ -93,11 +101,7 @@ class RolloutActor:
         self.spec = spec
         restarts = 0
         if ray.get_runtime_context().was_current_actor_reconstructed:
-            from buffer.server import connect
-            from buffer.telemetry import Telemetry
-
-            client = connect(spec.buffer.url, spec.buffer.outage_limit_s)
-            restarts = Telemetry(client, spec.buffer.key_prefix).count_restart(spec.actor_id)
+            restarts = gate_client(spec).count_restart()
             log.warning("%s restarted (%d so far): rejoining at the latest version",
                         spec.actor_id, restarts)  # fmt: skip
         self.worker = build_worker(spec, restarts=restarts)

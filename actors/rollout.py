@@ -37,10 +37,9 @@ from actors.episodes import (
     render_prompt,
     take_turn,
 )
-from buffer.replay_buffer import ReplayBuffer
+from buffer.gate import GateClient
 from buffer.schema import Completion, RolloutGroup, VersionRuns
 from buffer.server import shorten_outages
-from buffer.telemetry import Telemetry
 from envs.base import Environment, Prompt, Split
 from weights.engine import load_chunks, paused_engine
 from weights.wire import WeightSource, WeightsUnavailable
@@ -109,10 +108,9 @@ class RolloutWorker:
         tokenizer: object,
         env: Environment,
         config: ActorConfig,
-        buffer: ReplayBuffer,
+        buffer: GateClient,
         weights: WeightSource | None,
         *,
-        actor_id: str,
         run_id: str,
         seed: int,
         max_model_len: int,
@@ -123,9 +121,9 @@ class RolloutWorker:
         self.env = env
         self.config = config
         self.buffer = buffer
-        self.telemetry = Telemetry.beside(buffer)
         self.weights = weights
-        self.actor_id = actor_id
+        self.actor_id = buffer.producer_id
+        """The producer id its groups carry, bound to its credential by the gate."""
         self.run_id = run_id
         self.seed = seed
         self.max_model_len = max_model_len
@@ -210,7 +208,7 @@ class RolloutWorker:
             free = min(free, self._admit_limit - self.stats.groups - len(self._groups))
         if free <= 0:
             return
-        buffer_version, leases = self.buffer.reserve(self.actor_id, free)
+        buffer_version, leases = self.buffer.reserve(free)
         self._refused = len(leases) < free
         if leases and self.weights is not None and buffer_version > self.version:
             # New groups start on the newest policy: admission control counts them from
@@ -317,7 +315,7 @@ class RolloutWorker:
         ]
         kept = [r for r, k in zip(rollouts, keep, strict=True) if k]
         leases = [g.lease for g, k in zip(finished, keep, strict=True) if k]
-        refused = self.buffer.put(kept, self.actor_id, leases).refused if kept else []
+        refused = self.buffer.put(kept, leases).refused if kept else []
         if refused:  # quarantined by the buffer, with the reason; the others were stored
             self.stats.errors += len(refused)
             self.stats.last_error = f"group {refused[-1][0]} refused: {refused[-1][1]}"[:500]
@@ -458,7 +456,7 @@ class RolloutWorker:
 
     def report(self) -> None:
         """Write `health()` to the buffer (the dashboard's per-actor table)."""
-        self.telemetry.set_health(self.actor_id, self.health())
+        self.buffer.set_health(self.health())
 
 
 def _turn_versions(n_tokens: int, start: int, switches: list[tuple[int, int]]) -> list[int]:

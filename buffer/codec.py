@@ -128,7 +128,7 @@ def encode_each(
             # scalars) fails here, in the actor, instead of being quarantined later.
             _verifier_details(batch.verifier_details[i])
             columns = batch.group(i)
-            _within(columns, vocab_size, max_sequence_tokens)
+            check_within(columns, vocab_size, max_sequence_tokens)
         except MalformedRollout as failure:
             results.append(MalformedRollout(f"group {group.group_id!r}: {failure}"))
             continue
@@ -144,8 +144,9 @@ def encode_each(
     return results
 
 
-def _within(columns: GroupColumns, vocab_size: int | None, max_tokens: int | None) -> None:
-    """What the model and engine can take: token ids in the vocabulary, sequences that fit."""
+def check_within(columns: GroupColumns, vocab_size: int | None, max_tokens: int | None) -> None:
+    """What the model and engine can take: token ids in the vocabulary, sequences that fit.
+    Raises `MalformedRollout` naming the limit."""
     if vocab_size is not None:
         top = max(int(columns.token_ids.max()), int(columns.prompt_token_ids.max()))
         if top >= vocab_size:

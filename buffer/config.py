@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,8 +16,8 @@ class BufferConfig(BaseModel):
     url: str | None = None
     """redis:// or rediss:// (TLS) URL with password; None starts an embedded redis-server."""
     key_prefix: str = Field("relay", min_length=1)
-    """Namespace of every key; actors and learner of one experiment must share it (no `*`:
-    `sample` reads payloads with a key pattern)."""
+    """Namespace of every key; actors and learner of one experiment must share it (letters,
+    digits, `_`, `-`, `.` and `:`: it is part of key patterns and Redis user names)."""
     max_staleness: int = Field(4, ge=0)
     """Learner version minus the oldest token version a trained group may have."""
     admission_control: bool = True
@@ -57,11 +58,18 @@ class BufferConfig(BaseModel):
     """Groups whose prompt + completion is longer are refused at `put`. `relay` sets it
     to engine.max_model_len."""
 
+    revoke_after_bad_groups: int = Field(8, ge=0)
+    """A producer credential whose groups were refused or quarantined this many times is
+    revoked (one log line; its other groups are quarantined when sampled). 0 = never."""
+
     @field_validator("key_prefix")
     @classmethod
     def _no_pattern_characters(cls, prefix: str) -> str:
-        if "*" in prefix:
-            raise ValueError("must not contain '*': sample reads payloads by the key pattern")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", prefix):
+            raise ValueError(
+                "may hold only letters, digits, '_', '-', '.' and ':' (it is part of key "
+                "patterns and of actor credentials' Redis user names)"
+            )
         return prefix
 
 
@@ -72,8 +80,10 @@ class RedisServerConfig(BaseModel):
 
     appendfsync: Literal["always", "everysec", "no"] = "everysec"
     """AOF fsync: everysec loses <= 1 s of writes on a machine crash, none if only Redis dies."""
-    maxmemory_mib: int = Field(0, ge=0)
-    """Redis memory limit in MiB (0: none; the buffer's own capacity applies)."""
+    maxmemory_mib: int = Field(8192, ge=0)
+    """Redis memory limit in MiB (0: none). At the limit, writes are refused rather than
+    anything evicted; it bounds what a flooding producer can take from the machine. Leave
+    room for buffer.capacity_mib and the weight store (2 versions of the model)."""
     start_timeout_s: float = Field(30.0, gt=0)
     """How long to wait for the server to answer PING."""
     bind: str = "127.0.0.1"

@@ -30,6 +30,9 @@ class Keyspace:
         # The Redis weight store's: the newest complete version, and the versions kept.
         self.weights_latest = f"{prefix}:weights:latest"
         self.weights_versions = f"{prefix}:weights:versions"
+        # Producers' credentials (buffer/credentials.py): the names issued, and the revoked.
+        self.credentials = f"{prefix}:credentials"
+        self.revoked = f"{prefix}:credentials:revoked"
 
     def of(self, name: str) -> str:
         """One of the buffer's structures, by its name in `SCRIPT_KEYS`."""
@@ -42,6 +45,19 @@ class Keyspace:
     def producer(self, producer_id: str) -> str:
         """A producer's counters (groups put, tokens, dropped)."""
         return f"{self.prefix}:producer:{producer_id}"
+
+    def credential(self, name: str) -> str:
+        """One credential's record: password hash, when issued or revoked, its counts."""
+        return f"{self.prefix}:credential:{name}"
+
+    def inbox(self, name: str) -> str:
+        """The list a credential's producers push their requests to (buffer/gate.py):
+        the only key they may write."""
+        return f"{self.prefix}:inbox:{name}"
+
+    def outbox(self, name: str, actor_id: str) -> str:
+        """Where the gate answers one producer of a credential."""
+        return f"{self.prefix}:outbox:{name}:{actor_id}"
 
     def listed(self, token: str) -> str:
         """The entry ids one `sample` call claimed, for the SORT that reads their payloads."""

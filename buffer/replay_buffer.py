@@ -26,8 +26,9 @@ from importlib import resources
 import msgpack
 import redis
 
-from buffer.codec import EncodedGroup, decode_groups, encode_each
+from buffer.codec import EncodedGroup, check_within, decode_groups, encode_each
 from buffer.config import BufferConfig
+from buffer.credentials import Credentials, credential_of
 from buffer.keys import Keyspace
 from buffer.polling import poll
 from buffer.schema import MalformedRollout, RolloutGroup
@@ -168,6 +169,8 @@ class QuarantineRecord:
     reason: str
     at_ms: int
     payload: bytes
+    producer: str = ""
+    """Who put it, where known."""
 
 
 class ReplayBuffer:
@@ -275,14 +278,19 @@ class ReplayBuffer:
         bad = [i for i, e in enumerate(encoded) if isinstance(e, MalformedRollout)]
         refused = [(groups[i].group_id, str(encoded[i])) for i in bad]
         if refused:
-            self._refuse(refused, [leases[i] for i in bad])
+            self.refuse(refused, [leases[i] for i in bad], producer_id)
         pending = [i for i, e in enumerate(encoded) if not isinstance(e, MalformedRollout)]
         stored = duplicates = 0
 
         def attempt() -> PutResult | None:
             nonlocal pending, stored, duplicates
             # One transaction for the whole batch; safe to redo (put is idempotent per id).
-            statuses = self._put_batch(encoded, groups, leases, pending, producer_id)
+            statuses = self.store(
+                [encoded[i] for i in pending],
+                [groups[i].group_id for i in pending],
+                [leases[i] for i in pending],
+                producer_id,
+            )
             full = []
             for i, status in zip(pending, statuses, strict=True):
                 if status == b"ok":
@@ -305,27 +313,33 @@ class ReplayBuffer:
             )
         return result
 
-    def _refuse(self, reasons: list[tuple[str, str]], leases: list[str]) -> None:
-        """Quarantine groups refused at put (nothing of them is stored) with their reasons."""
+    def refuse(self, reasons: list[tuple[str, str]], leases: list[str], producer: str) -> None:
+        """Quarantine groups refused at put (nothing of them is stored) with their reasons,
+        give back their leases and count them against `producer`."""
         at_ms = int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=True)
         for group_id, reason in reasons:
-            record = {"id": group_id, "reason": reason[:500], "at_ms": at_ms, "payload": b""}
+            record = {"id": str(group_id)[:200], "reason": reason[:500], "at_ms": at_ms,
+                      "payload": b"", "producer": producer}  # fmt: skip
             pipe.rpush(self.keyspace.of("quarantine"), msgpack.packb(record))
-            log.warning("refused group %s at put: %s", group_id, reason)
+            log.warning("refused group %s from %s at put: %s", group_id, producer, reason)
         pipe.hincrby(self.keyspace.of("counters"), "quarantined", len(reasons))
+        pipe.hincrby(self.keyspace.producer(producer), "refused", len(reasons))
+        pipe.sadd(self.keyspace.of("producers"), producer)
         pipe.execute()
         self.release(leases)
+        self._count_bad(producer, "refused", len(reasons))
 
-    def _put_batch(
+    def store(
         self,
-        encoded: list[EncodedGroup],
-        groups: Sequence[RolloutGroup],
-        leases: list[str],
-        indices: list[int],
+        encoded: Sequence[EncodedGroup],
+        group_ids: Sequence[str],
+        leases: Sequence[str],
         producer: str,
     ) -> list[bytes]:
-        """Write the payloads with SET NX and index them with put.lua, in one MULTI.
+        """One attempt to store encoded groups: per group b"ok", b"duplicate" or b"full".
+
+        Writes the payloads with SET NX and indexes them with put.lua, in one MULTI.
 
         The payloads never pass through Lua (which would copy every byte twice more), and
         MULTI makes the writes and the script one step: no client sees a payload without
@@ -342,10 +356,9 @@ class ReplayBuffer:
             self.keyspace.producer(producer),
         ]
         pipe = self.client.pipeline(transaction=True)
-        for i in indices:
-            entry, group_id = encoded[i], groups[i].group_id
+        for entry, group_id, lease in zip(encoded, group_ids, leases, strict=True):
             pipe.set(self.keyspace.payload(group_id), entry.payload, nx=True)
-            args += [group_id, entry.min_version, entry.max_version, entry.n_tokens, leases[i]]
+            args += [group_id, entry.min_version, entry.max_version, entry.n_tokens, lease]
         keys = (len(self.keyspace.script_keys), *self.keyspace.script_keys)
         pipe.eval(self._sources["put"], *keys, *args, self.epoch, uuid.uuid4().hex)
         return pipe.execute()[-1]
@@ -376,13 +389,13 @@ class ReplayBuffer:
             missing = n_groups - len(claimed)
             # The first claim is all or nothing; replacements of quarantined entries may be partial.
             ack_now = ack if ack is not None and previous_ack is None and ack.groups else None
-            ack_reply, reply, payloads = self._claim(
+            ack_reply, reply, payloads, revoked = self._claim(
                 missing, missing if not claimed else 1, token, hold_as or "", ack_now
             )
             if ack_reply is not None:
                 previous_ack = self._ack_result(ack_reply)
             version = int(reply[0])
-            claimed += self._decode_claims(reply[1:], payloads, version, token)
+            claimed += self._decode_claims(reply[1:], payloads, version, token, revoked)
             return (
                 Batch(token, version, claimed, previous_ack) if len(claimed) == n_groups else None
             )
@@ -398,11 +411,12 @@ class ReplayBuffer:
 
     def _claim(
         self, n: int, min_n: int, token: str, hold_as: str, ack: Batch | HeldBatch | None
-    ) -> tuple[list | None, list, list]:
+    ) -> tuple[list | None, list, list, set[str]]:
         """One round trip: ack `ack` (if any), claim up to `n` groups, read their payloads.
 
         Returns the ack script's reply (None without `ack`), the sample script's reply
-        ({version, id, min_version, reuse, ...}) and the claimed payloads in claim order.
+        ({version, id, min_version, reuse, ...}), the claimed payloads in claim order and
+        the revoked producer credentials.
         """
         listed = self.keyspace.listed(token)
         visibility_ms = int(self.config.visibility_timeout_s * 1000)
@@ -411,18 +425,22 @@ class ReplayBuffer:
         calls = [("sample", claim)]
         if ack is not None:
             calls.insert(0, self._ack_call(ack))
-        *replies, payloads, _ = self._eval_many(
+        *replies, payloads, _, revoked = self._eval_many(
             calls,
             then=[
                 ("SORT", listed, "BY", "nosort", "GET", self.keyspace.payload("*")),
                 ("DEL", listed),
+                ("SMEMBERS", self.keyspace.revoked),
             ],
         )
-        return (replies[0] if ack is not None else None), replies[-1], payloads
+        revoked = {name.decode() for name in revoked}
+        return (replies[0] if ack is not None else None), replies[-1], payloads, revoked
 
     def _decode_claims(
-        self, flat: list, payloads: list, version: int, token: str
+        self, flat: list, payloads: list, version: int, token: str, revoked: set[str]
     ) -> list[SampledGroup]:
+        """The claimed groups that pass the learner's own checks; the others are
+        quarantined, naming their producer (see `untrusted`)."""
         entry_ids = [entry_id.decode() for entry_id in flat[0::3]]
         if not entry_ids:
             return []
@@ -437,11 +455,48 @@ class ReplayBuffer:
                 continue
             group = next(results)
             if isinstance(group, MalformedRollout):
-                self._run("quarantine", entry_id, token, str(group)[:500])
-                log.warning("quarantined buffer entry %s: %s", entry_id, group)
+                self._quarantine_claimed(entry_id, token, "", str(group))
+                continue
+            if problem := self.untrusted(group, version, revoked):
+                reason = f"group {group.group_id!r} from {group.actor_id!r}: {problem}"
+                self._quarantine_claimed(entry_id, token, group.actor_id, reason)
                 continue
             groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
+
+    def untrusted(self, group: RolloutGroup, version: int, revoked: set[str]) -> str | None:
+        """Why the learner must not train on `group` although it decoded, or None: a token
+        outside the vocabulary, a sequence longer than the engine's, a version the learner
+        has not reached, or a producer whose credential was revoked. The producer's own
+        checks are never relied on (actors may run on hosts the learner does not control)."""
+        try:
+            check_within(group.completions.columns, self.config.vocab_size,
+                         self.config.max_sequence_tokens)  # fmt: skip
+        except MalformedRollout as error:
+            return str(error)
+        if group.max_version > version:
+            return f"holds tokens of version {group.max_version}, above the learner's {version}"
+        if credential_of(group.actor_id) in revoked:
+            return f"its producer's credential {credential_of(group.actor_id)!r} was revoked"
+        return None
+
+    def _quarantine_claimed(self, entry_id: str, token: str, producer: str, reason: str) -> None:
+        """Quarantine a claimed entry that failed decoding or `untrusted`, count it against
+        its producer ('' if unknown), and revoke a credential that sent too many bad groups."""
+        self._run("quarantine", entry_id, token, reason[:500], producer)
+        log.warning("quarantined buffer entry %s: %s", entry_id, reason)
+        if producer:
+            self.client.hincrby(self.keyspace.producer(producer), "quarantined", 1)
+            self._count_bad(producer, "quarantined")
+
+    def _count_bad(self, producer: str, outcome: str, n: int = 1) -> None:
+        """Count `n` bad groups against `producer`'s credential; revoke it at the limit."""
+        credentials = Credentials(self.client, self.config.key_prefix)
+        bad = credentials.count(credential_of(producer), outcome, n)
+        limit = self.config.revoke_after_bad_groups
+        if bad is not None and limit and bad >= limit:
+            reason = f"{bad} bad groups (buffer.revoke_after_bad_groups={limit})"
+            credentials.revoke(credential_of(producer), reason)
 
     def ack(self, batch: Batch) -> AckResult:
         """Finish the batch's claims after the learner step that used them."""
@@ -541,6 +596,7 @@ class ReplayBuffer:
                     record[b"reason"].decode(errors="replace"),
                     int(record[b"at_ms"]),
                     record[b"payload"],
+                    record.get(b"producer", b"").decode(errors="replace"),
                 )
             )
         return records

@@ -41,14 +41,14 @@ class BufferUnreachable(RedisServerError, redis.ConnectionError):
 
 DEFAULT_OUTAGE_LIMIT_S = 120.0
 ROLES = {
-    # Actors put, reserve and release through scripts, read weights and the experiment.
-    "actor": "~* &* +@all -@admin -@dangerous",
     # The dashboard and `relay status`: read commands on every key, nothing else.
     "dashboard": "%R~* &* -@all +@read +@connection +@transaction +time -@dangerous",
 }
-"""Redis ACL users of the embedded server besides `default`, and what each may do."""
+"""Redis ACL users of the embedded server besides `default`, and what each may do. Actors
+get credentials of their own (buffer/credentials.py)."""
 _BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnection attempts
 _ONCE = Retry(NoBackoff(), 0)
+_AUTH_GRACE_S = 10.0
 
 
 class RideOutOutages(Retry):
@@ -87,6 +87,16 @@ class RideOutOutages(Retry):
                 if is_retryable is not None and not is_retryable(error):
                     raise
                 failures += 1
+                if isinstance(error, redis.AuthenticationError):
+                    # A restarted server takes a moment to get its users back; a revoked
+                    # credential never will.
+                    if failures == 1:
+                        first_failure = time.monotonic()
+                    if time.monotonic() - first_failure > min(self.limit_s, _AUTH_GRACE_S):
+                        raise redis.AuthenticationError(
+                            f"the buffer at {self.where} refused this client's credential "
+                            f"({error}): it was revoked, or never issued"
+                        ) from None
                 fail(error, failures) if with_failure_count else fail(error)
                 if failures == 1:
                     first_failure = time.monotonic()
@@ -127,8 +137,7 @@ class RedisServer:
         return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     def url_for(self, role: str) -> str:
-        """The URL of a restricted Redis user: `actor` (no admin or dangerous command:
-        no FLUSHALL, CONFIG, KEYS, SORT, SHUTDOWN, ...) or `dashboard` (reads only)."""
+        """The URL of a restricted Redis user of `ROLES`: `dashboard` (reads only)."""
         return f"redis://{role}:{self.role_passwords[role]}@{self.host}:{self.port}/0"
 
     @property
@@ -270,8 +279,11 @@ class RedisServer:
             "daemonize no",
             "logfile ''",
         ]
+        # Full memory refuses writes (producers see errors, the learner's acks and claims
+        # still free memory) instead of evicting state: eviction could drop acked ids.
+        lines.append("maxmemory-policy noeviction")
         if self.config.maxmemory_mib:
-            lines += [f"maxmemory {self.config.maxmemory_mib}mb", "maxmemory-policy noeviction"]
+            lines.append(f"maxmemory {self.config.maxmemory_mib}mb")
         return "\n".join(lines) + "\n"
 
     def _wait_until_ready(self) -> None:

@@ -6,15 +6,19 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from buffer.credentials import CredentialError
+from buffer.gate import GateError
 from buffer.replay_buffer import FencedOut
 from buffer.schema import MalformedRollout
 from buffer.server import RedisServerError
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         terminal.console.print(f"[red]config error:[/red] {error}", highlight=False)
         return 2
-    except (RelayError, EnvError, MalformedRollout, RedisServerError, FencedOut) as error:
+    except (RelayError, EnvError, MalformedRollout, RedisServerError, FencedOut,
+            CredentialError, GateError) as error:  # fmt: skip
         terminal.console.print(f"[red]error:[/red] {error}", highlight=False)
         return 1
     except KeyboardInterrupt:
@@ -131,18 +136,39 @@ def _build_parser() -> argparse.ArgumentParser:
         "join a running experiment as a rollout actor, by its Redis URL",
         quiet=True,
     )
-    actor.add_argument("--buffer", required=True, help="the experiment's redis:// or rediss:// URL")
+    actor.add_argument(
+        "--buffer", required=True,
+        help="the URL of an actor credential of the experiment (`relay actor-credential create`)",
+    )  # fmt: skip
     actor.add_argument("--prefix", default="relay", help="the experiment's buffer.key_prefix")
     actor.add_argument("--env", help="environment type, if not the experiment's")
     actor.add_argument("--actor-id", help="producer id in the buffer (default: host-pid)")
     actor.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache" / "relay", help="local model copy"
     )
-    for name, handler, help_text in (
+    credential_group = commands.add_parser(
+        "actor-credential", help="issue, revoke and list the credentials actors join with"
+    ).add_subparsers(dest="action", required=True)
+    create = command(
+        "create", _credential_create, "issue a credential; prints its buffer URL once",
+        credential_group,
+    )  # fmt: skip
+    create.add_argument("name", help="the credential's name: an actor, a host or a pool")
+    create.add_argument("--host", help="the buffer's host:port as actors reach it "
+                        "(default: the operator's)")  # fmt: skip
+    revoke = command("revoke", _credential_revoke, "cut a credential off at once", credential_group)
+    revoke.add_argument("name")
+    revoke.add_argument("--reason", default="revoked by the operator")
+    command("list", _credential_list, "the credentials and what each put", credential_group)
+    watchers = (
         ("dashboard", _dashboard, "serve the live dashboard and /metrics of a running experiment"),
         ("status", _status, "the figures of a running experiment in the terminal"),
-    ):
-        watch = command(name, handler, help_text)
+    )
+    for name, handler, help_text in watchers:
+        command(name, handler, help_text)
+    for watch in [commands.choices[name] for name, *_ in watchers] + [
+        credential_group.choices[name] for name in ("create", "revoke", "list")
+    ]:
         watch.add_argument("--buffer", help="redis:// URL (default: buffer.url, or run_dir's)")
         watch.add_argument("--prefix", help="the experiment's buffer.key_prefix")
     dashboard = commands.choices["dashboard"]
@@ -319,14 +345,17 @@ def _actor(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> N
     import socket
 
     from actors.ray_actor import ActorSpec, build_worker
+    from buffer.credentials import name_from_url
     from buffer.server import reach
     from relay.experiment import join_experiment
 
+    name_from_url(args.buffer, args.prefix)  # an actor credential, not the operator's URL
     client = reach(args.buffer)
     experiment, run_id, model_dir = join_experiment(
         client, args.prefix, args.overrides, args.cache, config.actors.weight_timeout_s, args.env
     )
-    actor_id = args.actor_id or f"{socket.gethostname()}-{os.getpid()}"
+    default_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{os.getpid()}")
+    actor_id = args.actor_id or default_id
     spec = ActorSpec(
         actor_id=actor_id,
         run_id=run_id,
@@ -380,9 +409,17 @@ def _status(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> 
 
 def _watched_buffer(args: argparse.Namespace, config: RunConfig):
     """The buffer of a running experiment: --buffer, buffer.url, or the URL `relay run`
-    left in run_dir for its embedded Redis."""
+    left in run_dir for its embedded Redis (the operator's own, never an actor's)."""
     from buffer.replay_buffer import ReplayBuffer
     from buffer.server import reach
+
+    url = _operator_url(args, config)
+    client = reach(url)
+    prefix = args.prefix or config.buffer.key_prefix
+    return ReplayBuffer(client, config.buffer.model_copy(update={"key_prefix": prefix}))
+
+
+def _operator_url(args: argparse.Namespace, config: RunConfig) -> str:
     from relay.driver import BUFFER_URL_FILE
 
     shared = config.run_dir / BUFFER_URL_FILE
@@ -391,12 +428,57 @@ def _watched_buffer(args: argparse.Namespace, config: RunConfig):
         url = shared.read_text().strip()
     if url is None:
         raise RelayError(
-            f"no buffer to watch: pass --buffer redis://..., set buffer.url, or give the "
-            f"config of a running `relay run` (it writes {shared} while it runs)"
+            f"no buffer: pass --buffer redis://..., set buffer.url, or give the config of "
+            f"a running `relay run` (it writes {shared} while it runs)"
         )
-    client = reach(url)
-    prefix = args.prefix or config.buffer.key_prefix
-    return ReplayBuffer(client, config.buffer.model_copy(update={"key_prefix": prefix}))
+    return url
+
+
+def _credentials(args: argparse.Namespace, config: RunConfig):
+    from buffer.credentials import Credentials
+
+    buffer = _watched_buffer(args, config)
+    return Credentials(buffer.client, buffer.config.key_prefix)
+
+
+def _credential_create(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    from buffer.credentials import credential_url
+
+    credentials = _credentials(args, config)
+    password = credentials.create(args.name)
+    server = urlsplit(_operator_url(args, config))
+    if args.host:
+        server = server._replace(netloc=args.host)
+    url = credential_url(urlunsplit(server), credentials.key_prefix, args.name, password)
+    terminal.console.print(
+        f"credential {args.name!r} issued; join with `relay actor --buffer URL --prefix "
+        f"{credentials.key_prefix}`. The URL holds its password and is shown only now:",
+        highlight=False,
+    )
+    print(url)
+
+
+def _credential_revoke(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
+    credentials = _credentials(args, config)
+    if credentials.revoke(args.name, args.reason):
+        terminal.console.print(f"credential {args.name!r} revoked", highlight=False)
+    else:
+        terminal.console.print(f"credential {args.name!r} was already revoked", highlight=False)
+
+
+def _credential_list(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
+    from rich.table import Table
+
+    credentials = _credentials(args, config)
+    table = Table("credential", "issued", "put", "refused", "quarantined", "revoked")
+    for record in credentials.records():
+        issued = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.issued_at))
+        revoked = record.revoked_reason if record.revoked_at else ""
+        table.add_row(record.name, issued, str(record.put), str(record.refused),
+                      str(record.quarantined), revoked)  # fmt: skip
+    Console().print(table)
 
 
 def _stop_on_signals() -> threading.Event:

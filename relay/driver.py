@@ -50,13 +50,11 @@ def run(
         client, server = open_redis(
             config.buffer.url, config.redis, config.run_dir / "redis", config.buffer.outage_limit_s
         )
-        actor_url = dashboard_client = None
+        dashboard_client = None
         if server is not None:
             cleanup.callback(server.stop)
             config.buffer.url = server.url
             cleanup.callback(_share_buffer_url(config.run_dir, server.url))
-            # Least privilege: actors and the dashboard get Redis users of their own.
-            actor_url = server.url_for("actor")
             dashboard_client = server.client(config.buffer.outage_limit_s, role="dashboard")
         if config.dashboard.enabled:
             results["dashboard"] = _start_dashboard(config, dashboard_client or client, cleanup)
@@ -66,7 +64,7 @@ def run(
         if before and config.actors.num_actors == 0:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
-        actors = Actors(config, actor_url, evaluate_first=before)
+        actors = Actors(config, _actor_urls(config, client), evaluate_first=before)
         cleanup.callback(actors.shutdown)
         actors.start()
         state = _learn(config, resume, stop, actors, on_metrics)
@@ -82,6 +80,21 @@ def run(
     results["seconds"] = round(time.monotonic() - started, 1)
     (config.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _actor_urls(config: RunConfig, client) -> list[str]:
+    """One credential per actor of the run (least privilege: each may only put through
+    the gate, and a misbehaving one is revoked alone); their buffer URLs."""
+    from buffer.credentials import Credentials, credential_url
+
+    credentials = Credentials(client, config.buffer.key_prefix)
+    prefix = config.buffer.key_prefix
+    names = [f"actor-{i}" for i in range(config.actors.num_actors)]
+    passwords = [credentials.create(name, rekey=True) for name in names]
+    return [
+        credential_url(config.buffer.url, prefix, name, password)
+        for name, password in zip(names, passwords, strict=True)
+    ]
 
 
 def _share_buffer_url(run_dir: Path, url: str) -> Callable[[], None]:
@@ -206,14 +219,13 @@ class Actors:
     """The run's rollout actors: started, watched, stopped."""
 
     def __init__(
-        self, config: RunConfig, buffer_url: str | None = None, evaluate_first: bool = False
+        self, config: RunConfig, buffer_urls: list[str], evaluate_first: bool = False
     ) -> None:
-        """`buffer_url`: the actors' own (restricted) URL, by default config.buffer.url;
+        """`buffer_urls`: each actor's own URL, with its credential (see `_actor_urls`);
         `evaluate_first`: the first actor scores the starting policy before generating."""
         from actors.ray_actor import ActorSpec
 
         self.config = config
-        buffer = config.buffer.model_copy(update={"url": buffer_url or config.buffer.url})
         self.specs = [
             ActorSpec(
                 actor_id=f"actor-{i}",
@@ -223,7 +235,7 @@ class Actors:
                 engine=config.engine,
                 env=config.env,
                 actor=config.actors,
-                buffer=buffer,
+                buffer=config.buffer.model_copy(update={"url": buffer_urls[i]}),
                 cpu_cores=_cycled(config.actors.cpu_cores, i),
                 evaluate_first=config.eval if evaluate_first and i == 0 else None,
             )
@@ -249,8 +261,8 @@ class Actors:
         if not self.handles:
             log.warning(
                 "actors.num_actors is 0: waiting for actors to join with `relay actor --buffer "
-                "URL --prefix %s` (an embedded Redis' URL is in run_dir/%s)",
-                self.config.buffer.key_prefix, BUFFER_URL_FILE,
+                "URL --prefix %s`, URL from `relay actor-credential create NAME -c CONFIG`",
+                self.config.buffer.key_prefix,
             )  # fmt: skip
 
     def supervise(self) -> None:

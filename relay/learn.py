@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from buffer.gate import Gate
 from buffer.replay_buffer import ReplayBuffer
 from buffer.server import connect, free_port
 from buffer.telemetry import Telemetry
@@ -110,6 +111,7 @@ def learn(
             trackers.log(metrics)
         on_metrics(metrics)
 
+    gate = _open_gate(config, stop) if rank == 0 else None
     loop = TrainingLoop(
         learner, buffer, config.learner, checkpoint_dir(config),
         publisher=publisher, on_metrics=record, stop=stop,
@@ -122,10 +124,14 @@ def learn(
     except (NoRollouts, PublishError) as error:
         raise RelayError(str(error)) from error
     finally:
+        if gate is not None:
+            gate.stop()
         if publisher is not None:
             publisher.close()
         if trackers is not None:
             trackers.close()
+    if gate is not None and gate.failure is not None:
+        raise RelayError(f"the buffer's gate failed, so actors could not put: {gate.failure}")
     if rank == 0:
         out = learner.export(config.run_dir / "policy")
         log.info("saved the policy (version %d) to %s", state.version, out)
@@ -137,6 +143,13 @@ def learn(
             )  # fmt: skip
     learner.close()
     return state
+
+
+def _open_gate(config: RunConfig, stop: threading.Event | None) -> Gate:
+    """Serve the actors' requests (buffer/gate.py) beside the learner; a failure of the
+    gate stops the run, since no actor could put any more."""
+    buffer = ReplayBuffer(connect(config.buffer.url, config.buffer.outage_limit_s), config.buffer)
+    return Gate(buffer, on_failure=stop.set if stop is not None else None).start()
 
 
 def _weights_in_redis(config: RunConfig, ray_transport: bool) -> bool:

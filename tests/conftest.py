@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def make_buffer(redis_server: RedisServer, request: pytest.FixtureRequest) -> ob
     counter = iter(range(1_000_000))
 
     def make(**config: object) -> ReplayBuffer:
-        prefix = f"test:{request.node.name}:{next(counter)}"
+        name = re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)
+        prefix = f"test:{name}:{next(counter)}"
         return ReplayBuffer(redis_server.client(), BufferConfig(key_prefix=prefix, **config))
 
     return make

@@ -170,10 +170,11 @@ local function purge_expired_leases(now)
 end
 
 -- Move a stored entry to the quarantine list with its reason, and forget it.
-local function quarantine_entry(id, reason)
+local function quarantine_entry(id, reason, producer)
   local payload = redis.call('GET', payload_key(id)) or ''
   remove_entries({id})
-  redis.call('RPUSH', K_QUARANTINE, cmsgpack.pack({id = id, reason = reason, at_ms = now_ms(), payload = payload}))
+  redis.call('RPUSH', K_QUARANTINE, cmsgpack.pack({id = id, reason = reason, at_ms = now_ms(),
+                                                   payload = payload, producer = producer or ''}))
   redis.call('HINCRBY', K_COUNTERS, 'quarantined', 1)
   release_admission(1)
 end

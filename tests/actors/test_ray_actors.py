@@ -21,6 +21,8 @@ from actors.engine import EngineConfig
 from actors.episodes import SamplingConfig
 from actors.ray_actor import ActorSpec, start_actors
 from buffer.config import BufferConfig
+from buffer.credentials import Credentials, credential_url
+from buffer.gate import Gate
 from buffer.replay_buffer import ReplayBuffer
 from buffer.telemetry import Telemetry
 from envs.arithmetic import ArithmeticConfig
@@ -51,10 +53,11 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
     from transformers import AutoModelForCausalLM
 
     prefix = "test:ray-actors"
-    buffer_config = BufferConfig(
-        url=redis_server.url, key_prefix=prefix, admission_control=False, max_staleness=100
-    )
+    buffer_config = BufferConfig(key_prefix=prefix, admission_control=False, max_staleness=100)
     buffer = ReplayBuffer(redis_server.client(), buffer_config)
+    gate = Gate(buffer).start()
+    password = Credentials(buffer.client, prefix).create("actor-0")
+    actor_url = credential_url(redis_server.url, prefix, "actor-0", password)
     model = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
     transport = RayObjectTransport(prefix)
     transport.publish(0, dict(model.named_parameters()))
@@ -66,7 +69,7 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
             group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=8),
             max_restarts=1, weight_poll_s=0.2, metrics_every_s=0.5,
         ),
-        buffer=buffer_config,
+        buffer=buffer_config.model_copy(update={"url": actor_url}),
     )  # fmt: skip
     (actor,) = start_actors([spec])
     run = actor.run.remote()
@@ -106,3 +109,4 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
                 for v in c.policy_versions.versions}  # fmt: skip
     assert versions <= {0, 1} and 1 in versions
     assert all(g.group.actor_id == "actor-0" for g in groups.groups)
+    gate.stop()

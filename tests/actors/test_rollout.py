@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ import torch
 from actors.config import ActorConfig
 from actors.episodes import SamplingConfig
 from actors.rollout import RolloutWorker
+from buffer.credentials import Credentials, credential_url
+from buffer.gate import Gate, GateClient
+from buffer.server import connect
 from buffer.stats import read_stats
 from buffer.telemetry import Telemetry
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
@@ -31,12 +35,29 @@ from weights.redis_store import RedisWeightSource, RedisWeightStore
 pytestmark = pytest.mark.slow
 
 
+_gates: list[Gate] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_gates() -> Iterator[None]:
+    yield
+    while _gates:
+        _gates.pop().stop()
+
+
 def worker(
     llm, tokenizer, env, buffer, weights=None, max_model_len: int = 128, **config
 ) -> RolloutWorker:
+    """A worker putting into `buffer` through its gate, with credential `actor-test`."""
+    _gates.append(Gate(buffer).start())
+    password = Credentials(buffer.client, buffer.config.key_prefix).create("actor-test")
+    server = buffer.client.connection_pool.connection_kwargs
+    url = credential_url(f"redis://{server['host']}:{server['port']}/0",
+                         buffer.config.key_prefix, "actor-test", password)  # fmt: skip
+    producer = GateClient(connect(url), buffer.config, "actor-test", "actor-test")
     return RolloutWorker(
-        llm, tokenizer, env, ActorConfig(**config), buffer, weights,
-        actor_id="actor-test", run_id="test", seed=5, max_model_len=max_model_len,
+        llm, tokenizer, env, ActorConfig(**config), producer, weights,
+        run_id="test", seed=5, max_model_len=max_model_len,
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
 
 
-def make_completion(n: int = 4, version: int = 3, **changes: object) -> Completion:
+def make_completion(n: int = 4, version: int = 0, **changes: object) -> Completion:
     completion = Completion(
         token_ids=np.arange(n, dtype=np.int32),
         behaviour_logprobs=np.full(n, -0.5, np.float32),
