@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from buffer.credentials import credential_of
 from buffer.replay_buffer import ReplayBuffer
 
 
@@ -24,6 +25,12 @@ class ProducerStats:
     groups_per_s: float
     """Average rate between its first and its latest put."""
     last_put_age_s: float
+    refused: int = 0
+    """Groups the gate (or put) refused from it."""
+    quarantined: int = 0
+    """Groups of it the learner quarantined when it sampled them."""
+    revoked: bool = False
+    """Its credential was revoked."""
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,11 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
     pipe.zcard(buffer.key("leases"))
     pipe.smembers(buffer.key("producers"))
     pipe.zrange(buffer.key("ready"), 0, 0, withscores=True)
+    pipe.smembers(buffer.keyspace.revoked)
     pipe.time()
     (version, counters, vcount, sampled, uses, depth, replay_depth, stored, leases,
-     producer_ids, oldest, now) = pipe.execute()  # fmt: skip
+     producer_ids, oldest, revoked, now) = pipe.execute()  # fmt: skip
+    revoked = {name.decode() for name in revoked}
     version = int(version or 0)
     now_s = now[0] + now[1] / 1e6
     counters = {k.decode(): int(v) for k, v in counters.items()}
@@ -142,7 +151,7 @@ def read_stats(buffer: ReplayBuffer, previous: BufferStats | None = None) -> Buf
         pipe.zcount(buffer.key("ready"), low, high)
     replies = pipe.execute()
     producers = [
-        _producer(pid, raw, version, now_s)
+        _producer(pid, raw, version, now_s, credential_of(pid) in revoked)
         for pid, raw in zip(ids, replies[: len(ids)], strict=True)
     ]
     ready_staleness = {
@@ -199,7 +208,7 @@ def _ready_buckets(oldest: list[tuple[bytes, float]], version: int) -> list[tupl
 
 
 def _producer(
-    producer_id: str, raw: dict[bytes, bytes], version: int, now_s: float
+    producer_id: str, raw: dict[bytes, bytes], version: int, now_s: float, revoked: bool
 ) -> ProducerStats:
     fields = {k.decode(): int(float(v)) for k, v in raw.items()}
     first, last = fields.get("first_put_ms", 0) / 1000, fields.get("last_put_ms", 0) / 1000
@@ -212,6 +221,9 @@ def _producer(
         version_lag=version - fields.get("last_version", 0),
         groups_per_s=(groups - 1) / (last - first) if last > first else 0.0,
         last_put_age_s=max(0.0, now_s - last),
+        refused=fields.get("refused", 0),
+        quarantined=fields.get("quarantined", 0),
+        revoked=revoked,
     )
 
 

@@ -37,12 +37,15 @@ _ACTOR_GAUGES = {
     "idle_fraction": "fraction of time the engine had nothing to run",
     "in_flight_groups": "groups being generated",
     "health_age_s": "seconds since the actor's last health report",
+    "revoked": "1 when the actor's credential was revoked",
 }
 _ACTOR_COUNTERS = {
     "restarts": "times the actor was restarted",
     "errors": "errors the actor recovered from",
     "weight_loads": "weight versions loaded",
     "groups_put": "groups put into the buffer",
+    "refused": "groups of the actor refused at put (by the gate)",
+    "quarantined": "groups of the actor quarantined when sampled",
 }
 _LEARNER_GAUGES = {
     "step": "learner steps done",

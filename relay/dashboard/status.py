@@ -86,8 +86,8 @@ def _figures(buffer: dict, learner: dict) -> Table:
 
 def _actor_table(actors: list[dict]) -> Table:
     table = Table(title=f"actors ({len(actors)})", title_justify="left", box=box.SIMPLE_HEAD)
-    columns = ("actor", "version", "lag", "tok/s", "idle", "groups", "restarts", "errors",
-               "report")  # fmt: skip
+    columns = ("actor", "version", "lag", "tok/s", "idle", "groups", "bad", "restarts",
+               "errors", "report")  # fmt: skip
     for name in columns:
         table.add_column(name, justify="left" if name == "actor" else "right", no_wrap=True)
     for a in actors:
@@ -95,11 +95,17 @@ def _actor_table(actors: list[dict]) -> Table:
         table.add_row(
             a["actor_id"], _value(a["version"]), _value(a["version_lag"]),
             _value(a["tokens_per_s"], ".0f"), _value(a["idle_fraction"], ".0%"),
-            str(a["groups_put"]), str(a["restarts"]), str(a["errors"]),
+            str(a["groups_put"]), _bad(a), str(a["restarts"]), str(a["errors"]),
             "never" if age is None else f"{age:.0f}s ago",
             style="dim" if a["silent"] else None,
         )  # fmt: skip
     return table
+
+
+def _bad(actor: dict) -> str:
+    """Refused + quarantined groups, and whether its credential was revoked."""
+    bad = str(actor["refused"] + actor["quarantined"])
+    return f"{bad} revoked" if actor["revoked"] else bad
 
 
 def _value(value: object, spec: str = "") -> str:

@@ -1,4 +1,5 @@
-"""`relay actor --buffer redis://...`: a process outside any Ray cluster joins an experiment.
+"""`relay actor --buffer redis://...`: a process outside any Ray cluster joins an experiment
+with a credential of its own (`relay actor-credential create`).
 
 The test plays the learner: it describes the experiment in a real redis-server and
 publishes weights; the actor gets everything else from there (config, tokenizer, weights).
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from buffer.gate import Gate
 from buffer.replay_buffer import ReplayBuffer
 from buffer.telemetry import Telemetry
 from relay.config import load_config
@@ -44,9 +46,24 @@ def test_actor_joins_with_only_the_redis_url(
     buffer.set_version(3)
     RedisWeightStore(client, prefix).publish(3, dict(model.named_parameters()))
 
+    gate = Gate(buffer).start()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # The learner's own URL is refused: actors join with a credential of their own.
+    refused = subprocess.run(
+        [RELAY, "actor", "--buffer", redis_server.url, "--prefix", prefix],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "not an actor credential" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    issued = subprocess.run(
+        [RELAY, "actor-credential", "create", "pool-b", "--buffer", redis_server.url,
+         "--prefix", prefix],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    url = issued.stdout.strip().splitlines()[-1]
+    assert url.startswith("redis://test%3Aremote.pool-b:") and redis_server.password not in url
     actor = subprocess.Popen(
-        [RELAY, "actor", "--buffer", redis_server.url, "--prefix", prefix,
+        [RELAY, "actor", "--buffer", url, "--prefix", prefix,
          "--env", "arithmetic", "--actor-id", "remote-0", "--cache", str(tmp_path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -64,9 +81,10 @@ def test_actor_joins_with_only_the_redis_url(
     batch = buffer.sample(3)
     for sampled in batch.groups:
         group = sampled.group
-        assert group.actor_id == "remote-0" and group.run_id == "remote-run"
+        assert group.actor_id == "pool-b/remote-0" and group.run_id == "remote-run"
         assert all(set(c.policy_versions.per_token()) == {3} for c in group.completions)
-    health = Telemetry.beside(buffer).health()["remote-0"]
+    gate.stop()
+    health = Telemetry.beside(buffer).health()["pool-b/remote-0"]
     assert health["version"] == 3 and health["groups"] >= 3
     # The local copy of the policy was written from Redis alone.
     assert (tmp_path / "test_remote" / "model" / "model.safetensors").is_file()

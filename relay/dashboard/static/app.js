@@ -153,11 +153,13 @@ function renderActors(actors) {
     const cells = [
       a.actor_id, fmt.int(a.version), fmt.int(a.version_lag), fmt.num(a.tokens_per_s, 0),
       fmt.num(a.groups_per_s), fmt.pct(a.idle_fraction), fmt.int(a.in_flight_groups),
-      fmt.int(a.groups_put), fmt.int(a.weight_loads), fmt.int(a.restarts), fmt.int(a.errors),
-      fmt.age(a.health_age_s), a.last_error,
+      fmt.int(a.groups_put), fmt.int(a.refused), fmt.int(a.quarantined),
+      a.revoked ? "revoked" : "", fmt.int(a.weight_loads), fmt.int(a.restarts),
+      fmt.int(a.errors), fmt.age(a.health_age_s), a.last_error,
     ];
     const names = ["actor", "version", "lag", "tokens_per_s", "groups_per_s", "idle",
-      "in_flight", "groups_put", "weight_loads", "restarts", "errors", "age", "error"];
+      "in_flight", "groups_put", "refused", "quarantined", "credential", "weight_loads",
+      "restarts", "errors", "age", "error"];
     cells.forEach((text, i) => {
       const cell = document.createElement("td");
       cell.textContent = text;
