@@ -33,6 +33,7 @@ from typing import Any
 from envs.base import EnvError
 
 _MAX_RESULT_BYTES = 1_000_000
+_MAX_RESULT_DEPTH = 64
 _MAX_FILE_BYTES = 1 << 20
 _SCRATCH_BYTES = 16 << 20
 _MAX_OPEN_FILES = 64
@@ -104,7 +105,7 @@ _, status = os.waitpid(child, 0)
 for line in received.split(b"\n")[:-1]:
     try:
         entry = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         entry = None
     if isinstance(entry, dict) and set(entry) == {"fatal"} and fatal is None:
         fatal = str(entry["fatal"])
@@ -123,17 +124,55 @@ os.write(1, json.dumps(verdict).encode())
 """.replace("MAX_BYTES", str(_MAX_RESULT_BYTES))
 
 
-def _seccomp_filter() -> bytes:
-    """A classic-BPF seccomp program: EPERM for every way to make a process or thread,
-    to trace or poke another one; everything else allowed. Unknown architectures are
-    refused outright rather than let through."""
+# The system calls the candidate is refused (EPERM), by name, with their numbers on
+# x86_64 and aarch64. A denylist, not an allowlist: CPython's own needs differ between
+# versions and libcs, and a call it needs and misses would fail every candidate. These are
+# the ways out: new processes or threads; tracing or reaching into another process (the
+# harness's pipe by pidfd_getfd); sockets (loopback is up in the empty network namespace);
+# memory outside the process's own limit (SysV IPC, memfd); kernel keyrings; namespaces
+# and mounts; io_uring, userfaultfd, BPF and perf (large kernel attack surface); and the
+# administrative calls an unprivileged process has no use for.
+_REFUSED_CALLS = {
+    "clone": (56, 220), "fork": (57, None), "vfork": (58, None), "clone3": (435, 435),
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "kcmp": (312, 272), "pidfd_open": (434, 434), "pidfd_getfd": (438, 438),
+    "pidfd_send_signal": (424, 424), "process_madvise": (440, 440),
+    "socket": (41, 198), "socketpair": (53, 199),
+    "shmget": (29, 194), "shmat": (30, 196), "shmctl": (31, 195), "semget": (64, 190),
+    "semop": (65, 193), "semctl": (66, 191), "semtimedop": (220, 192), "msgget": (68, 186),
+    "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
+    "memfd_create": (319, 279), "memfd_secret": (447, 447),
+    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
+    "pivot_root": (155, 41), "chroot": (161, 51), "open_tree": (428, 428),
+    "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431),
+    "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    "name_to_handle_at": (303, 264), "open_by_handle_at": (304, 265),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "userfaultfd": (323, 282), "bpf": (321, 280),
+    "perf_event_open": (298, 241), "fanotify_init": (300, 262),
+    "personality": (135, 92), "syslog": (103, 116), "acct": (163, 89),
+    "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142),
+    "quotactl": (179, 60), "settimeofday": (164, 170), "clock_settime": (227, 112),
+    "clock_adjtime": (305, 266), "adjtimex": (159, 171), "sethostname": (170, 161),
+    "setdomainname": (171, 162), "vhangup": (153, 58), "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "iopl": (172, None), "ioperm": (173, None),
+}  # fmt: skip
+
+
+SECCOMP_ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}
+"""Machines the filter knows: the column of `_REFUSED_CALLS`, and the kernel's AUDIT_ARCH."""
+
+
+def _seccomp_filter(machine: str | None = None) -> bytes:
+    """A classic-BPF seccomp program: EPERM for every call in `_REFUSED_CALLS`, everything
+    else allowed. Other architectures are killed outright rather than let through."""
     import platform
     import struct
 
-    arch, calls = {
-        "x86_64": (0xC000003E, (56, 57, 58, 435, 101, 310, 311)),  # clone fork vfork clone3
-        "aarch64": (0xC00000B7, (220, 435, 117, 270, 271)),  # ptrace process_vm_readv/writev
-    }[platform.machine()]
+    column, arch = SECCOMP_ARCHES[machine or platform.machine()]
+    calls = sorted({nrs[column] for nrs in _REFUSED_CALLS.values() if nrs[column] is not None})
     load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000
     steps = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (load, 0, 0, 0)]
@@ -212,7 +251,9 @@ def run_function(
         stderr=subprocess.DEVNULL,
         env={},
         start_new_session=True,
-        preexec_fn=functools.partial(_set_hard_limits, memory_mb << 20, cpu_s),
+        preexec_fn=functools.partial(
+            _set_hard_limits, max(memory_mb << 20, 2 * _SCRATCH_BYTES) - _SCRATCH_BYTES, cpu_s
+        ),
     )
     try:
         stdout, _ = process.communicate(request.encode(), timeout=timeout_s)
@@ -233,16 +274,12 @@ def _bwrap_command() -> list[str]:
             command += ["--symlink", os.readlink(path), path]
         else:
             command += ["--ro-bind", path, path]
-    command += [
-        "--dev",
-        "/dev",
-        "--size",
-        str(_SCRATCH_BYTES),
-        "--tmpfs",
-        "/tmp",
-        "--chdir",
-        "/tmp",
-    ]
+    # Only /tmp is writable (a tmpfs of _SCRATCH_BYTES, counted in the memory budget):
+    # the root and /dev (its shm directory included) are tmpfs too, sized by the kernel at
+    # half the host's RAM, so they are made read-only.
+    command += ["--dev", "/dev", "--remount-ro", "/dev"]
+    command += ["--size", str(_SCRATCH_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    command += ["--remount-ro", "/"]
     return [*command, "--", os.path.realpath(sys.executable), "-I", "-S"]
 
 
@@ -271,14 +308,32 @@ def _set_hard_limits(memory_bytes: int, cpu_s: int) -> None:
 
 
 def _parse_verdict(stdout: bytes, returncode: int) -> SandboxResult:
-    """The harness's one JSON verdict; anything else is a failed run, never an exception."""
+    """The harness's one JSON verdict; anything else is a failed run, never an exception.
+    What the candidate returned is read within bounds: size (the harness's), and nesting."""
     try:
         verdict = json.loads(stdout[: 2 * _MAX_RESULT_BYTES])
+    except RecursionError:
+        return SandboxResult(None, f"result nested deeper than {_MAX_RESULT_DEPTH} levels")
     except ValueError:
         verdict = None
     if not isinstance(verdict, dict):
         reason = "killed (CPU or memory limit)" if returncode < 0 else f"exit code {returncode}"
         return SandboxResult(None, f"no result: {reason}")
     if isinstance(verdict.get("returned"), list):
+        if _depth(verdict["returned"]) > _MAX_RESULT_DEPTH:
+            return SandboxResult(None, f"result nested deeper than {_MAX_RESULT_DEPTH} levels")
         return SandboxResult(verdict["returned"], None)
-    return SandboxResult(None, str(verdict.get("error", "malformed verdict")))
+    return SandboxResult(None, str(verdict.get("error", "malformed verdict"))[:500])
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and dicts nest in `value` (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, level)
+            stack.extend(
+                (child, level + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest

@@ -18,7 +18,7 @@ import pytest
 
 from envs.base import Split
 from envs.code_tests import TASKS, CodeConfig, CodeEnv
-from envs.sandbox import run_function
+from envs.sandbox import _REFUSED_CALLS, SECCOMP_ARCHES, _seccomp_filter, run_function
 
 MEMORY_MB = 256
 
@@ -81,9 +81,11 @@ def test_no_network_even_to_a_listener_on_the_host() -> None:
         attempt(f"return __import__('socket').create_connection(('127.0.0.1', {port}), 1)")
     )
     assert through_hook.startswith("PermissionError: sandbox: socket")
-    # Under the hook, the network namespace is the wall: its one device is a loopback
-    # of its own, so even a socket the hook missed would reach nothing of the host's.
-    assert run(attempt("return __import__('socket').if_nameindex()")) == [[1, "lo"]]
+    # Under the hook, the kernel is the wall: seccomp refuses every socket, even the
+    # netlink one `if_nameindex` opens without the hook seeing it (the empty network
+    # namespace's loopback is up, so a socket would have reached it).
+    refused = "PermissionError: [Errno 1] Operation not permitted"
+    assert run(attempt("return __import__('socket').if_nameindex()")) == refused
     with pytest.raises(TimeoutError):
         listener.accept()
     listener.close()
@@ -95,7 +97,7 @@ def test_limits_cannot_be_raised_and_still_hold() -> None:
     prlimit = run(attempt("import resource\nresource.prlimit(0, resource.RLIMIT_AS, (-1, -1))"))
     assert prlimit.startswith("PermissionError")
     hard = run(attempt("import resource\nreturn resource.getrlimit(resource.RLIMIT_AS)[1]"))
-    assert hard == MEMORY_MB << 20
+    assert hard == (MEMORY_MB - 16) << 20  # the budget, less the 16 MiB /tmp
     # Whatever was tried, the memory limit is still there for the next allocation.
     assert run("x = bytearray(10**10)") == {"run error": "MemoryError: "}
 
@@ -197,3 +199,92 @@ def _add_prompt(env: CodeEnv):
 
 def _indent(body: str) -> str:
     return "\n".join("    " + line for line in body.strip().splitlines())
+
+
+def test_only_a_small_tmp_is_writable() -> None:
+    # The root and /dev (its shm directory included) are tmpfs sized at half the host's
+    # RAM: writable, they let a candidate pin host memory past its limit.
+    body = """
+import os
+written = []
+for path in ("/big", "/dev/shm/big", "/usr/big", "/tmp/small"):
+    try:
+        with open(path, "wb") as out:
+            out.write(b"x" * 1000)
+        written.append(path)
+    except OSError:
+        pass
+try:
+    for i in range(64):  # files of 1 MiB less a byte (RLIMIT_FSIZE is 1 MiB)
+        with open(f"/tmp/big{i}", "wb") as out:
+            out.write(b"x" * ((1 << 20) - 1))
+except OSError as error:
+    written.append((i, error.strerror))
+return written
+"""
+    # 16 MiB hold 15 such files (and /tmp/small) before the tmpfs is full.
+    assert run(attempt(body)) == ["/tmp/small", [15, "No space left on device"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ("import os\nreturn os.memfd_create('pin')", "memfd_create"),  # memory past the limit
+        ("import os\nreturn os.pidfd_open(1)", "pidfd_open"),  # the way to pidfd_getfd
+        ("from multiprocessing import shared_memory\n"
+         "return shared_memory.SharedMemory(create=True, size=1 << 20).name", "/dev/shm"),
+    ],
+)  # fmt: skip
+def test_calls_that_reach_past_the_sandbox_are_refused(body: str, what: str) -> None:
+    # Each of these works for any unprivileged process outside the sandbox.
+    outcome = run(attempt(body))
+    assert outcome.startswith(("PermissionError", "OSError: [Errno 30]")), (what, outcome)
+
+
+def run_bpf(program: bytes, nr: int, arch: int) -> int:
+    """What a classic-BPF seccomp program returns for system call `nr` on `arch`: the
+    three instructions `_seccomp_filter` uses, interpreted as the kernel does."""
+    import struct
+
+    steps = [struct.unpack("HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    fields, pc, acc = {0: nr, 4: arch}, 0, 0
+    while True:
+        code, jt, jf, k = steps[pc]
+        if code == 0x20:  # load a word of seccomp_data
+            acc, pc = fields[k], pc + 1
+        elif code in (0x15, 0x35):  # jump if equal, if greater or equal
+            pc += 1 + (jt if (acc == k if code == 0x15 else acc >= k) else jf)
+        else:
+            assert code == 0x06
+            return k
+
+
+@pytest.mark.parametrize("machine", sorted(SECCOMP_ARCHES))
+def test_the_seccomp_filter_refuses_every_listed_call_and_allows_the_rest(machine: str) -> None:
+    column, arch = SECCOMP_ARCHES[machine]
+    program = _seccomp_filter(machine)
+    eperm, allow, kill = 0x00050001, 0x7FFF0000, 0x80000000
+    refused = {nrs[column] for nrs in _REFUSED_CALLS.values() if nrs[column] is not None}
+    for name, nrs in _REFUSED_CALLS.items():
+        if nrs[column] is not None:
+            assert run_bpf(program, nrs[column], arch) == eperm, name
+    # Calls CPython needs (read, write, mmap, exit_group ... by number) pass.
+    assert all(run_bpf(program, nr, arch) == allow for nr in range(0, 20) if nr not in refused)
+    assert run_bpf(program, 0, 0x40000003) == kill  # another architecture's calls
+    for name in ("keyctl", "pidfd_getfd", "io_uring_setup", "userfaultfd", "unshare", "mount"):
+        assert name in _REFUSED_CALLS
+
+
+def test_a_deeply_nested_result_scores_zero_instead_of_raising() -> None:
+    nest = "def f():\n    x = []\n    for _ in range(DEPTH):\n        x = [x]\n    return x\n"
+    for depth in (100, 990):
+        outcome = run(nest.replace("DEPTH", str(depth)))
+        assert isinstance(outcome, dict) and "run error" in outcome, depth
+    # Deeper still, the candidate's own process cannot even write it down.
+    assert run(nest.replace("DEPTH", "5000")) == "UnserialisableResult"
+    assert run(nest.replace("DEPTH", "10")) is not None
+    env = CodeEnv(CodeConfig(timeout_s=3.0, memory_mb=MEMORY_MB))
+    prompt = _add_prompt(env)
+    code = nest.replace("def f()", "def add(a, b)").replace("DEPTH", "990")
+    verdict = env.score(prompt, code)
+    assert verdict.reward == 0.0 and "nested" in verdict.details["reason"]

@@ -185,8 +185,8 @@ def test_actors_from_elsewhere_join_a_learner_only_run(
     warm_model_dir: Path, tmp_path: Path
 ) -> None:
     # The learning cluster runs no actors; an actor pool elsewhere (here: another process,
-    # outside Ray) joins with nothing but the buffer's URL, which `relay run` leaves in
-    # run_dir for its embedded Redis.
+    # outside Ray) joins with nothing but a credential's URL, which the operator issues
+    # with the admin URL `relay run` leaves in run_dir for its embedded Redis.
     steps = 4
     config = run_config(
         tmp_path, warm_model_dir, "async", steps=steps,
@@ -202,9 +202,14 @@ def test_actors_from_elsewhere_join_a_learner_only_run(
         assert process.poll() is None, err.read_text()[-4000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    issued = subprocess.run(
+        [RELAY, "actor-credential", "create", "pool", "--buffer", url_file.read_text().strip(),
+         "--prefix", "relay"],
+        env=ENV, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
     with (tmp_path / "actor.log").open("w") as actor_log:
         actor = subprocess.Popen(
-            [RELAY, "actor", "--buffer", url_file.read_text().strip(), "--prefix", "relay",
+            [RELAY, "actor", "--buffer", issued.stdout.split()[-1], "--prefix", "relay",
              "--actor-id", "elsewhere-0", "--cache", str(tmp_path / "cache")],
             env=ENV, stdout=actor_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
