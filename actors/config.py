@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class SamplingConfig(BaseModel):
     """How completions are sampled."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(1.0, ge=0)
     """1.0 samples from the policy itself (what importance weights assume); 0 is greedy."""
@@ -26,7 +26,7 @@ class SamplingConfig(BaseModel):
 class EngineConfig(BaseModel):
     """How each actor's vLLM engine is built."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and activations; float32 on CPU keeps vLLM's log-probs equal to the learner's."""
@@ -52,7 +52,7 @@ class EngineConfig(BaseModel):
 class ActorConfig(BaseModel):
     """How many actors run, what each keeps in flight, and how they follow new weights."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_actors: int = Field(1, ge=0)
     """Ray actors, each with its own vLLM engine. 0: a learner-only run, which actors join
@@ -120,7 +120,7 @@ class ActorConfig(BaseModel):
 class EvalConfig(BaseModel):
     """Held-out evaluation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_prompts: int = Field(500, gt=0)
     """Test-split prompts to evaluate on."""

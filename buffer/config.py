@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class BufferConfig(BaseModel):
     """The Redis replay buffer: where it lives, how stale and how full it may get."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     url: str | None = None
     """redis:// or rediss:// (TLS) URL with password; None starts an embedded redis-server."""
@@ -76,7 +76,7 @@ class BufferConfig(BaseModel):
 class RedisServerConfig(BaseModel):
     """The embedded redis-server Relay starts when `buffer.url` is not set."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     appendfsync: Literal["always", "everysec", "no"] = "everysec"
     """AOF fsync: everysec loses <= 1 s of writes on a machine crash, none if only Redis dies."""

@@ -20,7 +20,7 @@ _MAX_ATTEMPTS_PER_PROMPT = 50
 class ArithmeticConfig(BaseModel):
     """Integer arithmetic: `a OP b=` answered by the integer result."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["arithmetic"] = "arithmetic"
     digits: int = Field(2, ge=1, le=9)

@@ -34,7 +34,7 @@ _BINARY = {
 class CalculatorConfig(BaseModel):
     """Multi-step arithmetic with a calculator tool."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["calculator"] = "calculator"
     max_turns: int = Field(4, ge=1, le=32)

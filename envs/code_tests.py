@@ -17,7 +17,7 @@ _FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
 class CodeConfig(BaseModel):
     """Function-writing tasks verified by running tests in a sandboxed subprocess."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["code"] = "code"
     timeout_s: float = Field(3.0, gt=0, le=60)

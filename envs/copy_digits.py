@@ -23,7 +23,7 @@ _MAX_ATTEMPTS_PER_PROMPT = 50
 class CopyConfig(BaseModel):
     """Copy a digit string whose length L is drawn with P(L) ∝ L^-length_exponent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["copy"] = "copy"
     min_length: int = Field(3, ge=1)

@@ -48,7 +48,7 @@ BUILTIN_REWARDS = ("exact", "numeric", "math", "regex")
 class DatasetConfig(BaseModel):
     """Prompts and answers from a file or a saved `datasets` directory, with a reward."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["dataset"] = "dataset"
     path: Path
@@ -278,14 +278,18 @@ def _read(path: Path) -> list[dict] | dict[str, list[dict]]:
     if path.suffix not in (".jsonl", ".json"):
         raise EnvError(f"{path}: expected a .jsonl or .parquet file, or a datasets directory")
     rows = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
             try:
-                rows.append(json.loads(line))
+                line = raw.decode("utf-8")
+                if line.strip():
+                    rows.append(json.loads(line))
+            except UnicodeDecodeError as error:
+                raise EnvError(f"{path}: row {number}: not UTF-8 ({error.reason})") from None
             except json.JSONDecodeError as error:
                 raise EnvError(f"{path}: row {number}: not JSON ({error.msg})") from None
+            except RecursionError:
+                raise EnvError(f"{path}: row {number}: JSON nested too deeply") from None
     return rows
 
 

@@ -27,7 +27,7 @@ INSTRUCTION = "Give the final answer as \\boxed{...}."
 class MathConfig(BaseModel):
     """Math word problems from JSONL, verified symbolically."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["math"] = "math"
     path: Path = SHIPPED_PROBLEMS

@@ -24,7 +24,7 @@ _KEPT_ENTRIES = 100_000
 class ReasoningGymConfig(BaseModel):
     """A reasoning-gym dataset by name, with its own config passed through."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["reasoning_gym"] = "reasoning_gym"
     dataset: str = "countdown"

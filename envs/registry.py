@@ -18,6 +18,7 @@ from pydantic import (
     Discriminator,
     Tag,
     ValidationError,
+    ValidationInfo,
     model_serializer,
     model_validator,
 )
@@ -32,6 +33,8 @@ from envs.math_problems import MathConfig, MathEnv
 from envs.reasoning_gym_env import ReasoningGymConfig, ReasoningGymEnv
 
 ENTRY_POINT_GROUP = "relay.envs"
+ALLOWED_PLUGINS = "allowed_plugins"
+"""Validation context key: the import paths a config from elsewhere may name (a set)."""
 
 ENVIRONMENTS = {
     "arithmetic": ArithmeticEnv,
@@ -56,17 +59,26 @@ class PluginEnvConfig(BaseModel):
     """`env:` for a plugin: its `type`, and its own config validated by its config_class.
     Written (and dumped) flat, as `type` beside the plugin's own keys."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
 
     type: str
     settings: BaseModel
 
     @model_validator(mode="before")
     @classmethod
-    def _validate_with_the_plugin(cls, value: Any) -> Any:
+    def _validate_with_the_plugin(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, dict) or "settings" in value:
             return value
-        config_class = plugin_class(str(value.get("type"))).config_class
+        type_name = str(value.get("type"))
+        allowed = (info.context or {}).get(ALLOWED_PLUGINS)
+        if allowed is not None and ":" in type_name and type_name not in allowed:
+            # A config read back from Redis: whoever can write there must not choose
+            # which module this process imports.
+            raise EnvError(
+                f"env.type {type_name!r} is an import path from the experiment's buffer; "
+                f"import it only if you trust it: --allow-plugin {type_name}"
+            )
+        config_class = plugin_class(type_name).config_class
         own = {k: v for k, v in value.items() if k != "type"}
         try:
             return {"type": value["type"], "settings": config_class.model_validate(own)}

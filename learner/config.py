@@ -14,14 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class NoCorrection(BaseModel):
     """`none`: on-policy policy gradient applied to stale data (the naive baseline)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["none"] = "none"
 
 
 class TruncatedIS(BaseModel):
     """`tis`: token-level truncated importance sampling."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["tis"] = "tis"
     clip_c: float = Field(2.0, gt=0)
     """Weights π/μ are truncated at this value."""
@@ -30,7 +30,7 @@ class TruncatedIS(BaseModel):
 class DecoupledPPO(BaseModel):
     """`decoupled_ppo`: AReaL's decoupled PPO objective."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["decoupled_ppo"] = "decoupled_ppo"
     clip_eps: float = Field(0.2, gt=0, lt=1)
     """Trust region around the proximal policy: ratio clipped to [1 - eps, 1 + eps]."""
@@ -41,7 +41,7 @@ class DecoupledPPO(BaseModel):
 class SequenceIS(BaseModel):
     """`seq_is`: sequence-level, length-normalised ratio with clipping (GSPO)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["seq_is"] = "seq_is"
     clip_low: float = Field(3e-4, gt=0, lt=1)
     """Sequence ratio clipped below at 1 - clip_low (GSPO uses 3e-4)."""
@@ -52,7 +52,7 @@ class SequenceIS(BaseModel):
 class M2PO(BaseModel):
     """`m2po`: M2PO's second-moment trust region, masking only the outlying tokens."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["m2po"] = "m2po"
     tau: float = Field(0.04, gt=0)
     """The most the kept tokens' mean (log π_θ/μ)² may be (M2PO's τ_M2, 0.04 in the paper)."""
@@ -61,7 +61,7 @@ class M2PO(BaseModel):
 class SequenceMaskedIS(BaseModel):
     """`seq_mis`: sequence-level masked importance sampling (TRL's default, verl's Geo-RS)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["seq_mis"] = "seq_mis"
     lower: float = Field(0.5, gt=0, le=1)
     """A sequence whose geometric-mean ratio is below this is masked out whole."""
@@ -72,7 +72,7 @@ class SequenceMaskedIS(BaseModel):
 class VCPO(BaseModel):
     """`vcpo`: truncated IS whose optimizer step shrinks with the batch's effective sample size."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["vcpo"] = "vcpo"
     clip_c: float = Field(2.0, gt=0)
     """Token weights π/μ are truncated at this value (as in `tis`)."""
@@ -89,7 +89,7 @@ LossConfig = Annotated[
 class CheckpointConfig(BaseModel):
     """When the learner saves what it needs to resume."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     every_steps: int = Field(50, ge=0)
     """Save every N steps (and always at the end and on SIGTERM). Batches stay claimed in
@@ -102,7 +102,7 @@ class CheckpointConfig(BaseModel):
 class LearnerConfig(BaseModel):
     """The learner: optimizer, DeepSpeed settings, the objective and the schedule."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(100, gt=0)
     """Learner steps in the run: one sampled batch each (update_epochs x minibatches

@@ -142,6 +142,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     actor.add_argument("--prefix", default="relay", help="the experiment's buffer.key_prefix")
     actor.add_argument("--env", help="environment type, if not the experiment's")
+    actor.add_argument(
+        "--allow-plugin", action="append", default=[], metavar="MODULE:CLASS",
+        help="an env.type import path this actor may import when the experiment names it",
+    )  # fmt: skip
     actor.add_argument("--actor-id", help="producer id in the buffer (default: host-pid)")
     actor.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache" / "relay", help="local model copy"
@@ -352,8 +356,9 @@ def _actor(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> N
     name_from_url(args.buffer, args.prefix)  # an actor credential, not the operator's URL
     client = reach(args.buffer)
     experiment, run_id, model_dir = join_experiment(
-        client, args.prefix, args.overrides, args.cache, config.actors.weight_timeout_s, args.env
-    )
+        client, args.prefix, args.overrides, args.cache, config.actors.weight_timeout_s, args.env,
+        allowed_plugins=args.allow_plugin,
+    )  # fmt: skip
     default_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{os.getpid()}")
     actor_id = args.actor_id or default_id
     spec = ActorSpec(

@@ -39,7 +39,7 @@ from relay.errors import ConfigError
 class ModelConfig(BaseModel):
     """The policy: where it is loaded from, and the shape used when Relay builds one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = "models/tiny"
     """A Hugging Face model directory, or a hub id (`org/name`) downloaded once at start
@@ -56,7 +56,7 @@ class ModelConfig(BaseModel):
 class RayConfig(BaseModel):
     """Where `relay run` finds or starts Ray."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     address: str | None = None
     """A running cluster ("auto" inside `ray job submit` / `ray submit`, or host:port);
@@ -77,7 +77,7 @@ class RayConfig(BaseModel):
 class WandbConfig(BaseModel):
     """A Weights & Biases run that receives the learner's metrics."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     project: str = "relay"
     entity: str | None = None
@@ -92,7 +92,7 @@ class WandbConfig(BaseModel):
 class LoggingConfig(BaseModel):
     """What the terminal shows and where everything else is written."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     quiet: bool = True
     """`relay run`, `learn`, `actor` and `eval` show only Relay's progress and log lines
@@ -110,7 +110,7 @@ class LoggingConfig(BaseModel):
 class RunConfig(BaseModel):
     """Everything a Relay command needs, validated before it starts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     run_dir: Path = Path("runs/default")
     """Where logs, metrics and results of this run are written."""
@@ -250,7 +250,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

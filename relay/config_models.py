@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class TinyModelConfig(BaseModel):
     """Shape of the locally built Qwen2 policy (defaults: ~0.8M parameters)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     hidden_size: int = Field(128, gt=0)
     """Model width; width / heads is the head size, which vLLM's CPU attention needs >= 32."""
@@ -33,7 +33,7 @@ class TinyModelConfig(BaseModel):
 class WarmstartConfig(BaseModel):
     """Supervised warm start on the environment's demonstrations."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(800, gt=0)
     """Optimizer steps (the most, with `stop_at_accuracy`)."""

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+from pydantic import ValidationError
 
 from buffer.keys import Keyspace
 from buffer.polling import poll
 from buffer.telemetry import Telemetry
-from relay.config import RunConfig, apply_override
-from relay.errors import RelayError
+from envs.registry import ALLOWED_PLUGINS
+from relay.config import RunConfig, apply_override, describe_validation_error
+from relay.errors import ConfigError, RelayError
 from weights.redis_store import RedisWeightStore
 
 log = logging.getLogger(__name__)
@@ -55,11 +58,13 @@ def join_experiment(
     cache: Path,
     timeout_s: float,
     env_type: str | None = None,
+    allowed_plugins: Sequence[str] = (),
 ) -> tuple[RunConfig, str, Path]:
     """The experiment's config (with `overrides`), run id, and a local copy of the policy.
 
     `env_type` names the environment to generate for; another type than the experiment's
-    starts from that environment's defaults (tune it with `env.*` overrides).
+    starts from that environment's defaults (tune it with `env.*` overrides). An env.type
+    that is an import path is imported only if `allowed_plugins` names it.
     """
     record = _wait_for_experiment(client, key_prefix, timeout_s)
     raw = json.loads(record[b"config"])
@@ -67,7 +72,10 @@ def join_experiment(
         raw["env"] = {"type": env_type}
     for override in overrides:
         apply_override(raw, override)
-    config = RunConfig.model_validate(raw)
+    try:
+        config = RunConfig.model_validate(raw, context={ALLOWED_PLUGINS: set(allowed_plugins)})
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, RunConfig)) from None
     store = RedisWeightStore(client, key_prefix)
     version = store.wait_for_newer(None, timeout_s)
     if version is None:

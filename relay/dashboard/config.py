@@ -10,7 +10,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class DashboardConfig(BaseModel):
     """The web page, `/metrics` endpoint and their poll of the buffer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     """`relay run` serves the dashboard while it runs."""

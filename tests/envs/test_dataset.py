@@ -148,6 +148,12 @@ def test_errors_name_the_file_row_and_column(tmp_path: Path) -> None:
     (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(EnvError, match=r"broken.jsonl: row 2: not JSON"):
         dataset_env(path=str(tmp_path / "broken.jsonl"), prompt_column="question")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(EnvError, match=r"latin1.jsonl: row 1: not UTF-8"):
+        dataset_env(path=str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "deep.jsonl").write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(EnvError, match=r"deep.jsonl: row 1: JSON nested too deeply"):
+        dataset_env(path=str(tmp_path / "deep.jsonl"))
     write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "p", "answer": ""}])
     with pytest.raises(EnvError, match=r"empty.jsonl: row 1: column 'answer' must be a non-empty"):
         dataset_env(path=str(tmp_path / "empty.jsonl"))

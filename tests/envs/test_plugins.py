@@ -131,3 +131,25 @@ def test_a_plugin_by_import_path_builds_and_round_trips(
     missing = "relay_echo_env:NoSuchEnv"
     with pytest.raises(Exception, match="cannot import it"):
         load_config(None, [f"env.type={missing}"], environ={})
+
+
+def test_a_config_from_the_buffer_imports_only_allowed_plugin_paths(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A joining actor reads its config from Redis; whoever can write there must not pick
+    # the module it imports.
+    from pydantic import ValidationError
+
+    from envs.registry import ALLOWED_PLUGINS
+    from relay.config import RunConfig
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "relay_echo_env", raising=False)
+    raw = {"env": {"type": "relay_echo_env:EchoEnv", "size": 1}}
+    with pytest.raises(ValidationError, match="--allow-plugin relay_echo_env:EchoEnv"):
+        RunConfig.model_validate(raw, context={ALLOWED_PLUGINS: set()})
+    assert "relay_echo_env" not in sys.modules
+    allowed = {ALLOWED_PLUGINS: {"relay_echo_env:EchoEnv"}}
+    assert RunConfig.model_validate(raw, context=allowed).env.type == "relay_echo_env:EchoEnv"
+    # Entry points are the actor host's own installs: allowed without naming them.
+    assert RunConfig.model_validate({"env": {"type": "echo"}}, context={ALLOWED_PLUGINS: set()})
