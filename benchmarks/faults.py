@@ -9,17 +9,20 @@ fault:
 - `redis_kill`: SIGKILL of the embedded redis-server (its supervisor restarts it);
 - `redis_pause`: SIGSTOP of redis-server for PAUSE_S seconds, then SIGCONT;
 - `group_sigint`: SIGINT to the run's whole process group, as a terminal's Ctrl-C;
-- `poison`: a second producer writes garbage entries past `put`, and groups `put`
-  must refuse (NaN log-probs, token ids past the vocabulary), during the run.
+- `hostile_actor`: a remote actor joins with a credential of its own (`relay
+  actor-credential create`) and, during the run, puts well-formed groups with forged
+  rewards, groups with token ids past the vocabulary, tries to bump the learner epoch,
+  delete the buffer's keys, run an endless Lua script, and floods its inbox.
 
-After each run the embedded Redis is started again on its AOF and read. Per run:
-groups put, trained (sum over the learner's steps), acked (Redis's counter, and distinct
-acked ids), quarantined, ready; `acked_lost` = groups the learner logged as acked minus
-those Redis holds as acked (must be 0); `trained_twice` = acks beyond distinct acked ids
-(must be 0); `unaccounted` = put plus the poison producer's injected entries (written
-past `put`'s counter) minus everything the buffer can account for (must be 0); steps lost
-(trained but not checkpointed before a driver kill); seconds from the fault to the next
-learner step. Writes benchmarks/results/faults.json. Not a test: it takes ~40 minutes.
+After each run the embedded Redis is started again on its AOF and read. Per run: groups
+put, trained (sum over the learner's steps), acked, quarantined, ready. Against the
+learner's own ledger (`run_dir/ledger-learner-*.jsonl`, a record kept apart from the
+buffer, by group id): `trained_twice` = groups the learner trained more than once (it
+retrains what it trained after its last checkpoint when the driver is killed);
+`acked_lost` = groups the ledger says were acked that Redis does not hold as acked.
+`unaccounted` = put minus everything the buffer accounts for (acked, live, dropped,
+quarantined). `recovery_s` = seconds from the injection of the fault to the first learner
+step recorded after the fault ended (a pause counts whole). Not a test: it takes ~40 minutes.
 
     python benchmarks/faults.py --out benchmarks/results [--repeats 2] [--faults a,b]
 """
@@ -31,19 +34,22 @@ import json
 import os
 import platform
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from buffer.codec import encode_group
 from buffer.config import BufferConfig, RedisServerConfig
+from buffer.keys import Keyspace
 from buffer.replay_buffer import ReplayBuffer
+from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
 from buffer.server import RedisServer, connect
 
 RELAY = str(Path(sys.executable).parent / "relay")
@@ -53,7 +59,9 @@ SUMMED = (
     "groups_put", "groups_trained", "groups_acked", "groups_quarantined", "acked_lost",
     "trained_twice", "unaccounted", "steps_lost",
 )  # fmt: skip
-FAULTS = ("actor_kill", "driver_kill", "redis_kill", "redis_pause", "group_sigint", "poison")
+FAULTS = (
+    "actor_kill", "driver_kill", "redis_kill", "redis_pause", "group_sigint", "hostile_actor",
+)  # fmt: skip
 
 
 def overrides(run_dir: Path, model: str) -> list[str]:
@@ -89,13 +97,18 @@ def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, limit_s: 
     return True
 
 
-def next_step_after(run_dir: Path, moment: float, limit_s: float = 600) -> float | None:
-    """Seconds from `moment` (time.time()) to the first learner step recorded after it."""
+def recovery_s(rows: list[dict], injected: float, ended: float) -> float | None:
+    """Seconds from a fault's injection to the first learner step recorded after the fault
+    ended (steps finishing during a pause do not count as recovered); None if none came."""
+    later = [r["time"] for r in rows if r["time"] > ended]
+    return min(later) - injected if later else None
+
+
+def wait_for_recovery(run_dir: Path, injected: float, ended: float, limit_s: float = 600):
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        later = [r["time"] for r in steps_done(run_dir) if r["time"] > moment]
-        if later:
-            return min(later) - moment
+        if (seconds := recovery_s(steps_done(run_dir), injected, ended)) is not None:
+            return seconds
         time.sleep(0.1)
     return None
 
@@ -119,57 +132,129 @@ def actor_pids(driver: int) -> list[int]:
     return [p for p, a in args.items() if "ray::RolloutActor" in a and descends(p)]
 
 
-def poison_producer(url: str, prefix: str, stop_at: float, vocab: int) -> int:
-    """Garbage entries written past `put`, and groups `put` must refuse; returns how many."""
-    from tests.buffer.factories import versioned_group
+def hostile_actor(admin_url: str, prefix: str, stop_at: float, vocab: int) -> dict:
+    """A remote actor with a credential of its own doing what it should not; returns what
+    each attempt did."""
+    import redis
 
-    client = connect(url)
-    buffer = ReplayBuffer(client, BufferConfig(key_prefix=prefix, vocab_size=vocab))
-    sent = 0
-    while time.time() < stop_at:
-        version = buffer.version()
-        entry = f"evil-{sent}"
-        client.set(buffer.payload_key(entry), os.urandom(64))  # garbage, past put's checks
-        client.zadd(buffer.key("ready"), {entry: version})
-        client.zadd(buffer.key("live"), {entry: version})
-        nan = versioned_group(f"nan-{sent}", version)
-        nan.completions[0].behaviour_logprobs[0] = np.nan
-        big = versioned_group(f"vocab-{sent}", version)
-        big.completions[0].token_ids[0] = vocab + 7
-        buffer.put([nan, big], "poisoner")
-        sent += 3
-        time.sleep(0.5)
-    return sent
+    from buffer.credentials import name_from_url
+    from buffer.gate import GateClient
+
+    issued = subprocess.run(
+        [RELAY, "actor-credential", "create", "hostile", "--buffer", admin_url, "--prefix", prefix],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    url = issued.stdout.split()[-1]
+    client = connect(url, outage_limit_s=5)
+    actor = GateClient(client, BufferConfig(key_prefix=prefix, outage_limit_s=5),
+                       name_from_url(url, prefix), "hostile")  # fmt: skip
+    outcomes: dict[str, object] = {}
+
+    def attempt(name: str, action) -> None:
+        try:
+            outcomes[name] = repr(action())[:200]
+        except (redis.RedisError, OSError) as error:
+            outcomes[name] = f"{type(error).__name__}: {str(error)[:160]}"
+
+    keys = Keyspace(prefix)
+    started = time.time()
+    forged = stored = 0
+    try:
+        while time.time() < stop_at and forged < 16:
+            version, leases = actor.reserve(2)
+            if leases:
+                ids = [f"forged-{forged + i}" for i in range(len(leases))]
+                groups = [hostile_group(group_id, version, vocab - 1) for group_id in ids]
+                stored += actor.put(groups, leases).stored
+                forged += len(leases)
+            time.sleep(0.2)
+        outcomes["forged_rewards_stored"] = stored
+        attempt("epoch_bump", lambda: client.incr(keys.of("learner_epoch")))
+        attempt("delete_ready", lambda: client.delete(keys.of("ready")))
+        attempt("lua_loop", lambda: client.eval("while true do end", 0))
+        attempt("read_payloads", lambda: client.keys(f"{prefix}:payload:*"))
+        junk = os.urandom(32 << 20)
+        attempt("flood", lambda: [client.rpush(keys.inbox("hostile"), junk) for _ in range(4)])
+        out_of_vocab = 0
+        while time.time() < stop_at:
+            version, leases = actor.reserve(1)
+            group = hostile_group(f"oov-{out_of_vocab}", version, vocab + 7)
+            actor._call("put", groups=[encode_group(group)], leases=leases)
+            out_of_vocab += 1
+    except redis.AuthenticationError as error:
+        outcomes["revoked_after_s"] = round(time.time() - started, 1)
+        outcomes["revoked_error"] = str(error)[:200]
+    return outcomes
+
+
+def hostile_group(group_id: str, version: int, token: int) -> RolloutGroup:
+    """A well-formed group of the demo's shape whose rewards say every completion is right."""
+    completions = [
+        Completion(
+            token_ids=np.full(6, token, np.int32),
+            behaviour_logprobs=np.full(6, -0.1, np.float32),
+            loss_mask=np.ones(6, np.bool_),
+            policy_versions=VersionRuns.constant(version, 6),
+            reward=1.0 if i % 2 else 0.0,
+            finish_reason=FinishReason.STOP,
+        )
+        for i in range(8)
+    ]
+    return RolloutGroup(
+        run_id="hostile", group_id=group_id, env_name="arithmetic", prompt_id="arithmetic:1+1=",
+        prompt_token_ids=np.array([1, 2, 3], np.int32), completions=completions,
+        actor_id="hostile", created_at=time.time(),
+    )  # fmt: skip
+
+
+def read_ledger(run_dir: Path) -> tuple[Counter, list[str]]:
+    """What the learner's ranks trained (ids, with how often) and acked, from their ledgers."""
+    paths = sorted(run_dir.glob("ledger-learner-*.jsonl"))
+    if not paths:
+        raise FileNotFoundError(f"no learner ledger in {run_dir}: nothing to account against")
+    trained: Counter = Counter()
+    acked: list[str] = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            trained.update(entry.get("trained", []))
+            acked += entry.get("acked", [])
+    return trained, acked
 
 
 def account(run_dir: Path) -> dict:
-    """The run's buffer, read back from its AOF, and what the learner logged as acked."""
-    log_text = (run_dir / "relay.log").read_text() if (run_dir / "relay.log").exists() else ""
-    logged_acks = sum(int(n) for n in re.findall(r"(\d+) groups acked", log_text))
-    logged_acks += sum(int(n) for n in re.findall(r"acked (\d+) groups whose update", log_text))
+    """The run's buffer, read back from its AOF, against the learner's ledger, by id."""
+    trained, ledger_acked = read_ledger(run_dir)
     prefix = "relay"
     with RedisServer(run_dir / "redis", RedisServerConfig()) as server:
         client = server.client()
         buffer = ReplayBuffer(client, BufferConfig(key_prefix=prefix))
         counters = {k.decode(): int(v) for k, v in client.hgetall(buffer.key("counters")).items()}
-        distinct_acked = client.zcard(buffer.key("acked"))
+        acked_in_redis = {m.decode() for m in client.zrange(buffer.key("acked"), 0, -1)}
         ready = client.zcard(buffer.key("ready"))
         live = client.zcard(buffer.key("live"))
+        revoked = sorted(m.decode() for m in client.smembers(buffer.keyspace.revoked))
+        quarantined_by = Counter(r.producer or "(unknown)" for r in buffer.quarantined(10_000))
     accounted = (
-        distinct_acked + live + counters.get("dropped_stale", 0)
+        len(acked_in_redis) + live + counters.get("dropped_stale", 0)
         + counters.get("dropped_capacity", 0) + counters.get("quarantined", 0)
     )  # fmt: skip
     return {
         "groups_put": counters.get("put", 0),
         "groups_acked": counters.get("acked", 0),
-        "groups_acked_distinct": distinct_acked,
+        "groups_acked_distinct": len(acked_in_redis),
         "groups_quarantined": counters.get("quarantined", 0),
+        "quarantined_by_producer": dict(quarantined_by),
         "groups_ready_at_end": ready,
         "groups_dropped_stale": counters.get("dropped_stale", 0),
-        "acked_lost": max(0, logged_acks - counters.get("acked", 0)),
-        "trained_twice": counters.get("acked", 0) - distinct_acked,
+        "ledger_trained": sum(trained.values()),
+        "ledger_acked": len(ledger_acked),
+        "acked_lost": len(set(ledger_acked) - acked_in_redis),
+        "acked_twice_in_ledger": len(ledger_acked) - len(set(ledger_acked)),
+        "trained_twice": sum(n - 1 for n in trained.values() if n > 1),
         "accounted": accounted,
         "redelivered": counters.get("redelivered", 0),
+        "revoked": revoked,
     }
 
 
@@ -181,7 +266,7 @@ def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
     if not wait_for_step(process, run_dir, at_step):
         process.wait()
         return {**record, "completed": False, "reason": "did not reach the fault's step"}
-    moment = time.time()
+    moment = ended = time.time()  # the injection, and the end of an instant fault
     steps_lost = 0
     if fault == "actor_kill":
         os.kill(rng.choice(actor_pids(process.pid)), signal.SIGKILL)
@@ -192,6 +277,7 @@ def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
         os.kill(pid, signal.SIGSTOP)
         time.sleep(PAUSE_S)
         os.kill(pid, signal.SIGCONT)
+        ended = time.time()
     elif fault == "group_sigint":
         os.killpg(process.pid, signal.SIGINT)
     elif fault == "driver_kill":
@@ -200,14 +286,14 @@ def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
         process.wait()
         time.sleep(2)
         process = start(run_dir, model, "--resume")
-        moment = time.time()
+        ended = time.time()
         # Steps trained after the last checkpoint are trained again.
         steps_lost = trained - (trained // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
-    elif fault == "poison":
+    elif fault == "hostile_actor":
         url = (run_dir / "buffer.url").read_text().strip()
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-        record["poison_sent"] = poison_producer(url, "relay", time.time() + 20, vocab=vocab)
-    recovery = None if fault == "group_sigint" else next_step_after(run_dir, moment)
+        record["hostile"] = hostile_actor(url, "relay", time.time() + 30, vocab=vocab)
+    recovery = None if fault == "group_sigint" else wait_for_recovery(run_dir, moment, ended)
     code = process.wait()
     rows = steps_done(run_dir)
     results = run_dir / "results.json"
@@ -239,14 +325,19 @@ def summarize(runs: list[dict], faults: list[str]) -> dict:
             "completed": sum(r["completed"] for r in mine),
             **{key: sum(r.get(key, 0) for r in mine) for key in SUMMED},
             "recovery_s_max": max(recoveries) if recoveries else None,
+            "hostile_revoked": sum("hostile" in r.get("revoked", []) for r in mine),
         }
     return summary
 
 
 def unaccounted(run: dict) -> int:
-    """Put, plus entries the poison producer wrote past put's counter, minus what the buffer
-    accounts for (acked, live, dropped, quarantined)."""
-    return run["groups_put"] + run.get("poison_sent", 0) - run["accounted"]
+    """Put, minus what the buffer accounts for (acked, live, dropped, quarantined). Groups
+    refused at the gate were never put, but are quarantined: they are added back."""
+    refused = sum(
+        n for producer, n in run.get("quarantined_by_producer", {}).items()
+        if producer.startswith("hostile")
+    )  # fmt: skip
+    return run["groups_put"] + refused - run["accounted"]
 
 
 def main() -> None:
@@ -264,7 +355,6 @@ def main() -> None:
     if args.summarize:
         earlier = json.loads(args.summarize.read_text())
         for run in earlier["runs"]:
-            run.setdefault("accounted", run["groups_put"] - run["unaccounted"])
             run["unaccounted"] = unaccounted(run)
         earlier["summary"] = summarize(earlier["runs"], list(earlier["summary"]))
         args.summarize.write_text(json.dumps(earlier, indent=2) + "\n")

@@ -76,6 +76,7 @@ class TrainingLoop:
         evaluate: Callable[[Learner], dict[str, float]] | None = None,
         eval_every: int = 0,
         snapshot_dir: Path | None = None,
+        ledger: Path | None = None,
     ) -> None:
         self.learner = learner
         self.buffer = buffer
@@ -91,6 +92,9 @@ class TrainingLoop:
         )
         """Where rank 0 exports snapshots; None when it takes none."""
         self.consumer = f"learner-{learner.rank}"
+        self.ledger = ledger
+        """A JSON line per step (the entry ids trained) and per commit (the ids acked): a
+        record of what this rank trained on, kept apart from the buffer (for audits)."""
         self.state = LoopState()
         self._held: list[Batch] = []
         """Batches trained on and waiting for the checkpoint that commits them."""
@@ -137,6 +141,7 @@ class TrainingLoop:
         lost = [b for b in leftover if b.token not in in_checkpoint]
         if done:
             result = self.buffer.commit(self.consumer, done)
+            self._record({"acked": result.acked_ids})
             log.info("acked %d groups whose update the checkpoint holds", result.acked)
         if lost:
             self.buffer.abandon(self.consumer, lost)
@@ -179,7 +184,7 @@ class TrainingLoop:
                     to_ack = None
         finally:
             if to_ack is not None:
-                self.buffer.ack(to_ack)
+                self._record({"acked": self.buffer.ack(to_ack).acked_ids})
             heartbeat.set()
         if self.snapshot_dir is not None and self.state.step % self.config.snapshot_every_steps:
             self.snapshot()  # the final policy, so that a curve ends where the run did
@@ -198,6 +203,8 @@ class TrainingLoop:
                 hold_as=self.consumer if self.config.checkpoint.every_steps else None,
             )
             ack = None
+            if batch.previous_ack is not None:
+                self._record({"acked": batch.previous_ack.acked_ids})
             if batch.groups:
                 return batch, time.monotonic() - started
             waited = time.monotonic() - started
@@ -228,6 +235,8 @@ class TrainingLoop:
             self.buffer.offer_replays(batch)
         self.state.step += 1
         self.state.trained_groups += len(groups)
+        self._record({"step": self.state.step, "version": self.state.version,
+                      "trained": batch.entry_ids})  # fmt: skip
         publish_s = 0.0
         if self.state.step % self.config.push_every_steps == 0:
             self.state.version += 1
@@ -313,6 +322,7 @@ class TrainingLoop:
         started = time.perf_counter()
         self.learner.save_checkpoint(self.checkpoint_dir, tag, {"loop": dict(vars(self.state))})
         result = self.buffer.commit(self.consumer, self._held)
+        self._record({"acked": result.acked_ids})
         self._saved_step = self.state.step
         with self._claims_lock:
             self._held = []
@@ -324,6 +334,11 @@ class TrainingLoop:
         if self.learner.rank == 0:
             self._prune()
         return path
+
+    def _record(self, entry: dict) -> None:
+        if self.ledger is not None:
+            with self.ledger.open("a") as out:
+                out.write(json.dumps(entry) + "\n")
 
     def _prune(self) -> None:
         tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())

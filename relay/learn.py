@@ -117,6 +117,7 @@ def learn(
         publisher=publisher, on_metrics=record, stop=stop,
         evaluate=evaluate, eval_every=config.eval.every_steps,
         snapshot_dir=config.run_dir / "snapshots",
+        ledger=config.run_dir / f"ledger-learner-{rank}.jsonl",
     )  # fmt: skip
     try:
         loop.start(resume)

@@ -7,6 +7,7 @@ checkpoint are lost and their groups must come back to the buffer).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -149,6 +150,16 @@ def test_stop_crash_and_resume_keep_versions_and_lose_no_rollout(
     # timeout: they are the only redeliveries.
     lost = (killed_at - checkpoint_step) * BATCH
     assert counters["redelivered"] in (lost, lost + BATCH)
+    # The learner's own ledger, kept apart from the buffer, agrees id by id: every id it
+    # acked is acked in Redis, once; an id trained twice is one the crash gave back.
+    ledger = [json.loads(line) for line in (run_dir / "ledger-learner-0.jsonl").open()]
+    acked = [entry_id for entry in ledger for entry_id in entry.get("acked", [])]
+    trained = collections.Counter(i for entry in ledger for i in entry.get("trained", []))
+    in_redis = {entry_id.decode() for entry_id in client.zrange(buffer.key("acked"), 0, -1)}
+    assert len(acked) == len(set(acked)) == STEPS * BATCH and set(acked) == in_redis
+    assert sum(trained.values()) == len(rows) * BATCH
+    assert sum(n - 1 for n in trained.values()) <= lost
+    assert {i for i, n in trained.items() if n > 1} <= in_redis
 
     # The exported policy is the last published version, loadable with from_pretrained.
     assert buffer.version() == versions[-1]
