@@ -45,12 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from buffer.codec import encode_group
 from buffer.config import BufferConfig, RedisServerConfig
 from buffer.keys import Keyspace
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
-from buffer.server import RedisServer, connect
+from buffer.server import BufferUnreachable, RedisServer, connect
 
 RELAY = str(Path(sys.executable).parent / "relay")
 CONFIG = "configs/demo.yaml"
@@ -175,15 +174,17 @@ def hostile_actor(admin_url: str, prefix: str, stop_at: float, vocab: int) -> di
         attempt("read_payloads", lambda: client.keys(f"{prefix}:payload:*"))
         junk = os.urandom(32 << 20)
         attempt("flood", lambda: [client.rpush(keys.inbox("hostile"), junk) for _ in range(4)])
-        out_of_vocab = 0
+        outcomes["out_of_vocab_sent"] = outcomes["out_of_vocab_refused"] = 0
         while time.time() < stop_at:
             version, leases = actor.reserve(1)
-            group = hostile_group(f"oov-{out_of_vocab}", version, vocab + 7)
-            actor._call("put", groups=[encode_group(group)], leases=leases)
-            out_of_vocab += 1
+            group = hostile_group(f"oov-{outcomes['out_of_vocab_sent']}", version, vocab + 7)
+            outcomes["out_of_vocab_sent"] += 1
+            outcomes["out_of_vocab_refused"] += len(actor.put([group], leases).refused)
     except redis.AuthenticationError as error:
         outcomes["revoked_after_s"] = round(time.time() - started, 1)
         outcomes["revoked_error"] = str(error)[:200]
+    except BufferUnreachable as error:  # the run ended first
+        outcomes["unanswered"] = str(error)[:200]
     return outcomes
 
 
@@ -260,6 +261,8 @@ def account(run_dir: Path) -> dict:
 
 def one_run(fault: str, run_dir: Path, model: str, rng: random.Random) -> dict:
     at_step = rng.randint(CHECKPOINT_EVERY // 2, LEARN_STEPS - CHECKPOINT_EVERY)
+    if fault == "hostile_actor":  # it needs ~15 s of the run (~50 s) to try everything
+        at_step = rng.randint(CHECKPOINT_EVERY // 2, CHECKPOINT_EVERY)
     started = time.time()
     process = start(run_dir, model)
     record: dict = {"fault": fault, "at_step": at_step, "run_dir": str(run_dir)}

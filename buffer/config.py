@@ -58,6 +58,11 @@ class BufferConfig(BaseModel):
     """Groups whose prompt + completion is longer are refused at `put`. `relay` sets it
     to engine.max_model_len."""
 
+    spot_check_fraction: float = Field(0.05, ge=0, le=1)
+    """Share of the groups the gate accepts that it re-verifies from their prompt id and
+    completion text with the run's own environment (actors/spot_check.py). A group that
+    disagrees is refused, counted against its producer. Costs one verifier call per
+    completion checked, on the learner's machine."""
     revoke_after_bad_groups: int = Field(8, ge=0)
     """A producer credential whose groups were refused or quarantined this many times is
     revoked (one log line; its other groups are quarantined when sampled). 0 = never."""

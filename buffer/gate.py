@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -135,11 +136,8 @@ class GateClient:
     def _call(self, op: str, **fields: object) -> dict:
         rid = uuid.uuid4().hex
         self._send({"op": op, "rid": rid, "actor": self.actor_id, **fields})
-        # As long as its client rides out outages: a producer asked to stop waits seconds.
-        retry = self.client.get_retry()
-        limit_s = retry.limit_s if isinstance(retry, RideOutOutages) else self.config.outage_limit_s
-        deadline = time.monotonic() + limit_s
-        while (left := deadline - time.monotonic()) > 0:
+        started = time.monotonic()
+        while (left := started + self._limit_s() - time.monotonic()) > 0:
             popped = self.client.blpop([self._outbox], timeout=min(_WAIT_SLICE_S, left))
             if popped is None:
                 continue
@@ -151,8 +149,14 @@ class GateClient:
             return reply
         raise BufferUnreachable(
             f"the buffer's gate (the learner's side) did not answer {op} within "
-            f"{limit_s:g}s (buffer.outage_limit_s): is the learner running?"
+            f"{self._limit_s():g}s (buffer.outage_limit_s): is the learner running?"
         )
+
+    def _limit_s(self) -> float:
+        """As long as its client rides out outages, read at every wait: a producer asked
+        to stop (`shorten_outages`) gives up within seconds, calls in flight included."""
+        retry = self.client.get_retry()
+        return retry.limit_s if isinstance(retry, RideOutOutages) else self.config.outage_limit_s
 
     def _send(self, request: dict) -> None:
         self.client.rpush(self._inbox, msgpack.packb(request, use_bin_type=True))
@@ -162,8 +166,15 @@ class Gate:
     """The learner's side: serves every active credential's inbox until `stop` is set."""
 
     def __init__(
-        self, buffer: ReplayBuffer, on_failure: Callable[[], object] | None = None
+        self,
+        buffer: ReplayBuffer,
+        on_failure: Callable[[], object] | None = None,
+        spot_check: Callable[[RolloutGroup], str | None] | None = None,
+        seed: int = 0,
     ) -> None:
+        """`spot_check(group)` says why a group disagrees with the trusted side's own
+        verification (actors/spot_check.py); it runs on `buffer.spot_check_fraction` of
+        the groups that pass every other check."""
         self.buffer = buffer
         self.client = buffer.client
         self.config = buffer.config
@@ -176,6 +187,8 @@ class Gate:
         self.failure: Exception | None = None
         """Why the gate's thread stopped, if it failed (its owner checks it)."""
         self._on_failure = on_failure
+        self._spot_check = spot_check
+        self._rng = random.Random(seed)
 
     def start(self) -> Gate:
         """Serve from a thread of its own; a failure ends it and is kept in `failure`."""
@@ -334,6 +347,13 @@ class Gate:
             return problem
         if self.config.admission_control and lease not in granted:
             return "its admission lease was never granted or has expired"
+        if self._spot_check is not None and self._rng.random() < self.config.spot_check_fraction:
+            problem = self._spot_check(group)
+            counters = self.keys.of("counters")
+            self.client.hincrby(counters, "spot_checked", 1)
+            if problem is not None:
+                self.client.hincrby(counters, "spot_check_failed", 1)
+            return problem
         return None
 
     def _bad_request(self, credential: str, reason: str) -> None:

@@ -102,7 +102,8 @@ COUNTER_NAMES = (
     "put", "sampled", "acked", "reused", "replays_expired", "duplicates", "dropped_stale",
     "dropped_capacity",
     "redelivered", "stale_acks", "quarantined", "leases_granted", "leases_expired",
-    "admitted", "put_tokens", "put_bytes", "dropped_uniform",
+    "admitted", "put_tokens", "put_bytes", "dropped_uniform", "spot_checked",
+    "spot_check_failed",
 )  # fmt: skip
 
 

@@ -69,23 +69,28 @@ class ArithmeticEnv(SingleTurnEnvironment):
             op = self.config.operators[int(rng.integers(len(self.config.operators)))]
             if problem_split(a, op, b, self.config.test_percent) is not split:
                 continue
-            text = f"{a}{op}{b}="
-            chosen.setdefault(
-                text,
-                Prompt(
-                    prompt_id=f"arithmetic:{text}",
-                    messages=(
-                        Message("user", self.config.question.replace("{problem}", text[:-1])),
-                    ),
-                    reference=str(_apply(a, op, b)),
-                ),
-            )
+            chosen.setdefault(f"{a}{op}{b}=", self._prompt(a, op, b))
         if len(chosen) < count:
             raise EnvError(
                 f"arithmetic: asked for {count} distinct {split.value} prompts, found "
                 f"{len(chosen)}; use fewer prompts or more env.digits"
             )
         return list(chosen.values())
+
+    def _prompt(self, a: int, op: str, b: int) -> Prompt:
+        text = f"{a}{op}{b}="
+        return Prompt(
+            prompt_id=f"arithmetic:{text}",
+            messages=(Message("user", self.config.question.replace("{problem}", text[:-1])),),
+            reference=str(_apply(a, op, b)),
+        )
+
+    def prompt_for_id(self, prompt_id: str) -> Prompt | None:
+        """The prompt `prompt_id` names (for re-verifying a producer's rewards), or None."""
+        found = re.fullmatch(r"arithmetic:(\d+)([-+*])(\d+)=", prompt_id)
+        if found is None or found[2] not in self.config.operators:
+            return None
+        return self._prompt(int(found[1]), found[2], int(found[3]))
 
     def score(self, prompt: Prompt, response: str) -> Verdict:
         answer = response.strip()

@@ -129,6 +129,11 @@ TASKS: dict[str, CodeTask] = {
 }
 
 
+def _prompt(task: CodeTask) -> Prompt:
+    request = f"Write a Python function {task.signature} that {task.description}."
+    return Prompt(f"code:{task.function}", (Message("user", request),), task.function)
+
+
 class CodeEnv(SingleTurnEnvironment):
     """Single-turn code writing; reward is the fraction of test cases passed."""
 
@@ -144,18 +149,12 @@ class CodeEnv(SingleTurnEnvironment):
             raise EnvError(f"code: {len(tasks)} {split.value} tasks exist, asked for {count}")
         start = seed % len(tasks)
         chosen = (tasks[start:] + tasks[:start])[:count]
-        return [
-            Prompt(
-                prompt_id=f"code:{task.function}",
-                messages=(
-                    Message(
-                        "user", f"Write a Python function {task.signature} that {task.description}."
-                    ),
-                ),
-                reference=task.function,
-            )
-            for task in chosen
-        ]
+        return [_prompt(task) for task in chosen]
+
+    def prompt_for_id(self, prompt_id: str) -> Prompt | None:
+        """The prompt `prompt_id` names (for re-verifying a producer's rewards), or None."""
+        task = TASKS.get(prompt_id.removeprefix("code:"))
+        return _prompt(task) if task is not None and prompt_id.startswith("code:") else None
 
     def score(self, prompt: Prompt, response: str) -> Verdict:
         task = TASKS.get(prompt.reference)

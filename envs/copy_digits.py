@@ -78,11 +78,21 @@ class CopyEnv(SingleTurnEnvironment):
             length = int(rng.choice(self._lengths, p=self._probabilities))
             digits = "".join(str(d) for d in rng.integers(0, 10, size=length))
             if string_split(digits, self.config.test_percent) is split:
-                question = self.config.question.replace("{digits}", digits)
-                chosen.append(Prompt(f"copy:{digits}", (Message("user", question),), digits))
+                chosen.append(self._prompt(digits))
         if len(chosen) < count:
             raise EnvError(f"copy: found {len(chosen)} of {count} {split.value} prompts")
         return chosen
+
+    def _prompt(self, digits: str) -> Prompt:
+        question = self.config.question.replace("{digits}", digits)
+        return Prompt(f"copy:{digits}", (Message("user", question),), digits)
+
+    def prompt_for_id(self, prompt_id: str) -> Prompt | None:
+        """The prompt `prompt_id` names (for re-verifying a producer's rewards), or None."""
+        digits = prompt_id.removeprefix("copy:")
+        if not (prompt_id.startswith("copy:") and digits.isdigit() and digits.isascii()):
+            return None
+        return self._prompt(digits)
 
     def score(self, prompt: Prompt, response: str) -> Verdict:
         correct = response.strip() == prompt.reference

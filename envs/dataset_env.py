@@ -132,6 +132,13 @@ class DatasetEnv(SingleTurnEnvironment):
         reference = str(row[self.config.answer_column])
         return Prompt(f"dataset:{split.value}:{index}", tuple(messages), reference)
 
+    def prompt_for_id(self, prompt_id: str) -> Prompt | None:
+        """The prompt `prompt_id` names (for re-verifying a producer's rewards), or None."""
+        found = re.fullmatch(r"dataset:(train|test):(\d+)", prompt_id)
+        if found is None or int(found[2]) >= len(self.rows[Split(found[1])]):
+            return None
+        return self._prompt(Split(found[1]), int(found[2]))
+
     def score(self, prompt: Prompt, response: str) -> Verdict:
         if self.config.reward in BUILTIN_REWARDS:
             return _BUILTIN[self.config.reward](self.config, prompt.reference, response)

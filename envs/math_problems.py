@@ -38,6 +38,14 @@ class MathConfig(BaseModel):
     """math-verify's parse/verify time limit (enforced only on the main thread)."""
 
 
+def _prompt(problem: dict) -> Prompt:
+    return Prompt(
+        prompt_id=f"math:{problem['id']}",
+        messages=(Message("user", f"{problem['problem']} {INSTRUCTION}"),),
+        reference=problem["answer"],
+    )
+
+
 class MathEnv(SingleTurnEnvironment):
     """Single-turn math problems; reward 1 when math-verify finds the answer equivalent."""
 
@@ -55,14 +63,14 @@ class MathEnv(SingleTurnEnvironment):
                 f"asked for {count}"
             )
         order = np.random.default_rng(seed).permutation(len(pool))[:count]
-        return [
-            Prompt(
-                prompt_id=f"math:{pool[i]['id']}",
-                messages=(Message("user", f"{pool[i]['problem']} {INSTRUCTION}"),),
-                reference=pool[i]["answer"],
-            )
-            for i in order
-        ]
+        return [_prompt(pool[i]) for i in order]
+
+    def prompt_for_id(self, prompt_id: str) -> Prompt | None:
+        """The prompt `prompt_id` names (for re-verifying a producer's rewards), or None."""
+        for problem in self.problems:
+            if f"math:{problem['id']}" == prompt_id:
+                return _prompt(problem)
+        return None
 
     def score(self, prompt: Prompt, response: str) -> Verdict:
         return verify_math(

@@ -280,12 +280,13 @@ def _eval(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> No
 
 
 def _learn(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:
-    from relay.learn import check_resume, learn_all_ranks
+    from relay.learn import check_resume, learn_all_ranks, serving_gate
 
     prepare_model(config)
     check_resume(config, args.resume)
     stop = _stop_on_signals()
-    learn_all_ranks(config, resume=args.resume, stop=stop)
+    with serving_gate(config, stop):
+        learn_all_ranks(config, resume=args.resume, stop=stop)
 
 
 def _run(args: argparse.Namespace, config: RunConfig, terminal: Terminal) -> None:

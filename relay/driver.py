@@ -37,7 +37,7 @@ def run(
 ) -> dict:
     """Run the experiment; returns the results written to run_dir/results.json."""
     from buffer.server import open_redis
-    from relay.learn import check_resume
+    from relay.learn import check_resume, serving_gate
 
     check_resume(config, resume)
     for note in config.notes:
@@ -64,6 +64,8 @@ def run(
         if before and config.actors.num_actors == 0:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
+        # Before the actors: it must serve them until they have stopped.
+        cleanup.enter_context(serving_gate(config, stop))
         actors = Actors(config, _actor_urls(config, client), evaluate_first=before)
         cleanup.callback(actors.shutdown)
         actors.start()

@@ -13,7 +13,8 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from buffer.gate import Gate
@@ -111,7 +112,6 @@ def learn(
             trackers.log(metrics)
         on_metrics(metrics)
 
-    gate = _open_gate(config, stop) if rank == 0 else None
     loop = TrainingLoop(
         learner, buffer, config.learner, checkpoint_dir(config),
         publisher=publisher, on_metrics=record, stop=stop,
@@ -125,14 +125,10 @@ def learn(
     except (NoRollouts, PublishError) as error:
         raise RelayError(str(error)) from error
     finally:
-        if gate is not None:
-            gate.stop()
         if publisher is not None:
             publisher.close()
         if trackers is not None:
             trackers.close()
-    if gate is not None and gate.failure is not None:
-        raise RelayError(f"the buffer's gate failed, so actors could not put: {gate.failure}")
     if rank == 0:
         out = learner.export(config.run_dir / "policy")
         log.info("saved the policy (version %d) to %s", state.version, out)
@@ -146,11 +142,29 @@ def learn(
     return state
 
 
-def _open_gate(config: RunConfig, stop: threading.Event | None) -> Gate:
-    """Serve the actors' requests (buffer/gate.py) beside the learner; a failure of the
-    gate stops the run, since no actor could put any more."""
+@contextmanager
+def serving_gate(config: RunConfig, stop: threading.Event) -> Iterator[Gate]:
+    """Serve the actors' requests (buffer/gate.py) for as long as the block runs: around
+    the learner and the actors' shutdown, so that actors can give their leases back. It
+    spot-checks rewards with this run's environment. A failure of the gate stops the run
+    (no actor could put any more) and is raised at the end of the block."""
     buffer = ReplayBuffer(connect(config.buffer.url, config.buffer.outage_limit_s), config.buffer)
-    return Gate(buffer, on_failure=stop.set if stop is not None else None).start()
+    spot_check = None
+    if config.buffer.spot_check_fraction > 0:
+        from transformers import AutoTokenizer
+
+        from actors.spot_check import RewardCheck
+        from envs.registry import make_env
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        spot_check = RewardCheck(make_env(config.env), tokenizer)
+    gate = Gate(buffer, on_failure=stop.set, spot_check=spot_check, seed=config.seed).start()
+    try:
+        yield gate
+    finally:
+        gate.stop()
+    if gate.failure is not None:
+        raise RelayError(f"the buffer's gate failed, so actors could not put: {gate.failure}")
 
 
 def _weights_in_redis(config: RunConfig, ray_transport: bool) -> bool:

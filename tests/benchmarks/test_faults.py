@@ -18,7 +18,7 @@ from buffer.server import RedisServer
 from tests.buffer.factories import versioned_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import faults  # noqa: E402
+import faults
 
 
 def run_dir_with(tmp_path: Path, ledger: list[dict], ack: int, forget: int = 0) -> Path:
