@@ -6,6 +6,8 @@ For groups of 8 completions x {64, 512, 4096} tokens, on a fresh embedded redis-
 - put: `ReplayBuffer.put` of batches of groups (validation and encoding included);
 - sample+ack: `sample(ack=previous_batch)`, a learner's loop: one round trip claims the
   next batch and acks the last (decoding and validation included);
+- put through the gate: what a remote actor with a credential does (`GateClient.put`,
+  the gate decoding and checking every group before it stores it);
 - raw ceiling: a redis-py pipeline of SET (resp. GET + DEL) of the same encoded bytes,
   same batch size, same client;
 - Redis memory per stored token and relative to the encoded payload.
@@ -16,6 +18,7 @@ For groups of 8 completions x {64, 512, 4096} tokens, on a fresh embedded redis-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -28,9 +31,11 @@ import redis
 
 from buffer.codec import decode_groups, encode_group
 from buffer.config import BufferConfig, RedisServerConfig
+from buffer.credentials import Credentials, credential_url
+from buffer.gate import Gate, GateClient
 from buffer.replay_buffer import HeldBatch, ReplayBuffer
 from buffer.schema import Completion, FinishReason, RolloutGroup, VersionRuns
-from buffer.server import RedisServer
+from buffer.server import RedisServer, connect
 
 SIZES = {"small": 64, "standard": 512, "large": 4096}
 GROUP_SIZE = 8
@@ -176,11 +181,24 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
     previous = None
     while taken < n_groups:
         token = uuid.uuid4().hex  # one per claim, as `sample` does
-        _, reply, _ = transport._claim(BATCH, 1, token, "", previous)
+        _, reply, _, _ = transport._claim(BATCH, 1, token, "", previous)
         previous = HeldBatch(token, [entry_id.decode() for entry_id in reply[1::3]])
         taken += len(previous.entry_ids)
     transport.commit("bench", [previous])
     transport_s = time.perf_counter() - started
+
+    # A remote actor's put: through the gate (a thread of this process, as beside the
+    # learner), with a credential of its own; each group decoded and checked there.
+    gated = ReplayBuffer(client, config.model_copy(update={"key_prefix": f"gate-{name}"}))
+    gate = Gate(gated).start()
+    password = Credentials(client, gated.config.key_prefix).create("bench")
+    url = credential_url(server.url, gated.config.key_prefix, "bench", password)
+    producer = GateClient(connect(url), gated.config, "bench", "bench")
+    own = [dataclasses.replace(g, actor_id="bench") for g in groups]
+    gate_put_s, _ = timed_batches(
+        [own[i : i + BATCH] for i in range(0, n_groups, BATCH)], producer.put
+    )
+    gate.stop()
 
     mb = payload_bytes / 1e6
     return {
@@ -201,7 +219,9 @@ def measure_size(server: RedisServer, name: str, tokens: int, n_groups: int) -> 
         "sample_ack_transport_only_groups_per_s": n_groups / transport_s,
         "raw_set_groups_per_s": n_groups / raw_set_s,
         "raw_get_del_groups_per_s": n_groups / raw_get_s,
+        "gate_put_groups_per_s": n_groups / gate_put_s,
         "ratio_put_vs_raw": raw_set_s / put_s,
+        "ratio_gate_put_vs_raw": raw_set_s / gate_put_s,
         "ratio_sample_vs_raw": raw_get_s / sample_s,
         "ratio_sample_transport_only_vs_raw": raw_get_s / transport_s,
         "redis_bytes_per_stored_token": memory / stored_tokens,

@@ -69,6 +69,7 @@ def test_snapshot_of_a_known_run(known_buffer: ReplayBuffer) -> None:
         for field in ("version", "version_lag", "tokens_per_s", "idle_fraction", "restarts"):
             assert actors[actor_id][field] == health[field]
         assert actors[actor_id]["groups_put"] == 4 if actor_id == "actor-0" else 3
+        assert (actors[actor_id]["refused"], actors[actor_id]["revoked"]) == (0, False)
         assert not actors[actor_id]["silent"]
     assert actors["actor-0"]["last_error"] == "engine died: boom"
 
