@@ -213,3 +213,23 @@ def test_credentials_come_back_after_a_redis_restart(tmp_path, make_buffer) -> N
         assert redis.Redis.from_url(url).get("restart:version") is None
         with pytest.raises(CredentialError, match="not an actor credential"):
             name_from_url(server.url, "restart")
+
+
+def test_spot_checks_refuse_what_the_trusted_verifier_disagrees_with(
+    redis_server: RedisServer, make_buffer
+) -> None:
+    # The check itself is actors/spot_check.py (tests/actors/test_spot_check.py); here, a
+    # stand-in that disagrees with groups named "forged*", on every group (fraction 1).
+    buffer = make_buffer(admission_control=False, spot_check_fraction=1.0)
+    gate = Gate(buffer, spot_check=lambda g: "forged" if g.group_id.startswith("f") else None)
+    gate.start()
+    try:
+        actor = producer(redis_server, buffer, "pool", "a")
+        groups = [dataclasses.replace(versioned_group(gid, 0), actor_id="pool/a")
+                  for gid in ("honest", "forged")]  # fmt: skip
+        result = actor.put(groups)
+    finally:
+        gate.stop()
+    assert result.stored == 1 and result.refused == [("forged", "forged")]
+    counters = read_stats(buffer).counters
+    assert (counters["spot_checked"], counters["spot_check_failed"]) == (2, 1)
