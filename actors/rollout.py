@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _PROMPTS_PER_DRAW = 64
 _IDLE_SLEEP_S = 0.02
+_ADMIT_RETRY_S = 0.025  # after a reservation got fewer leases than asked
 _LOAD_ATTEMPTS = 5
 
 
@@ -141,6 +142,7 @@ class RolloutWorker:
         self._admit_limit: int | None = None
         self._refused = False
         """The last reservation got fewer leases than there was room for."""
+        self._next_admit = 0.0
         self.restarts = 0
         """How many times Ray restarted this actor (reported in `health`)."""
 
@@ -206,10 +208,14 @@ class RolloutWorker:
         free = self.config.groups_in_flight - len(self._groups)
         if self._admit_limit is not None:
             free = min(free, self._admit_limit - self.stats.groups - len(self._groups))
-        if free <= 0:
+        if free <= 0 or (self._refused and time.monotonic() < self._next_admit):
             return
         buffer_version, leases = self.buffer.reserve(free)
         self._refused = len(leases) < free
+        if self._refused:
+            # Room comes back as the learner steps (every ~0.1-1 s): asking again at every
+            # engine step would only load the gate, which shares the learner's process.
+            self._next_admit = time.monotonic() + _ADMIT_RETRY_S
         if leases and self.weights is not None and buffer_version > self.version:
             # New groups start on the newest policy: admission control counts them from
             # the buffer's version, so starting them on older weights would make them
