@@ -56,7 +56,8 @@ CONFIG = "configs/demo.yaml"
 LEARN_STEPS, CHECKPOINT_EVERY, PAUSE_S = 160, 40, 60
 SUMMED = (
     "groups_put", "groups_trained", "groups_acked", "groups_quarantined", "acked_lost",
-    "trained_twice", "unaccounted", "steps_lost",
+    "trained_twice", "trained_unacked", "unaccounted", "steps_lost", "spot_checked",
+    "spot_check_failed",
 )  # fmt: skip
 FAULTS = (
     "actor_kill", "driver_kill", "redis_kill", "redis_pause", "group_sigint", "hostile_actor",
@@ -159,7 +160,9 @@ def hostile_actor(admin_url: str, prefix: str, stop_at: float, vocab: int) -> di
     started = time.time()
     forged = stored = 0
     try:
-        while time.time() < stop_at and forged < 16:
+        # Forged rewards first (admission grants it leases only now and then), for a
+        # third of its time; then what counts against it, until it is cut off.
+        while time.time() < started + (stop_at - started) / 3 and forged < 16:
             version, leases = actor.reserve(2)
             if leases:
                 ids = [f"forged-{forged + i}" for i in range(len(leases))]
@@ -231,6 +234,11 @@ def account(run_dir: Path) -> dict:
         client = server.client()
         buffer = ReplayBuffer(client, BufferConfig(key_prefix=prefix))
         counters = {k.decode(): int(v) for k, v in client.hgetall(buffer.key("counters")).items()}
+        # Trained but never acked (given back at a crash): still stored, or dropped since.
+        acked_ids = set(ledger_acked)
+        trained_unacked = [i for i in trained if i not in acked_ids]
+        live = buffer.key("live")
+        still_stored = sum(client.zscore(live, i) is not None for i in trained_unacked)
         acked_in_redis = {m.decode() for m in client.zrange(buffer.key("acked"), 0, -1)}
         ready = client.zcard(buffer.key("ready"))
         live = client.zcard(buffer.key("live"))
@@ -253,6 +261,10 @@ def account(run_dir: Path) -> dict:
         "acked_lost": len(set(ledger_acked) - acked_in_redis),
         "acked_twice_in_ledger": len(ledger_acked) - len(set(ledger_acked)),
         "trained_twice": sum(n - 1 for n in trained.values() if n > 1),
+        "trained_unacked": len(trained_unacked),
+        "trained_unacked_still_stored": still_stored,
+        "spot_checked": counters.get("spot_checked", 0),
+        "spot_check_failed": counters.get("spot_check_failed", 0),
         "accounted": accounted,
         "redelivered": counters.get("redelivered", 0),
         "revoked": revoked,
