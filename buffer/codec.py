@@ -36,6 +36,7 @@ from buffer.schema import (
     ColumnCompletions,
     FinishReason,
     GroupColumns,
+    Limits,
     MalformedRollout,
     RolloutGroup,
     gather_columns,
@@ -120,15 +121,18 @@ def encode_each(
             return [MalformedRollout(f"group {groups[0].group_id!r}: {error}")]
         raise
     results: list[EncodedGroup | MalformedRollout] = []
-    for i, (group, error) in enumerate(zip(groups, batch.errors(), strict=True)):
+    errors = batch.errors()
+    outside = _outside(batch, errors, Limits(vocab_size, max_sequence_tokens))
+    for i, (group, error) in enumerate(zip(groups, errors, strict=True)):
         try:
             if error is not None:
                 raise error
+            if outside[i] is not None:
+                raise MalformedRollout(outside[i])
             # What decoding would refuse (and msgpack may not even write, like numpy
             # scalars) fails here, in the actor, instead of being quarantined later.
             _verifier_details(batch.verifier_details[i])
             columns = batch.group(i)
-            check_within(columns, vocab_size, max_sequence_tokens)
         except MalformedRollout as failure:
             results.append(MalformedRollout(f"group {group.group_id!r}: {failure}"))
             continue
@@ -144,21 +148,29 @@ def encode_each(
     return results
 
 
-def check_within(columns: GroupColumns, vocab_size: int | None, max_tokens: int | None) -> None:
-    """What the model and engine can take: token ids in the vocabulary, sequences that fit.
-    Raises `MalformedRollout` naming the limit."""
-    if vocab_size is not None:
-        top = max(int(columns.token_ids.max()), int(columns.prompt_token_ids.max()))
-        if top >= vocab_size:
-            raise MalformedRollout(
-                f"token id {top} is outside the model's vocabulary ({vocab_size} ids)"
-            )
-    if max_tokens is not None:
-        longest = columns.prompt_token_ids.size + int(columns.completion_lengths.max())
-        if longest > max_tokens:
-            raise MalformedRollout(
-                f"prompt + completion is {longest} tokens, over the engine's {max_tokens}"
-            )
+NO_LIMITS = Limits()
+
+
+class OutOfLimits(MalformedRollout):
+    """A well-formed group the learner cannot take (see `Limits`); names its producer."""
+
+    def __init__(self, message: str, group_id: str, producer: str) -> None:
+        super().__init__(f"group {group_id!r} from {producer!r}: {message}")
+        self.group_id, self.producer = group_id, producer
+
+
+def _outside(
+    batch: BatchColumns, errors: Sequence[MalformedRollout | None], limits: Limits
+) -> list[str | None]:
+    """`batch.outside(limits)` for the groups without `errors` (None for the others)."""
+    if limits == NO_LIMITS:
+        return [None] * len(errors)
+    if not any(errors):
+        return batch.outside(limits)
+    return [
+        None if error else BatchColumns.of([batch.group(i)]).outside(limits)[0]
+        for i, error in enumerate(errors)
+    ]
 
 
 def encode_group(group: RolloutGroup) -> bytes:
@@ -264,8 +276,11 @@ def _unframe(raw: object) -> tuple[list, list[int], memoryview]:
     return header, offsets, view
 
 
-def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollout]:
-    """Decode and validate bytes from the buffer: per entry, the group or what is wrong.
+def decode_groups(
+    raws: Sequence[object], limits: Limits = NO_LIMITS
+) -> list[RolloutGroup | MalformedRollout]:
+    """Decode and validate bytes from the buffer: per entry, the group or what is wrong
+    (an `OutOfLimits`, naming the producer, for a well-formed group outside `limits`).
 
     Small groups' arrays are joined into one array per column for a chunk of groups
     (`BatchColumns`) and validated with one pass of numpy calls. Big groups form a batch
@@ -288,7 +303,11 @@ def decode_groups(raws: Sequence[object]) -> list[RolloutGroup | MalformedRollou
         chunk = [entries[i] for i in indices]
         batch = _batch(chunk, join_tokens)
         prompts, prompt_bounds = batch.arrays[0], batch.bounds[0]
-        for k, (entry, error) in enumerate(zip(chunk, batch.errors(), strict=True)):
+        errors = batch.errors()
+        outside = _outside(batch, errors, limits)
+        for k, (entry, error) in enumerate(zip(chunk, errors, strict=True)):
+            if outside[k] is not None:
+                error = OutOfLimits(outside[k], entry.strings[1], entry.strings[4])
             results[entry.index] = error or RolloutGroup(
                 run_id=entry.strings[0],
                 group_id=entry.strings[1],

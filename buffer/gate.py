@@ -33,7 +33,7 @@ from buffer.credentials import Credentials, check_name
 from buffer.keys import Keyspace
 from buffer.polling import poll
 from buffer.replay_buffer import DROP_REASONS, BufferFull, PutResult, ReplayBuffer
-from buffer.schema import MalformedRollout, RolloutGroup
+from buffer.schema import Limits, MalformedRollout, RolloutGroup
 from buffer.server import BufferUnreachable, RideOutOutages
 from buffer.telemetry import Telemetry
 
@@ -296,12 +296,13 @@ class Gate:
         if len(leases) != len(payloads):
             raise GateError(f"{len(payloads)} groups but {len(leases)} leases")
         granted = self._granted(leases)
-        version = self.buffer.version()
+        limits = Limits(self.config.vocab_size, self.config.max_sequence_tokens,
+                        self.buffer.version())  # fmt: skip
         good: list[tuple[int, RolloutGroup, EncodedGroup, str]] = []
         refused: list[tuple[str, str]] = []
         refused_leases: list[str] = []
-        for i, group in enumerate(decode_groups(payloads)):
-            problem = self._problem(group, producer, version, leases[i], granted)
+        for i, group in enumerate(decode_groups(payloads, limits)):
+            problem = self._problem(group, producer, leases[i], granted)
             if problem is not None:
                 refused.append((getattr(group, "group_id", f"#{i}"), problem))
                 refused_leases.append(leases[i] if leases[i] in granted else "")
@@ -334,8 +335,9 @@ class Gate:
         scores = self.client.zmscore(self.keys.of("leases"), held)
         return {lease for lease, score in zip(held, scores, strict=True) if score is not None}
 
-    def _problem(self, group: object, producer: str, version: int, lease: str,
-                 granted: set[str]) -> str | None:  # fmt: skip
+    def _problem(
+        self, group: RolloutGroup | MalformedRollout, producer: str, lease: str, granted: set[str]
+    ) -> str | None:
         """Why a group from `producer` may not enter the buffer, or None."""
         if isinstance(group, MalformedRollout):
             return str(group)
@@ -343,8 +345,6 @@ class Gate:
             return f"claims to be from {group.actor_id!r}"
         if not _GROUP_ID.fullmatch(group.group_id):
             return "group id must be 1-128 letters, digits, '.', ':', '_' or '-'"
-        if problem := self.buffer.untrusted(group, version, revoked=set()):
-            return problem
         if self.config.admission_control and lease not in granted:
             return "its admission lease was never granted or has expired"
         if self._spot_check is not None and self._rng.random() < self.config.spot_check_fraction:

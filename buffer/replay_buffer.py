@@ -26,12 +26,12 @@ from importlib import resources
 import msgpack
 import redis
 
-from buffer.codec import EncodedGroup, check_within, decode_groups, encode_each
+from buffer.codec import EncodedGroup, OutOfLimits, decode_groups, encode_each
 from buffer.config import BufferConfig
 from buffer.credentials import Credentials, credential_of
 from buffer.keys import Keyspace
 from buffer.polling import poll
-from buffer.schema import MalformedRollout, RolloutGroup
+from buffer.schema import Limits, MalformedRollout, RolloutGroup
 
 log = logging.getLogger(__name__)
 
@@ -439,13 +439,16 @@ class ReplayBuffer:
     def _decode_claims(
         self, flat: list, payloads: list, version: int, token: str, revoked: set[str]
     ) -> list[SampledGroup]:
-        """The claimed groups that pass the learner's own checks; the others are
-        quarantined, naming their producer (see `untrusted`)."""
+        """The claimed groups that pass the learner's own checks (well-formed, within the
+        run's `Limits`, from a producer not revoked); the others are quarantined, naming
+        their producer. The producer's own checks are never relied on: actors may run on
+        hosts the learner does not control."""
         entry_ids = [entry_id.decode() for entry_id in flat[0::3]]
         if not entry_ids:
             return []
         groups = []
-        results = iter(decode_groups([payload for payload in payloads if payload is not None]))
+        limits = Limits(self.config.vocab_size, self.config.max_sequence_tokens, version)
+        results = iter(decode_groups([p for p in payloads if p is not None], limits))
         for entry_id, payload, min_version, reuse in zip(
             entry_ids, payloads, flat[1::3], flat[2::3], strict=True
         ):
@@ -455,30 +458,16 @@ class ReplayBuffer:
                 continue
             group = next(results)
             if isinstance(group, MalformedRollout):
-                self._quarantine_claimed(entry_id, token, "", str(group))
+                producer = group.producer if isinstance(group, OutOfLimits) else ""
+                self._quarantine_claimed(entry_id, token, producer, str(group))
                 continue
-            if problem := self.untrusted(group, version, revoked):
-                reason = f"group {group.group_id!r} from {group.actor_id!r}: {problem}"
+            if credential_of(group.actor_id) in revoked:
+                reason = (f"group {group.group_id!r} from {group.actor_id!r}: its producer's "
+                          f"credential {credential_of(group.actor_id)!r} was revoked")  # fmt: skip
                 self._quarantine_claimed(entry_id, token, group.actor_id, reason)
                 continue
             groups.append(SampledGroup(entry_id, group, version - int(min_version), int(reuse)))
         return groups
-
-    def untrusted(self, group: RolloutGroup, version: int, revoked: set[str]) -> str | None:
-        """Why the learner must not train on `group` although it decoded, or None: a token
-        outside the vocabulary, a sequence longer than the engine's, a version the learner
-        has not reached, or a producer whose credential was revoked. The producer's own
-        checks are never relied on (actors may run on hosts the learner does not control)."""
-        try:
-            check_within(group.completions.columns, self.config.vocab_size,
-                         self.config.max_sequence_tokens)  # fmt: skip
-        except MalformedRollout as error:
-            return str(error)
-        if group.max_version > version:
-            return f"holds tokens of version {group.max_version}, above the learner's {version}"
-        if credential_of(group.actor_id) in revoked:
-            return f"its producer's credential {credential_of(group.actor_id)!r} was revoked"
-        return None
 
     def _quarantine_claimed(self, entry_id: str, token: str, producer: str, reason: str) -> None:
         """Quarantine a claimed entry that failed decoding or `untrusted`, count it against

@@ -509,6 +509,16 @@ TOKEN_COLUMNS = frozenset(
 """Indices of the columns with an entry per token."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What the learner can take, beyond a well-formed group: token ids in the model's
+    vocabulary, sequences the engine's window holds, versions the learner has reached."""
+
+    vocab_size: int | None = None
+    max_tokens: int | None = None
+    max_version: int | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class BatchColumns:
     """Several groups' columns concatenated: one array per column for all of them.
@@ -562,6 +572,33 @@ class BatchColumns:
             finish_reasons=self.finish_reasons[i],
             verifier_details=self.verifier_details[i],
         )
+
+    def outside(self, limits: Limits) -> list[str | None]:
+        """Per group, the first of `limits` it breaks, or None; one pass over the batch
+        (no group's columns are built). Call on groups that passed `errors`."""
+        prompts, lengths, tokens, values = (self.arrays[k] for k in (0, 1, 2, 5))
+        prompt_starts, completion_starts = self.bounds[0][:-1], self.bounds[1][:-1]
+        top = np.maximum.reduceat(prompts, prompt_starts)
+        if type(tokens) is list:
+            top = np.maximum(top, [group.max() for group in tokens])
+        else:
+            top = np.maximum(top, np.maximum.reduceat(tokens, self.bounds[2][:-1]))
+        longest = np.diff(self.bounds[0]) + np.maximum.reduceat(lengths, completion_starts)
+        newest = np.maximum.reduceat(values, self.bounds[5][:-1])
+        problems: list[str | None] = []
+        for i in range(len(self)):
+            if limits.vocab_size is not None and top[i] >= limits.vocab_size:
+                problems.append(f"token id {top[i]} is outside the model's vocabulary "
+                                f"({limits.vocab_size} ids)")  # fmt: skip
+            elif limits.max_tokens is not None and longest[i] > limits.max_tokens:
+                problems.append(f"prompt + completion is {longest[i]} tokens, over the "
+                                f"engine's {limits.max_tokens}")  # fmt: skip
+            elif limits.max_version is not None and newest[i] > limits.max_version:
+                problems.append(f"holds tokens of version {newest[i]}, above the learner's "
+                                f"{limits.max_version}")  # fmt: skip
+            else:
+                problems.append(None)
+        return problems
 
     def errors(self) -> list[MalformedRollout | None]:
         """What is wrong with each group, or None; the one-by-one check runs only when
