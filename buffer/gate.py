@@ -183,7 +183,6 @@ class Gate:
         self.telemetry = Telemetry(self.client, self.config.key_prefix)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.handled = 0
         self.failure: Exception | None = None
         """Why the gate's thread stopped, if it failed (its owner checks it)."""
         self._on_failure = on_failure
@@ -226,13 +225,18 @@ class Gate:
             turn = (turn + 1) % len(names)  # a busy inbox must not starve the others
             order = names[turn:] + names[:turn]
             popped = self.client.blpop([self.keys.inbox(n) for n in order], timeout=0.2)
-            if popped is not None:
-                inbox, raw = popped
+            if popped is None:
+                continue
+            inbox, raw = popped
+            try:
                 self.handle(inbox.decode().rsplit(":", 1)[-1], raw)
+            except redis.ResponseError as error:
+                # Redis refused a write (out of memory, a flood): this request is lost,
+                # the gate is not; popping the flood frees the memory.
+                log.warning("gate: Redis refused handling a request of %s: %s", inbox, error)
 
     def handle(self, credential: str, raw: bytes) -> None:
         """Answer one request from `credential`'s inbox; a malformed one counts against it."""
-        self.handled += 1
         try:
             request = _parse(raw)
             actor = check_name(request.get("actor", ""), "actor id")
@@ -246,12 +250,18 @@ class Gate:
         except (KeyError, TypeError, ValueError, GateError) as error:
             self._bad_request(credential, f"{op!r} from {producer!r}: {error}")
             reply = {"ok": False, "error": str(error)[:500]}
+        except redis.ResponseError as error:  # Redis refused (out of memory): not its fault
+            log.warning("gate: Redis refused %r from %r: %s", op, producer, error)
+            reply = {"ok": False, "error": f"the buffer refused it: {error}"[:500]}
         if rid:
             outbox = self.keys.outbox(credential, actor)
             pipe = self.client.pipeline(transaction=False)
             pipe.rpush(outbox, msgpack.packb({"rid": rid, **reply}, use_bin_type=True))
             pipe.expire(outbox, _REPLY_TTL_S)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.ResponseError as error:  # out of memory: the producer times out
+                log.warning("gate: could not answer %r from %r: %s", op, producer, error)
 
     def _do(self, op: object, producer: str, request: dict) -> dict:
         if op == "reserve":

@@ -6,6 +6,7 @@ learner re-checks what it samples."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 
 import msgpack
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from buffer.codec import encode_groups
+from buffer.config import BufferConfig
 from buffer.credentials import CredentialError, Credentials, credential_url, name_from_url
 from buffer.gate import Gate, GateClient, GateError
 from buffer.replay_buffer import ReplayBuffer
@@ -233,3 +235,36 @@ def test_spot_checks_refuse_what_the_trusted_verifier_disagrees_with(
     assert result.stored == 1 and result.refused == [("forged", "forged")]
     counters = read_stats(buffer).counters
     assert (counters["spot_checked"], counters["spot_check_failed"]) == (2, 1)
+
+
+def test_a_memory_flood_is_bounded_drained_and_its_producer_revoked(tmp_path) -> None:
+    from buffer.config import RedisServerConfig
+
+    with RedisServer(tmp_path / "redis", RedisServerConfig(maxmemory_mib=64)) as server:
+        buffer = ReplayBuffer(server.client(), BufferConfig(key_prefix="flood"))
+        assert server.client().config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        gate = Gate(buffer).start()
+        try:
+            flooder = producer(server, buffer, "flood", "x", outage_limit_s=3)
+            honest = producer(server, buffer, "honest", "honest")
+            outcomes = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # 8 MiB at a time against a 64 MiB server
+                try:
+                    flooder.client.rpush(buffer.keyspace.inbox("flood"), b"x" * (8 << 20))
+                    outcomes.append("pushed")
+                except redis.exceptions.OutOfMemoryError:
+                    outcomes.append("refused: out of memory")  # never evicted
+                except redis.exceptions.AuthenticationError:
+                    outcomes.append("revoked")
+                    break
+            assert outcomes[-1] == "revoked"
+            version, leases = honest.reserve(1)
+            group = dataclasses.replace(versioned_group("honest.g", version), actor_id="honest")
+            assert honest.put([group], leases).stored == 1
+        finally:
+            gate.stop()
+        assert gate.failure is None
+        records = {c.name: c for c in Credentials(buffer.client, "flood").records()}
+        assert records["flood"].refused >= 8 and records["flood"].revoked_at is not None
+        assert buffer.client.llen(buffer.keyspace.inbox("flood")) == 0
