@@ -172,6 +172,11 @@ class LearnerConfig(BaseModel):
     """Advantage estimator (learner/advantages.py)."""
     loss: LossConfig = Field(default_factory=TruncatedIS)
     """Off-policy correction (learner/losses.py); `type` selects it."""
+    max_behaviour_gap: float = Field(1.0, gt=0)
+    """A producer whose fresh groups (sampled with the learner's current weights) carry
+    behaviour log-probs this far (mean |log μ - log π| over a completion's tokens, in nats)
+    from the learner's own is revoked: its log-probs are not its policy's. Honest actors
+    on CPU fp32 differ by ~1e-5; GPU bf16 engines by a few hundredths."""
     kl_coef: float = Field(0.0, ge=0)
     """β of a KL(π || π_ref) penalty to the initial policy; 0 (the default) loads no reference."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

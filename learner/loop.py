@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 
+from buffer.credentials import Credentials, credential_of
 from buffer.replay_buffer import Batch, FencedOut, HeldBatch, ReplayBuffer
 from learner.config import LearnerConfig
 from learner.trainer import Learner, NonFiniteStep
@@ -233,6 +234,7 @@ class TrainingLoop:
         if self.config.checkpoint.every_steps:
             # Held until the checkpoint acks it, but its groups may be used again now.
             self.buffer.offer_replays(batch)
+        self._check_behaviour(groups)
         self.state.step += 1
         self.state.trained_groups += len(groups)
         self._record({"step": self.state.step, "version": self.state.version,
@@ -266,6 +268,22 @@ class TrainingLoop:
         metrics["learner/skipped_batches"] = float(self.state.skipped_batches)
         self.on_metrics(metrics)
         return True
+
+    def _check_behaviour(self, groups: list) -> None:
+        """Revoke the credential of a producer whose fresh groups' log-probs are not what
+        the learner's own weights give (`learner.max_behaviour_gap`): the step is done, but
+        its credential's other groups are quarantined when sampled."""
+        limit = self.config.max_behaviour_gap
+        for group, gap in zip(groups, self.learner.behaviour_gaps, strict=False):
+            if gap > limit:  # NaN (no fresh completion) compares False
+                credentials = Credentials(self.buffer.client, self.buffer.config.key_prefix)
+                reason = (
+                    f"group {group.group_id!r}: behaviour log-probs {gap:.3g} nats from "
+                    f"the learner's at staleness 0 (learner.max_behaviour_gap={limit:g})"
+                )
+                if credential_of(group.actor_id) in credentials.active():
+                    credentials.revoke(credential_of(group.actor_id), reason)
+                log.warning("producer %s: %s", group.actor_id, reason)
 
     def _quarantine(self, batch: Batch, reason: str) -> None:
         """A batch whose update was skipped goes to quarantine, never to be trained or

@@ -100,6 +100,11 @@ class Learner:
         if self.reference is not None:  # beside the policy, wherever DeepSpeed put it
             self.reference.to(self.engine.device)
         self.advantage = get_advantage(config.advantage)
+        self.behaviour_gaps: list[float] = []
+        """Per group of the last step: the largest mean |log π - log μ| of its fresh
+        completions (NaN when none was fresh); see `LearnerConfig.max_behaviour_gap`."""
+        self._gaps: list[float] = []
+        self._measure_gaps = False
 
     def step(self, groups: Sequence[RolloutGroup], learner_version: int) -> dict[str, float]:
         """Train on this rank's `groups`: `update_epochs` passes over `minibatches` minibatches
@@ -110,6 +115,7 @@ class Learner:
         trust region). With one, π_prox is the policy being differentiated, detached.
         """
         started = time.perf_counter()
+        self._gaps, self.behaviour_gaps = [], []
         lr = self.engine.get_lr()[0]  # of this batch's first optimizer step
         # Each minibatch is `micro_batches` forward/backward passes over parts of its
         # groups (None where there are more parts than groups).
@@ -127,6 +133,7 @@ class Learner:
             for mb in minibatches
         ]
         parts = []
+        self._measure_gaps = True  # on the first pass only: the weights the groups met
         for _ in range(self.config.update_epochs):
             for minibatch, normaliser in zip(minibatches, normalisers, strict=True):
                 for micro in minibatch[:-1]:
@@ -139,6 +146,8 @@ class Learner:
                     raise NonFiniteStep(problem)
                 self._scale_step(parts[-len(minibatch) :])
                 self.engine.step()  # the minibatch's last micro-step: the optimizer steps
+            self._measure_gaps = False
+        self.behaviour_gaps = _per_group(self._gaps, groups)
         metrics = {f"learner/{k}": v for k, v in _combine(parts, self.config).items()}
         metrics["learner/lr"] = lr
         metrics["learner/step_s"] = time.perf_counter() - started
@@ -160,6 +169,8 @@ class Learner:
             self.engine.backward(_zero_loss(self.engine.module), scale_wrt_gas=False)
             return {}
         logprobs = self._logprobs(batch)
+        if self._measure_gaps:
+            self._gaps += _behaviour_gaps(logprobs.detach(), batch)
         proximal = batch.proximal_logprobs
         inputs = LossInputs(
             logprobs=logprobs,
@@ -315,6 +326,25 @@ def _split(n_groups: int, minibatches: int, micro_batches: int) -> list[list[np.
         np.array_split(part, micro_batches)
         for part in np.array_split(np.arange(n_groups), minibatches)
     ]
+
+
+def _behaviour_gaps(logprobs: torch.Tensor, batch: TrainBatch) -> list[float]:
+    """Per row: mean |log π - log μ| over its loss tokens when it is fresh (staleness 0:
+    sampled with the weights the learner holds now, so the two should agree), else NaN."""
+    mask = batch.loss_mask.float()
+    gap = ((logprobs - batch.behaviour_logprobs).abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.where((batch.staleness == 0).cpu(), gap.cpu(), torch.nan).tolist()
+
+
+def _per_group(row_gaps: list[float], groups: Sequence[RolloutGroup]) -> list[float]:
+    """Rows are the groups' completions in order: the largest fresh gap of each group
+    (NaN when it had no fresh completion)."""
+    gaps, start = [], 0
+    for group in groups:
+        rows = np.array(row_gaps[start : start + len(group.completions)], dtype=np.float64)
+        start += len(group.completions)
+        gaps.append(float(np.nanmax(rows)) if np.isfinite(rows).any() else float("nan"))
+    return gaps
 
 
 def _zero_loss(module: torch.nn.Module) -> torch.Tensor:

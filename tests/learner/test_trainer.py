@@ -483,3 +483,34 @@ except ValueError as error:
     lines = out.stdout.splitlines()
     assert lines[0] == "[frozenset({0})]"
     assert lines[1].startswith("learner.cpu_cores: cores [100000] are not available here")
+
+
+@pytest.mark.slow
+def test_forged_behaviour_logprobs_of_fresh_groups_are_measured(learner: object) -> None:
+    # The learner's own log-probs of its fresh groups are what an honest actor reports
+    # (here: recomputed); a forger's made-up ones are far from them. Stale groups are not
+    # measured (NaN): the policy moved since they were sampled.
+    tokenizer = learner.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+2="}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply = tokenizer("3", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        (honest,) = completion_logprobs(learner.engine.module, prompt_ids, [reply])
+    honest = honest.tolist()
+    forged = [-0.01] * len(reply)
+    version = 7
+    groups = [
+        group(prompt_ids, completion(reply, honest, 1.0, version=version),
+              completion(reply, honest, 0.0, version=version)),
+        group(prompt_ids, completion(reply, forged, 1.0, version=version),
+              completion(reply, honest, 0.0, version=version)),
+        group(prompt_ids, completion(reply, forged, 1.0, version=version - 1),
+              completion(reply, forged, 0.0, version=version - 1)),
+    ]  # fmt: skip
+    learner.step(groups, learner_version=version)
+    fresh_honest, fresh_forged, stale = learner.behaviour_gaps
+    assert fresh_honest < 1e-3
+    assert fresh_forged > 1.0  # |log π - (-0.01)| averaged over the reply's tokens
+    assert np.isnan(stale)
