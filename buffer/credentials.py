@@ -123,6 +123,7 @@ class Credentials:
         if self.client.hexists(key, "revoked_at"):
             reason = (self.client.hget(key, "revoked_reason") or b"").decode()
             raise CredentialError(f"credential {name!r} was revoked ({reason}); pick another name")
+        self.client.hset(key, "password_sha256", digest)  # what `restore` applies from now on
         self._apply(name, digest)
         pipe = self.client.pipeline(transaction=True)  # active from here on
         pipe.hset(self.keys.credential(name), mapping=record)
@@ -143,6 +144,7 @@ class Credentials:
         user = username(self.key_prefix, name)
         self.client.execute_command("ACL", "SETUSER", user, "reset", "off")
         self.client.execute_command("CLIENT", "KILL", "USER", user)
+        self.client.delete(self.keys.inbox(name))  # what it pushed last is never served
         log.warning("revoked actor credential %r: %s", name, reason)
         return True
 

@@ -64,9 +64,12 @@ def run(
         if before and config.actors.num_actors == 0:
             results["before"] = _evaluate(config, config.model.path)
         _start_ray(config, cleanup)
+        # Credentials first: the gate, as it starts, recreates the users a restarted Redis
+        # lost from their stored hashes, and must not race a new password being issued.
+        actor_urls = _actor_urls(config, client)
         # Before the actors: it must serve them until they have stopped.
         cleanup.enter_context(serving_gate(config, stop))
-        actors = Actors(config, _actor_urls(config, client), evaluate_first=before)
+        actors = Actors(config, actor_urls, evaluate_first=before)
         cleanup.callback(actors.shutdown)
         actors.start()
         state = _learn(config, resume, stop, actors, on_metrics)
