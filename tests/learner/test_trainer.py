@@ -42,6 +42,19 @@ def group(prompt: list[int], *completions: Completion) -> RolloutGroup:
     )
 
 
+def chat_prompt(tokenizer: object, question: str) -> list[int]:
+    """Token ids of `question` as a user turn, under the chat template."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def reply(tokenizer: object, text: str) -> list[int]:
+    """Token ids of a reply `text` ending with the end-of-sequence token."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def test_batch_alignment_by_hand() -> None:
     # Prompt [2, 35, 82] (3 tokens); completion 1: [5, 6, 3], reward 1; completion 2: [7, 3]
     # with its first token from the environment (masked), reward 0.
@@ -84,12 +97,8 @@ def learner(warm_model_dir: Path) -> Iterator[object]:
 @pytest.mark.slow
 def test_deepspeed_step_raises_the_logprob_of_rewarded_completions(learner: object) -> None:
     tokenizer = learner.tokenizer
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "12+34="}], add_generation_prompt=True, tokenize=False
-    )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    right = tokenizer("46", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    wrong = tokenizer("13", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = chat_prompt(tokenizer, "12+34=")
+    right, wrong = reply(tokenizer, "46"), reply(tokenizer, "13")
     model = learner.engine.module
 
     def logprob_sums() -> tuple[float, float]:
@@ -491,23 +500,20 @@ def test_forged_behaviour_logprobs_of_fresh_groups_are_measured(learner: object)
     # (here: recomputed); a forger's made-up ones are far from them. Stale groups are not
     # measured (NaN): the policy moved since they were sampled.
     tokenizer = learner.tokenizer
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "1+2="}], add_generation_prompt=True, tokenize=False
-    )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply = tokenizer("3", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = chat_prompt(tokenizer, "1+2=")
+    answer = reply(tokenizer, "3")
     with torch.no_grad():
-        (honest,) = completion_logprobs(learner.engine.module, prompt_ids, [reply])
+        (honest,) = completion_logprobs(learner.engine.module, prompt_ids, [answer])
     honest = honest.tolist()
-    forged = [-0.01] * len(reply)
+    forged = [-0.01] * len(answer)
     version = 7
     groups = [
-        group(prompt_ids, completion(reply, honest, 1.0, version=version),
-              completion(reply, honest, 0.0, version=version)),
-        group(prompt_ids, completion(reply, forged, 1.0, version=version),
-              completion(reply, honest, 0.0, version=version)),
-        group(prompt_ids, completion(reply, forged, 1.0, version=version - 1),
-              completion(reply, forged, 0.0, version=version - 1)),
+        group(prompt_ids, completion(answer, honest, 1.0, version=version),
+              completion(answer, honest, 0.0, version=version)),
+        group(prompt_ids, completion(answer, forged, 1.0, version=version),
+              completion(answer, honest, 0.0, version=version)),
+        group(prompt_ids, completion(answer, forged, 1.0, version=version - 1),
+              completion(answer, forged, 0.0, version=version - 1)),
     ]  # fmt: skip
     learner.step(groups, learner_version=version)
     fresh_honest, fresh_forged, stale = learner.behaviour_gaps
