@@ -69,5 +69,6 @@ class Keyspace:
     def weights_manifest(self, version: int) -> str:
         return f"{self.prefix}:weights:{version}:manifest"
 
-    def weights_tensors(self, version: int) -> str:
-        return f"{self.prefix}:weights:{version}:tensors"
+    def weights_part(self, version: int, kind: str, index: int | str) -> str:
+        """One part of a version's `full` frame or its `delta` (weights/redis_store.py)."""
+        return f"{self.prefix}:weights:{version}:{kind}:{index}"

@@ -1,7 +1,7 @@
 """Load new policy weights into a running vLLM engine, in chunks, without restarting it.
 
-The learner's weights travel as a named-tensor stream: (name, dtype, shape, raw bytes)
-tuples, sent to every vLLM worker with `LLM.collective_rpc` and applied by
+The learner's weights arrive as chunks of (name, tensor) pairs (views of a frame in the
+wire dtype, `weights.wire`), sent to every vLLM worker with `LLM.collective_rpc` and applied by
 `RelayWorkerExtension`, which vLLM mixes into its workers (`worker_extension_cls`).
 
 On CPU, vLLM packs every linear layer's weight into a oneDNN/sgl handle after loading
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weights.wire import PackedTensor, chunks, pack_state_dict, unpack_tensors
+from weights.wire import tensor_chunks
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ class RelayWorkerExtension:
     Named `relay_*` so that they never clash with the worker's own methods.
     """
 
-    def relay_load_weights(self, tensors: list[PackedTensor]) -> int:
-        """Load a chunk of named tensors into the model; returns how many were loaded."""
+    def relay_load_weights(self, tensors: list[tuple[str, torch.Tensor]]) -> int:
+        """Load a chunk of named tensors into the model (each converted to the engine's
+        dtype as it is copied in); returns how many were loaded."""
         model = self.model_runner.model
         _use_plain_linear(model)
-        model.load_weights(unpack_tensors(tensors))
+        model.load_weights(iter(tensors))
         return len(tensors)
 
     def relay_finish_weight_update(self) -> dict[str, int]:
@@ -68,9 +69,8 @@ def update_engine_weights(
     timeout_s: float = 300,
 ) -> WeightLoad:
     """Push `state_dict` into the running engine `llm`; returns the seconds it took."""
-    return load_chunks(
-        llm, chunks(pack_state_dict(state_dict), int(chunk_mib * 1024 * 1024)), timeout_s
-    )
+    tensors = ((name, tensor.detach().to("cpu")) for name, tensor in state_dict.items())
+    return load_chunks(llm, tensor_chunks(tensors, int(chunk_mib * 1024 * 1024)), timeout_s)
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,11 @@ class WeightLoad:
 
 def load_chunks(
     llm: object,
-    tensor_chunks: Iterable[list[PackedTensor]],
+    chunks: Iterable[list[tuple[str, torch.Tensor]]],
     timeout_s: float = 300,
     pause: bool = True,
 ) -> WeightLoad:
-    """Stream chunks of packed tensors (from the learner or a weight store) into `llm`.
+    """Stream chunks of (name, tensor) pairs (from the learner or a weight source) into `llm`.
 
     The engine's scheduler is paused ("keep": running requests stay, with their KV cache)
     for the whole update. Without the pause the engine process, which runs ahead of its
@@ -103,10 +103,10 @@ def load_chunks(
     started = time.perf_counter()
     loaded = nbytes = 0
     with paused_engine(llm) if pause else contextlib.nullcontext():
-        for chunk in tensor_chunks:
+        for chunk in chunks:
             llm.collective_rpc("relay_load_weights", args=(chunk,), timeout=timeout_s)
             loaded += len(chunk)
-            nbytes += sum(len(raw) for *_, raw in chunk)
+            nbytes += sum(t.numel() * t.element_size() for _, t in chunk)
         (progress, *_) = llm.collective_rpc("relay_finish_weight_update", timeout=timeout_s)
     if not progress:
         llm.reset_prefix_cache()

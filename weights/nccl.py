@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from weights.wire import Frame
+
 
 class NcclTransport:
     """Publishes a version by NCCL broadcast to every actor engine."""
@@ -66,10 +68,10 @@ class NcclTransport:
             source=self.source,
         )  # fmt: skip
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def publish(self, frame: Frame) -> None:
         import ray
 
-        ray.get([h.relay_expect_version.remote(version) for h in self.handles],
+        ray.get([h.relay_expect_version.remote(frame.version) for h in self.handles],
                 timeout=self.timeout_s)  # fmt: skip
-        self.source.state = dict(state_dict)
+        self.source.state = frame.tensors()
         self.engine.send_weights()

@@ -1,10 +1,12 @@
 """Publishing new policy weights to the actors without holding up the next step.
 
-The learner's side of the weight transports: `publish` takes a CPU copy of the weights
-(the only part the training loop waits for), and a background thread hands that copy to
-each transport, then calls `on_published(version)` — the buffer's version bump — so an
-actor that sees version v can always fetch v. One publish is in flight at a time; a
-transport error surfaces at the next `publish` or at `drain`, never silently.
+The learner's side of the weight transports: `publish` copies the weights into a frame
+buffer in the wire dtype (`weights.wire`; the only part the training loop waits for),
+and a background thread adds the frame's checksums and its delta against the previous
+version, hands the frame to each transport, then calls `on_published(version)` (the
+buffer's version bump), so an actor that sees version v can always fetch v. One publish
+is in flight at a time; a transport error surfaces at the next `publish` or at `drain`,
+never silently.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weights.wire import WeightTransport
+from weights.wire import Frame, FrameEncoder, WeightTransport
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,13 @@ class PublishTiming:
     waited_s: float
     """Waiting for the previous publish to finish (0 when transports keep up)."""
     copy_s: float
-    """The CPU copy of the weights, taken while the learner waits."""
+    """The copy of the weights into the frame buffer, taken while the learner waits."""
     transports_s: dict[str, float] = field(default_factory=dict)
     """Per transport, in the background."""
+    bytes: int = 0
+    """The full frame's size in the wire dtype."""
+    delta_bytes: int | None = None
+    """The delta against the previous version (None: none was made)."""
 
     @property
     def blocking_s(self) -> float:
@@ -51,8 +57,10 @@ class WeightPublisher:
         transports: Sequence[WeightTransport],
         on_published: Callable[[int], None] = lambda version: None,
         timeout_s: float = 600.0,
+        encoder: FrameEncoder | None = None,
     ) -> None:
         self.transports = list(transports)
+        self.encoder = encoder or FrameEncoder()
         self.on_published = on_published
         self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-publish")
@@ -65,21 +73,21 @@ class WeightPublisher:
         self._wait()
         waited = time.perf_counter() - started
         copy_started = time.perf_counter()
-        snapshot = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        frame = self.encoder.fill(version, params)
         copy_s = time.perf_counter() - copy_started
-        self._pending = self._executor.submit(self._run, version, snapshot, waited, copy_s)
+        self._pending = self._executor.submit(self._run, frame, waited, copy_s)
         return time.perf_counter() - started
 
-    def _run(
-        self, version: int, snapshot: dict[str, torch.Tensor], waited: float, copy_s: float
-    ) -> PublishTiming:
+    def _run(self, frame: Frame, waited: float, copy_s: float) -> PublishTiming:
+        frame = self.encoder.finish(frame)
         seconds = {}
         for transport in self.transports:
             started = time.perf_counter()
-            transport.publish(version, snapshot)
+            transport.publish(frame)
             seconds[transport.name] = time.perf_counter() - started
-        self.on_published(version)
-        return PublishTiming(version, waited, copy_s, seconds)
+        self.on_published(frame.version)
+        delta = None if frame.delta is None else frame.delta.payload.numel()
+        return PublishTiming(frame.version, waited, copy_s, seconds, frame.layout.nbytes, delta)
 
     def _wait(self) -> None:
         if self._pending is None:

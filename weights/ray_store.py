@@ -1,20 +1,21 @@
 """Weights through Ray's object store: the default transport inside one Ray cluster.
 
-The learner `ray.put`s each chunk of the packed state dict (bounded size, so neither side
-holds a second full copy) and registers the chunk references under the version in a
-small named Ray actor; actors ask that registry for the latest version and `ray.get`
-one chunk at a time. Works on CPU and GPU alike; across clusters use the Redis store.
+The learner `ray.put`s each version's frame buffer (`weights.wire`) as one numpy array
+and registers it, with the frame's layout, under the version in a small named Ray
+actor. Actors ask that registry for the latest version and `ray.get` the array: on the
+learner's node that maps the object store's shared memory (no copy), elsewhere Ray moves
+it between nodes. Works on CPU and GPU alike; across clusters use the Redis store.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import torch
 
 from buffer.polling import poll
-from weights.wire import PackedTensor, chunks, pack_state_dict
+from weights.wire import Frame, Layout, WeightsUnavailable, readonly_tensor, tensor_chunks
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def registry_name(key_prefix: str) -> str:
 
 
 class _Registry:
-    """Versions -> chunk references; keeps the newest `keep` versions alive."""
+    """Versions -> (layout, frame reference); keeps the newest `keep` versions alive."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -54,29 +55,33 @@ def weight_registry(key_prefix: str, keep: int = 2) -> object:
 
 
 class RayObjectTransport:
-    """The learner's side: publish a version as object-store chunks."""
+    """The learner's side: publish a version's frame buffer as one object."""
 
     name = "ray"
 
-    def __init__(self, key_prefix: str, chunk_mib: float = 64, timeout_s: float = 300) -> None:
+    def __init__(self, key_prefix: str, timeout_s: float = 300) -> None:
         self.registry = weight_registry(key_prefix)
-        self.chunk_bytes = int(chunk_mib * 1024 * 1024)
         self.timeout_s = timeout_s
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def publish(self, frame: Frame) -> None:
         import ray
 
-        refs = [ray.put(chunk) for chunk in chunks(pack_state_dict(state_dict), self.chunk_bytes)]
-        ray.get(self.registry.register.remote(version, refs), timeout=self.timeout_s)
+        entry = (frame.layout.to_json(), ray.put(frame.payload.numpy()))
+        ray.get(self.registry.register.remote(frame.version, entry), timeout=self.timeout_s)
 
 
 class RayWeightSource:
-    """The actors' side: follow the registry, fetch one chunk at a time."""
+    """The actors' side: follow the registry, map the newest frame."""
 
-    def __init__(self, key_prefix: str, timeout_s: float = 300, poll_s: float = 0.2) -> None:
+    def __init__(
+        self, key_prefix: str, timeout_s: float = 300, poll_s: float = 0.2, chunk_mib: float = 64
+    ) -> None:
         self.registry = weight_registry(key_prefix)
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        self.chunk_bytes = int(chunk_mib * 1024 * 1024)
+        self.held: tuple[int, Layout, object] | None = None
+        """(version, layout, the frame's array in the object store) last fetched."""
 
     def latest_version(self) -> int | None:
         import ray
@@ -87,13 +92,20 @@ class RayWeightSource:
     def wait_for_version(self, timeout_s: float) -> int | None:
         return poll(self.latest_version, timeout_s, self.poll_s)
 
-    def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
+    def fetch(self, version: int) -> int:
         import ray
 
-        from weights.wire import WeightsUnavailable
-
-        refs = ray.get(self.registry.get.remote(version), timeout=self.timeout_s)
-        if refs is None:
+        if self.held is not None and self.held[0] == version:
+            return version
+        entry = ray.get(self.registry.get.remote(version), timeout=self.timeout_s)
+        if entry is None:
             raise WeightsUnavailable(f"weights v{version} are no longer in the Ray object store")
-        for ref in refs:
-            yield ray.get(ref, timeout=self.timeout_s)
+        layout, ref = entry
+        self.held = None  # let go of the previous frame before mapping the next
+        self.held = (version, Layout.from_json(layout), ray.get(ref, timeout=self.timeout_s))
+        return version
+
+    def chunks(self, version: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        self.fetch(version)
+        _, layout, array = self.held
+        return tensor_chunks(layout.tensors(readonly_tensor(array)), self.chunk_bytes)

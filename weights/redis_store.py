@@ -1,16 +1,22 @@
 """Weights in the buffer's Redis: a store any actor can follow with only the buffer's URL.
 
-`RedisWeightStore` keeps the latest policy versions
-in the buffer's Redis, so an actor anywhere (another cluster included) can follow the
-learner with nothing but the buffer's address. Tensors are stored in parts of at most
-`part_mib`, each tensor with a SHA-256. A version becomes visible (`latest`) only once
-all of it is written, and readers stream it in bounded chunks, never holding a second
-full copy of the model.
+Each version is a frame (`weights.wire`): its full buffer, cut into parts of `part_mib`,
+and, when the learner had the previous version, a delta against it. A JSON manifest
+holds the layout, the checksum of every tensor and of every part, and the delta's rows.
+A version becomes visible (`latest`) only once all of it is written. The newest
+`keep_versions` full frames are kept, and the manifests and deltas of the newest
+`keep_deltas` versions, so an actor a few versions behind catches up through deltas.
+
+An actor (`RedisWeightSource`) keeps its own copy of the version it runs (a `Mirror`).
+It fetches a full frame when it joins, after a gap in the deltas, when the deltas would
+not be smaller, and after `full_every` deltas in a row; otherwise the deltas since its
+version, and checks the result against the new version's tensor checksums. Reads go a
+window of parts at a time, each part checked; a dropped connection costs at most the
+window in flight (redis-py reconnects and repeats that one request).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -23,7 +29,16 @@ import torch
 from buffer.keys import Keyspace
 from buffer.polling import poll
 from buffer.replay_buffer import FencedOut
-from weights.wire import PackedTensor, WeightsUnavailable, chunks, pack_state_dict, unpack_tensors
+from weights.wire import (
+    Delta,
+    Frame,
+    FrameEncoder,
+    Layout,
+    Mirror,
+    WeightsUnavailable,
+    checksum,
+    tensor_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +50,8 @@ class PublishReport:
     version: int
     tensors: int
     bytes: int
+    delta_bytes: int | None
+    """None: no delta (first version, or not smaller than `max_delta_fraction`)."""
     seconds: float
 
 
@@ -57,35 +74,42 @@ class RedisWeightStore:
     name = "redis"
 
     def __init__(
-        self, client: redis.Redis, key_prefix: str, *, part_mib: float = 64, keep_versions: int = 2
-    ) -> None:
-        if keep_versions < 1:
-            raise ValueError("keep_versions must be at least 1")
+        self, client: redis.Redis, key_prefix: str, *, part_mib: float = 4,
+        keep_versions: int = 2, keep_deltas: int = 16, window_mib: float = 32,
+    ) -> None:  # fmt: skip
+        if keep_versions < 1 or keep_deltas < keep_versions:
+            raise ValueError("keep_versions must be >= 1 and keep_deltas >= keep_versions")
         self.client = client
         self.key_prefix = key_prefix
         self.keys = Keyspace(key_prefix)
         self.epoch = ""
         """The learner epoch publishing must hold (see ReplayBuffer.fence_out_older_learners)."""
-        self.part_bytes = int(part_mib * 1024 * 1024)
+        self.part_bytes = max(1, int(part_mib * 1024 * 1024))
+        self.window = max(1, int(window_mib * 1024 * 1024) // self.part_bytes)
+        """Parts read per request."""
         self.keep_versions = keep_versions
+        self.keep_deltas = keep_deltas
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> PublishReport:
-        """Write `state_dict` as `version`, then make it the latest and drop old versions."""
+    # -- the learner's side -------------------------------------------------------------------
+    def publish(self, frame: Frame) -> PublishReport:
+        """Write `frame` (and its delta), then make it the latest and drop old versions."""
         started = time.perf_counter()
-        manifest = []
-        total = 0
-        for name, dtype, shape, raw in pack_state_dict(state_dict):
-            parts = max(1, -(-len(raw) // self.part_bytes))
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(parts):
-                part = raw[i * self.part_bytes : (i + 1) * self.part_bytes]
-                pipe.hset(self.keys.weights_tensors(version), f"{name}#{i}", part)
-            pipe.execute()
-            digest = hashlib.sha256(raw).hexdigest()
-            manifest.append(
-                {"name": name, "dtype": dtype, "shape": shape, "parts": parts, "sha256": digest}
-            )
-            total += len(raw)
+        version = frame.version
+        manifest = {
+            "version": version,
+            "layout": frame.layout.to_json(),
+            "sums": [f"{s:016x}" for s in frame.sums],
+            "part_bytes": self.part_bytes,
+            "full": self._write_parts(version, "full", frame.payload),
+            "delta": None,
+        }
+        if frame.delta is not None:
+            manifest["delta"] = {
+                "base": frame.delta.base,
+                "rows": frame.delta.rows,
+                "bytes": frame.delta.payload.numel(),
+                "parts": self._write_parts(version, "delta", frame.delta.payload),
+            }
         keys = [self.keys.weights_manifest(version), self.keys.weights_versions,
                 self.keys.weights_latest, self.keys.of("learner_epoch")]  # fmt: skip
         try:
@@ -97,16 +121,53 @@ class RedisWeightStore:
                 raise FencedOut(f"weights v{version} not published: {error}") from None
             raise
         self._drop_old_versions()
-        report = PublishReport(version, len(manifest), total, time.perf_counter() - started)
-        log.debug(
-            "published weights v%d: %d tensors, %.1f MB in %.2fs",
-            version,
-            report.tensors,
-            total / 1e6,
-            report.seconds,
-        )
+        report = PublishReport(
+            version, len(frame.layout.slots), frame.layout.nbytes,
+            None if frame.delta is None else frame.delta.payload.numel(),
+            time.perf_counter() - started,
+        )  # fmt: skip
+        log.debug("published weights v%d: %.1f MB (delta %s) in %.2fs", version,
+                  report.bytes / 1e6, report.delta_bytes, report.seconds)  # fmt: skip
         return report
 
+    def publish_state(
+        self, version: int, state_dict: Mapping[str, torch.Tensor],
+        wire_dtype: torch.dtype | None = None,
+    ) -> PublishReport:  # fmt: skip
+        """Publish a state dict as a full frame (a single publish outside the learner's
+        publisher: tools and tests)."""
+        return self.publish(FrameEncoder(wire_dtype, deltas=False).encode(version, state_dict))
+
+    def _write_parts(self, version: int, kind: str, payload: torch.Tensor) -> list[str]:
+        """Write `payload` in parts (no copy: Redis gets views of the buffer); their sums."""
+        view = memoryview(payload.numpy())
+        sums, pipe, queued = [], self.client.pipeline(transaction=False), 0
+        for index, start in enumerate(range(0, len(view), self.part_bytes)):
+            part = view[start : start + self.part_bytes]
+            pipe.set(self.keys.weights_part(version, kind, index), part)
+            sums.append(f"{checksum(part):016x}")
+            queued += 1
+            if queued >= self.window:
+                pipe.execute()
+                queued = 0
+        pipe.execute()
+        return sums
+
+    def _drop_old_versions(self) -> None:
+        kept = [int(v) for v in self.client.zrange(self.keys.weights_versions, 0, -1)]
+        for version in kept[: -self.keep_versions]:
+            self._delete_parts(version, "full")
+        for version in kept[: -self.keep_deltas]:
+            self._delete_parts(version, "delta")
+            self.client.delete(self.keys.weights_manifest(version))
+            self.client.zrem(self.keys.weights_versions, str(version))
+
+    def _delete_parts(self, version: int, kind: str) -> None:
+        keys = list(self.client.scan_iter(self.keys.weights_part(version, kind, "*"), count=1000))
+        if keys:
+            self.client.delete(*keys)
+
+    # -- reading ------------------------------------------------------------------------------
     def latest_version(self) -> int | None:
         """The newest complete version, or None before the first publish."""
         latest = self.client.get(self.keys.weights_latest)
@@ -121,52 +182,116 @@ class RedisWeightStore:
 
         return poll(newer, timeout_s, poll_s)
 
-    def stream(
-        self, version: int, max_bytes: int = 64 * 1024 * 1024
-    ) -> Iterator[list[PackedTensor]]:
-        """`version`'s tensors in chunks of at most `max_bytes`, each checked against its hash."""
-        raw_manifest = self.client.get(self.keys.weights_manifest(version))
-        if raw_manifest is None:
+    def manifest(self, version: int) -> dict | None:
+        raw = self.client.get(self.keys.weights_manifest(version))
+        return None if raw is None else json.loads(raw)
+
+    def read_full(self, version: int, mirror: Mirror) -> int:
+        """`version`'s full frame into `mirror`; returns the bytes read."""
+        manifest = self._manifest_or_raise(version)
+        layout = Layout.from_json(manifest["layout"])
+        target = mirror.reset(layout)
+        self._read_parts(version, "full", manifest["full"], manifest["part_bytes"], target)
+        mirror.version, mirror.deltas_since_full = version, 0
+        return layout.nbytes
+
+    def read_delta(self, version: int, mirror: Mirror) -> int:
+        """Apply `version`'s delta to `mirror` (which must hold its base); returns the bytes
+        read. Checks every tensor it touched against `version`'s checksums."""
+        manifest = self._manifest_or_raise(version)
+        delta = manifest["delta"]
+        if delta is None or mirror.version != delta["base"] or mirror.layout is None:
+            raise WeightsUnavailable(f"weights v{version}: no delta from v{mirror.version}")
+        nbytes = delta["bytes"]
+        payload = torch.empty(nbytes, dtype=torch.uint8)
+        self._read_parts(version, "delta", delta["parts"], manifest["part_bytes"], payload)
+        mirror.version = None  # half-applied until checked
+        touched = Delta(delta["base"], delta["rows"], payload).apply(mirror.layout, mirror.payload)
+        for index in touched:
+            slot = mirror.layout.slots[index]
+            got = checksum(mirror.payload[slot.offset : slot.offset + slot.nbytes])
+            if f"{got:016x}" != manifest["sums"][index]:
+                raise WeightsUnavailable(f"weights v{version}: {slot.name} differs after the delta")
+        mirror.version = version
+        mirror.deltas_since_full += 1
+        return nbytes
+
+    def delta_bytes(self, since: int, version: int) -> int | None:
+        """Bytes of the deltas from `since` to `version`, or None where one is missing."""
+        total = 0
+        for v in range(since + 1, version + 1):
+            manifest = self.manifest(v)
+            if manifest is None or manifest["delta"] is None or manifest["delta"]["base"] != v - 1:
+                return None
+            total += manifest["delta"]["bytes"]
+        return total
+
+    def _manifest_or_raise(self, version: int) -> dict:
+        manifest = self.manifest(version)
+        if manifest is None:
             raise WeightsUnavailable(
                 f"weights v{version} are not in the store (latest: {self.latest_version()})"
             )
+        return manifest
 
-        def tensors() -> Iterator[PackedTensor]:
-            for entry in json.loads(raw_manifest):
-                fields = [f"{entry['name']}#{i}" for i in range(entry["parts"])]
-                parts = self.client.hmget(self.keys.weights_tensors(version), fields)
-                if any(part is None for part in parts):
+    def _read_parts(
+        self, version: int, kind: str, sums: list[str], part_bytes: int, target: torch.Tensor
+    ) -> None:
+        """Read parts a window at a time into `target`, checking each part's checksum."""
+        out = target.numpy()
+        for first in range(0, len(sums), self.window):
+            indices = range(first, min(first + self.window, len(sums)))
+            pipe = self.client.pipeline(transaction=False)
+            for index in indices:
+                pipe.get(self.keys.weights_part(version, kind, index))
+            for index, part in zip(indices, pipe.execute(), strict=True):
+                if part is None:
                     raise WeightsUnavailable(f"weights v{version} were dropped while being read")
-                raw = b"".join(parts)
-                if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+                if f"{checksum(part):016x}" != sums[index]:
                     raise WeightsUnavailable(
-                        f"weights v{version}: tensor {entry['name']} is corrupted"
+                        f"weights v{version}: {kind} part {index} is corrupted"
                     )
-                yield entry["name"], entry["dtype"], entry["shape"], raw
-
-        yield from chunks(tensors(), max_bytes)
+                start = index * part_bytes
+                out[start : start + len(part)] = memoryview(part)
 
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
-        """A whole version as a state dict (for loading into a transformers model)."""
-        return {
-            name: tensor for chunk in self.stream(version) for name, tensor in unpack_tensors(chunk)
-        }
+        """A whole version as a state dict of its own tensors (for a transformers model)."""
+        mirror = Mirror()
+        self.read_full(version, mirror)
+        return mirror.tensors()
 
-    def _drop_old_versions(self) -> None:
-        old = self.client.zrange(self.keys.weights_versions, 0, -self.keep_versions - 1)
-        for version in (int(v) for v in old):
-            self.client.delete(
-                self.keys.weights_manifest(version), self.keys.weights_tensors(version)
-            )
-            self.client.zrem(self.keys.weights_versions, str(version))
+
+@dataclass
+class LinkStats:
+    """What crossed the link from the weight store to this actor."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    full_fetches: int = 0
+    delta_fetches: int = 0
+    last_version: int | None = None
+    last_fetch_s: float = 0.0
+    last_at: float = 0.0
+    """time.time() of the last completed fetch."""
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
 class RedisWeightSource:
     """Follows the Redis weight store: all an actor outside the Ray cluster needs."""
 
-    def __init__(self, store: RedisWeightStore, chunk_mib: float = 64) -> None:
+    def __init__(
+        self, store: RedisWeightStore, chunk_mib: float = 64, full_every: int = 32
+    ) -> None:
         self.store = store
         self.chunk_bytes = int(chunk_mib * 1024 * 1024)
+        self.full_every = full_every
+        """Fetch a full frame after this many deltas in a row (a bound on how long any
+        undetected divergence could last; the checksums make one unlikely)."""
+        self.mirror = Mirror()
+        self.link = LinkStats()
 
     def latest_version(self) -> int | None:
         return self.store.latest_version()
@@ -174,5 +299,38 @@ class RedisWeightSource:
     def wait_for_version(self, timeout_s: float) -> int | None:
         return self.store.wait_for_newer(None, timeout_s)
 
-    def chunks(self, version: int) -> Iterator[list[PackedTensor]]:
-        return self.store.stream(version, self.chunk_bytes)
+    def fetch(self, version: int) -> int:
+        """Bring the mirror to `version`: through the deltas since the mirror's version when
+        they are all kept and smaller than a full frame, else the full frame."""
+        if self.mirror.version == version:
+            return version
+        started = time.perf_counter()
+        nbytes, full = 0, True
+        held = self.mirror.version
+        if held is not None and held < version and self.mirror.deltas_since_full < self.full_every:
+            chain = self.store.delta_bytes(held, version)
+            if (
+                chain is not None
+                and self.mirror.layout is not None
+                and chain < self.mirror.layout.nbytes
+            ):
+                try:
+                    for v in range(held + 1, version + 1):
+                        nbytes += self.store.read_delta(v, self.mirror)
+                    full = False
+                except WeightsUnavailable as error:
+                    log.info("delta to v%d failed (%s); fetching the full weights", version, error)
+        if full:
+            nbytes += self.store.read_full(version, self.mirror)
+        seconds = time.perf_counter() - started
+        link = self.link
+        link.bytes += nbytes
+        link.seconds += seconds
+        link.full_fetches += full
+        link.delta_fetches += not full
+        link.last_version, link.last_fetch_s, link.last_at = version, seconds, time.time()
+        return version
+
+    def chunks(self, version: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        self.fetch(version)
+        return tensor_chunks(self.mirror.layout.tensors(self.mirror.payload), self.chunk_bytes)

@@ -27,6 +27,7 @@ from buffer.replay_buffer import ReplayBuffer
 from buffer.telemetry import Telemetry
 from envs.arithmetic import ArithmeticConfig
 from weights.ray_store import RayObjectTransport
+from weights.wire import FrameEncoder
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
     actor_url = credential_url(redis_server.url, prefix, "actor-0", password)
     model = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
     transport = RayObjectTransport(prefix)
-    transport.publish(0, dict(model.named_parameters()))
+    transport.publish(FrameEncoder().encode(0, dict(model.named_parameters())))
 
     spec = ActorSpec(
         actor_id="actor-0", run_id="test", seed=1, model_path=str(warm_model_dir),
@@ -80,7 +81,7 @@ def test_actor_generates_follows_versions_and_survives_a_kill(
     wait_until(lambda: put() >= 2, "the first groups")
     # A new version through the object store; the running actor picks it up.
     buffer.set_version(1)
-    transport.publish(1, dict(model.named_parameters()))
+    transport.publish(FrameEncoder().encode(1, dict(model.named_parameters())))
     wait_until(
         lambda: Telemetry.beside(buffer).health().get("actor-0", {}).get("version") == 1,
         "version 1",

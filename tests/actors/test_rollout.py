@@ -78,7 +78,7 @@ def behaviour_error(model: torch.nn.Module, group, tokens: slice = slice(None)) 
 def store_at_version_0(buffer, redis_server, model) -> RedisWeightStore:
     """The buffer's weight store holding `model` as version 0."""
     store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
-    store.publish(0, dict(model.named_parameters()))
+    store.publish_state(0, dict(model.named_parameters()))
     return store
 
 
@@ -158,7 +158,7 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
         put = []
         for _ in range(3):
             put += rollout.step()
-        store.publish(1, dict(changed.named_parameters()))
+        store.publish_state(1, dict(changed.named_parameters()))
         rollout._next_poll = 0.0  # check for weights at the next step, not in 0.5 s
         while len(put) < 4:
             put += rollout.step()
@@ -239,7 +239,7 @@ def test_drain_mode_finishes_running_sequences_before_loading(
         put = []
         for _ in range(3):
             put += rollout.step()
-        store.publish(1, dict(hf_model.named_parameters()))
+        store.publish_state(1, dict(hf_model.named_parameters()))
         rollout._next_poll = 0.0
         while len(put) < 4:
             put += rollout.step()

@@ -18,7 +18,7 @@ def test_a_newer_learner_fences_out_the_older_one(make_buffer) -> None:
     new_store = RedisWeightStore(old.client, old.config.key_prefix)
     old_store.epoch = str(old.fence_out_older_learners())
     batch = old.sample(2, hold_as="learner-0")
-    old_store.publish(1, {"w": torch.ones(2)})
+    old_store.publish_state(1, {"w": torch.ones(2)})
     assert old.set_version(1) == 1
 
     new_store.epoch = str(new.fence_out_older_learners())
@@ -30,12 +30,12 @@ def test_a_newer_learner_fences_out_the_older_one(make_buffer) -> None:
     with pytest.raises(FencedOut):
         old.set_version(2)
     with pytest.raises(FencedOut, match="weights v2 not published"):
-        old_store.publish(2, {"w": torch.zeros(2)})
+        old_store.publish_state(2, {"w": torch.zeros(2)})
     assert old_store.latest_version() == 1 and new.version() == 1
     # The new learner gives back what the old one held and carries on.
     new.abandon("learner-0", new.held("learner-0"))
     assert len(new.sample(4).groups) == 4
-    new_store.publish(2, {"w": torch.full((2,), 2.0)})
+    new_store.publish_state(2, {"w": torch.full((2,), 2.0)})
     assert new.set_version(2) == 2 and new_store.latest_version() == 2
     # Actors and tools are never fenced.
     actor = ReplayBuffer(old.client, old.config)

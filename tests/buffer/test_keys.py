@@ -18,14 +18,15 @@ def known_patterns(keys: Keyspace) -> list[str]:
         *keys.script_keys, keys.payload("*"), keys.producer("*"), keys.listed("*"),
         f"{keys.of('requests')}:*", keys.health, keys.metrics("*"), keys.restarts,
         keys.experiment, keys.experiment_files, keys.weights_latest, keys.weights_versions,
-        keys.weights_manifest("*"), keys.weights_tensors("*"),  # type: ignore[arg-type]
+        keys.weights_manifest("*"), keys.weights_part("*", "*", "*"),  # type: ignore[arg-type]
     ]  # fmt: skip
 
 
 def test_everything_an_experiment_writes_is_named_by_its_keyspace(make_buffer) -> None:
     buffer = make_buffer(visibility_timeout_s=60, replay=2)
     telemetry = Telemetry.beside(buffer)
-    store = RedisWeightStore(buffer.client, buffer.config.key_prefix, keep_versions=1)
+    prefix = buffer.config.key_prefix
+    store = RedisWeightStore(buffer.client, prefix, keep_versions=1, keep_deltas=1)
     buffer.fence_out_older_learners()
     version, leases = buffer.reserve("actor-0", 3)
     buffer.put([versioned_group(f"g{i}", version) for i in range(3)], "actor-0", leases)
@@ -35,7 +36,7 @@ def test_everything_an_experiment_writes_is_named_by_its_keyspace(make_buffer) -
     buffer.ack(buffer.sample(2))  # a fresh group and a replay
     buffer.quarantine(buffer.sample(1), "a test")
     for v in (1, 2):
-        store.publish(v, {"w": torch.full((2,), float(v))})
+        store.publish_state(v, {"w": torch.full((2,), float(v))})
         buffer.set_version(v)
     telemetry.set_health("actor-0", {"groups": 3})
     telemetry.record_metrics("learner", {"step": 1})

@@ -44,7 +44,7 @@ def test_actor_joins_with_only_the_redis_url(
     model = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
     buffer = ReplayBuffer(client, config.buffer)
     buffer.set_version(3)
-    RedisWeightStore(client, prefix).publish(3, dict(model.named_parameters()))
+    RedisWeightStore(client, prefix).publish_state(3, dict(model.named_parameters()))
 
     gate = Gate(buffer).start()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -21,7 +21,7 @@ def test_a_model_file_name_that_leaves_the_cache_is_refused(
     config = load_config(None, [f"model.path={warm_model_dir}", f"buffer.key_prefix={prefix}"])
     client = redis_server.client()
     publish_experiment(client, config, run_id="run")
-    RedisWeightStore(client, prefix).publish(1, {"w": torch.zeros(1)})
+    RedisWeightStore(client, prefix).publish_state(1, {"w": torch.zeros(1)})
     client.hset(f"{prefix}:experiment:files", name, b"written by whoever can write to Redis")
     cache = tmp_path / "cache"
     with pytest.raises(RelayError, match="not a plain file name; nothing was written"):
@@ -40,6 +40,6 @@ def test_the_experiment_record_holds_no_secret(redis_server, warm_model_dir: Pat
     publish_experiment(client, config, run_id="run")
     stored = b"".join(client.hgetall(f"{prefix}:experiment").values())
     assert b"hunter2" not in stored and b"s3cret-token" not in stored
-    RedisWeightStore(client, prefix).publish(1, {"w": torch.zeros(1)})
+    RedisWeightStore(client, prefix).publish_state(1, {"w": torch.zeros(1)})
     joined, run_id, _ = join_experiment(client, prefix, [], redis_server.data_dir / "c", 5)
     assert run_id == "run" and joined.buffer.key_prefix == prefix

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from weights.publisher import PublishError, WeightPublisher
+from weights.wire import Frame, FrameEncoder
 
 
 class SlowTransport:
@@ -20,15 +21,15 @@ class SlowTransport:
         self.delay_s = delay_s
         self.received: list[tuple[int, dict]] = []
 
-    def publish(self, version: int, state_dict: dict) -> None:
+    def publish(self, frame: Frame) -> None:
         time.sleep(self.delay_s)
-        self.received.append((version, state_dict))
+        self.received.append((frame.version, {k: v.clone() for k, v in frame.tensors().items()}))
 
 
 class BrokenTransport:
     name = "broken"
 
-    def publish(self, version: int, state_dict: dict) -> None:
+    def publish(self, frame: Frame) -> None:
         raise ConnectionError("store unreachable")
 
 
@@ -77,7 +78,7 @@ def test_a_hung_transport_times_out() -> None:
     class Hung:
         name = "hung"
 
-        def publish(self, version: int, state_dict: dict) -> None:
+        def publish(self, frame: Frame) -> None:
             release.wait(5)
 
     publisher = WeightPublisher([Hung()], timeout_s=0.2)
@@ -86,3 +87,19 @@ def test_a_hung_transport_times_out() -> None:
         publisher.drain()
     release.set()
     publisher.close()
+
+
+def test_frames_carry_deltas_and_their_sizes_from_the_second_version() -> None:
+    transport = SlowTransport(delay_s=0)
+    publisher = WeightPublisher([transport], encoder=FrameEncoder(torch.bfloat16))
+    weights = torch.zeros(1000)
+    for version in (1, 2):
+        publisher.publish(version, {"w": weights})
+        publisher.drain()
+        weights[:3] = 1.0  # version 2 changes 3 of 1,000 elements
+    publisher.close()
+    first, second = publisher.timings
+    assert (first.bytes, first.delta_bytes) == (2048, None)  # 1,000 bf16 padded to 64 bytes
+    # 3 positions (int32) + 3 bf16 values = 18 bytes, padded to 64.
+    assert (second.bytes, second.delta_bytes) == (2048, 64)
+    assert transport.received[1][1]["w"].dtype == torch.bfloat16
