@@ -70,9 +70,18 @@ class ActorConfig(BaseModel):
     weight_updates: Literal["in_flight", "drain"] = "in_flight"
     """in_flight: load new weights between two engine steps, running sequences go on (their
     later tokens carry the new version); drain: stop admitting, finish what runs, then load."""
-    transport: Literal["ray", "redis"] = "ray"
-    """Where actors fetch weights: Ray's object store, or the weight store in the buffer's Redis
-    (what `relay actor --buffer redis://...` outside the Ray cluster uses)."""
+    transport: Literal["ray", "redis", "nccl"] = "ray"
+    """Where actors fetch weights: Ray's object store, the weight store in the buffer's Redis
+    (what `relay actor --buffer redis://...` outside the Ray cluster uses), or an NCCL
+    broadcast from the learner's GPU to the actors' GPUs (GPU clusters only)."""
+    weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The precision weights travel in. auto: the engines' dtype, so nothing is lost that
+    the engine would keep. bfloat16 on a float32 engine halves a full frame and makes
+    deltas small (most bfloat16 values survive an RL step unchanged), at the price of
+    sampling from the policy rounded to bfloat16; the learner's importance weights see
+    that difference like any other staleness."""
+    full_weights_every: int = Field(32, gt=0)
+    """An actor on the Redis store loads a full frame after this many deltas in a row."""
     weights_in_redis: bool | None = None
     """Also publish every version to the weight store in the buffer's Redis, where actors
     outside the Ray cluster (`relay actor --buffer URL`) fetch them. None: only when no
@@ -105,6 +114,19 @@ class ActorConfig(BaseModel):
                 "weights_in_redis=false leaves actors with transport=redis no weights to fetch"
             )
         return self
+
+    @field_validator("transport")
+    @classmethod
+    def _nccl_needs_gpus(cls, transport: str) -> str:
+        if transport == "nccl":
+            import torch  # only here: configs load without torch otherwise
+
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    "nccl broadcasts weights between GPUs and this machine has no CUDA "
+                    "device; use ray (one Ray cluster) or redis (actors anywhere)"
+                )
+        return transport
 
     @field_validator("sampling")
     @classmethod

@@ -60,8 +60,13 @@ def build_worker(spec: ActorSpec, *, restarts: int = 0) -> object:
         from weights.ray_store import RayWeightSource
 
         weights = RayWeightSource(spec.buffer.key_prefix, timeout_s=spec.actor.weight_timeout_s)
+    elif spec.actor.transport == "nccl":
+        weights = None  # the learner's NcclTransport drives the updates (methods below)
     else:
-        weights = RedisWeightSource(RedisWeightStore(client, spec.buffer.key_prefix))
+        weights = RedisWeightSource(
+            RedisWeightStore(client, spec.buffer.key_prefix),
+            full_every=spec.actor.full_weights_every,
+        )
     llm = build_llm(spec.model_path, spec.engine, spec.seed, cpu_cores=spec.cpu_cores)
     worker = RolloutWorker(
         llm,

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,6 +97,10 @@ class ActorStats:
     the actor was ahead of the learner by the staleness bound."""
     weight_loads: int = 0
     weight_load_s: float = 0.0
+    """Time the engine was paused for loads (fetching happens beforehand, while it runs)."""
+    weight_wait_s: float = 0.0
+    """Idle time while a newer version was on its way: no new group starts on old weights,
+    since admission control counts it from the newest version."""
     errors: int = 0
     last_error: str = ""
 
@@ -135,6 +140,9 @@ class RolloutWorker:
         self._groups: list[_Group] = []
         self._running: dict[str, _Running] = {}
         self._pending_version: int | None = None
+        self._fetching: Future[int] | None = None
+        """The background fetch of `_pending_version` (or a newer one), if one runs."""
+        self._fetcher: ThreadPoolExecutor | None = None
         self._next_poll = 0.0
         self._next_report = 0.0
         self._started = time.monotonic()
@@ -160,6 +168,8 @@ class RolloutWorker:
                 self.step()
         finally:
             self._abandon_unfinished()
+            if self._fetcher is not None:
+                self._fetcher.shutdown(wait=False, cancel_futures=True)
             self.report()
             finished.set()
         return self.stats
@@ -175,8 +185,9 @@ class RolloutWorker:
     def step(self) -> list[RolloutGroup]:
         """One iteration: new weights if due, admit groups, one engine step; returns groups put."""
         now = time.monotonic()
-        if self.weights is not None and now >= self._next_poll:
-            self._follow_weights(wait=False)
+        fetched = self._fetching is not None and self._fetching.done()
+        if self.weights is not None and (now >= self._next_poll or fetched):
+            self._follow_weights(wait=False)  # a finished fetch is loaded at once
             self._next_poll = now + self.config.weight_poll_s
         if self._pending_version is None:
             self._admit()
@@ -186,6 +197,8 @@ class RolloutWorker:
             self.stats.idle_s += idle
             if self._refused:
                 self.stats.admission_wait_s += idle
+            if self._pending_version is not None:
+                self.stats.weight_wait_s += idle
             self._maybe_report()
             return []
         finished = []
@@ -373,21 +386,42 @@ class RolloutWorker:
 
     # -- weights ----------------------------------------------------------------------------
     def _follow_weights(self, wait: bool, published: int | None = None) -> None:
-        """Load a newer version now (in flight), or once the engine is drained.
+        """Fetch a newer version in the background, then load it (in flight, or once the
+        engine is drained).
 
-        `published`: a version known to be fetchable (the buffer's version is set only once
-        the weights are out), which spares asking the weight source.
+        The fetch crosses the link to the weight store and may take long; meanwhile the
+        engine goes on with the sequences it runs, and no new group is admitted (the
+        caller admits only while nothing is pending). Loading from the fetched copy then
+        pauses the engine only for a memory copy. `wait`: nothing is loaded yet; fetch
+        and load now. `published`: a version known to be fetchable (the buffer's version
+        is set only once the weights are out), which spares asking the weight source.
         """
         latest = self.weights.latest_version() if published is None else published
         if wait and latest is None:
             latest = self.weights.wait_for_version(self.config.weight_timeout_s)
         if latest is not None and latest > self.version:
-            self._pending_version = latest
+            self._pending_version = max(latest, self._pending_version or latest)
         if self._pending_version is None:
+            return
+        if wait:
+            self._load(self._pending_version)
+            return
+        if self._fetching is None:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="relay-weights")
+            self._fetching = self._fetcher.submit(self.weights.fetch, self._pending_version)
+            return
+        if not self._fetching.done():
             return
         if self.config.weight_updates == "drain" and self._running:
             return  # admission is paused until the running episodes finish
-        self._load(self._pending_version)
+        fetching, self._fetching = self._fetching, None
+        try:
+            fetched = fetching.result()
+        except WeightsUnavailable as error:
+            log.info("%s: %s; fetching the latest instead", self.actor_id, error)
+            return  # the next poll starts a fetch of the latest
+        self._load(fetched)  # a newer version pending meanwhile is fetched at the next poll
 
     def _load(self, version: int) -> None:
         """Load `version`, or a newer one if it was dropped from the transport meanwhile
@@ -454,10 +488,26 @@ class RolloutWorker:
             "uniform_groups": stats.uniform_groups,
             "weight_loads": stats.weight_loads,
             "weight_load_s": stats.weight_load_s,
+            "weight_wait_s": stats.weight_wait_s,
+            **self._link_health(),
             "in_flight_groups": len(self._groups),
             "restarts": self.restarts,
             "errors": stats.errors,
             "last_error": stats.last_error,
+        }
+
+    def _link_health(self) -> dict[str, float | int]:
+        """What crossed the link from the weight source: bytes/s, the last fetch."""
+        link = getattr(self.weights, "link", None)
+        if link is None:
+            return {}
+        return {
+            "weight_bytes": link.bytes,
+            "weight_bytes_per_s": link.bytes_per_s,
+            "weight_full_fetches": link.full_fetches,
+            "weight_delta_fetches": link.delta_fetches,
+            "last_weight_fetch_s": link.last_fetch_s,
+            "last_weight_at": link.last_at,
         }
 
     def report(self) -> None:

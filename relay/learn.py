@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from buffer.gate import Gate
 from buffer.replay_buffer import ReplayBuffer
 from buffer.server import connect, free_port
@@ -26,6 +28,7 @@ from relay.errors import RelayError
 from relay.experiment import publish_experiment
 from relay.trackers import Trackers
 from weights.redis_store import RedisWeightStore
+from weights.wire import WIRE_DTYPES, FrameEncoder
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,11 @@ def learn(
             from weights.ray_store import RayObjectTransport
 
             transports.append(RayObjectTransport(config.buffer.key_prefix))
-        publisher = WeightPublisher(transports, on_published=buffer.set_version)
+        publisher = WeightPublisher(
+            transports, on_published=buffer.set_version, encoder=FrameEncoder(
+                wire_dtype(config), deltas=any(t is store for t in transports)
+            ),
+        )  # fmt: skip
     metrics_file = config.run_dir / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     trackers = Trackers(config, resume) if rank == 0 else None
@@ -165,6 +172,12 @@ def serving_gate(config: RunConfig, stop: threading.Event) -> Iterator[Gate]:
         gate.stop()
     if gate.failure is not None:
         raise RelayError(f"the buffer's gate failed, so actors could not put: {gate.failure}")
+
+
+def wire_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype weights travel in (`actors.weight_dtype`; auto: the engines' own)."""
+    name = config.actors.weight_dtype
+    return WIRE_DTYPES[config.engine.dtype if name == "auto" else name]
 
 
 def _weights_in_redis(config: RunConfig, ray_transport: bool) -> bool:

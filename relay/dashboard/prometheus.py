@@ -36,6 +36,8 @@ _ACTOR_GAUGES = {
     "groups_per_s": "groups per second since the actor started",
     "idle_fraction": "fraction of time the engine had nothing to run",
     "in_flight_groups": "groups being generated",
+    "weight_bytes_per_s": "bytes per second of the actor's weight fetches (its link)",
+    "last_weight_fetch_s": "seconds the actor's last weight fetch took",
     "health_age_s": "seconds since the actor's last health report",
     "revoked": "1 when the actor's credential was revoked",
 }

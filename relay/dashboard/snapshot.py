@@ -170,6 +170,10 @@ def _actor_rows(health: dict[str, dict], stats: BufferStats) -> list[dict]:
                 "idle_fraction": record.get("idle_fraction"),
                 "in_flight_groups": record.get("in_flight_groups"),
                 "weight_loads": record.get("weight_loads"),
+                # Its link to the weight store: bytes/s over all fetches, the last fetch.
+                "weight_bytes_per_s": record.get("weight_bytes_per_s"),
+                "last_weight_fetch_s": record.get("last_weight_fetch_s"),
+                "weight_wait_s": record.get("weight_wait_s"),
                 "restarts": record.get("restarts", 0),
                 "errors": record.get("errors", 0),
                 "last_error": record.get("last_error") or "",

@@ -29,6 +29,12 @@ def render(snapshot: dict) -> Group:
         parts.append(Text(snapshot["error"], style="red"))
     parts.append(_figures(buffer, learner))
     parts.append(_actor_table(snapshot["actors"]))
+    for a in snapshot["actors"]:
+        if a.get("weight_bytes_per_s") is not None:  # its link to the weight store
+            parts.append(Text(
+                f"{a['actor_id']} weights: {a['weight_bytes_per_s'] / 1e6:.1f} MB/s, last fetch "
+                f"{a['last_weight_fetch_s']:.2f}s, {_value(a['version_lag'])} versions behind"
+            ))  # fmt: skip
     errors = [a for a in snapshot["actors"] if a["last_error"]]
     for actor in errors:
         parts.append(Text(f"{actor['actor_id']} last error: {actor['last_error']}", style="red"))

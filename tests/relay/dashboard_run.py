@@ -13,11 +13,13 @@ ACTOR_HEALTH = {
         "version": 4, "version_lag": 1, "groups": 3, "tokens": 24, "tokens_per_s": 123.4,
         "groups_per_s": 0.5, "idle_fraction": 0.25, "weight_loads": 3, "weight_load_s": 0.1,
         "in_flight_groups": 4, "restarts": 2, "errors": 1, "last_error": "engine died: boom",
+        "weight_bytes_per_s": 12.5e6, "last_weight_fetch_s": 0.25,
     },
     "actor-1": {
         "version": 5, "version_lag": 0, "groups": 3, "tokens": 24, "tokens_per_s": 98.0,
         "groups_per_s": 0.4, "idle_fraction": 0.05, "weight_loads": 4, "weight_load_s": 0.1,
         "in_flight_groups": 2, "restarts": 0, "errors": 0, "last_error": "",
+        "weight_bytes_per_s": 3.0e6, "last_weight_fetch_s": 1.5,
     },
 }  # fmt: skip
 

@@ -66,7 +66,8 @@ def test_snapshot_of_a_known_run(known_buffer: ReplayBuffer) -> None:
     actors = {row["actor_id"]: row for row in snapshot["actors"]}
     assert sorted(actors) == ["actor-0", "actor-1"]
     for actor_id, health in ACTOR_HEALTH.items():
-        for field in ("version", "version_lag", "tokens_per_s", "idle_fraction", "restarts"):
+        for field in ("version", "version_lag", "tokens_per_s", "idle_fraction", "restarts",
+                      "weight_bytes_per_s", "last_weight_fetch_s"):  # fmt: skip
             assert actors[actor_id][field] == health[field]
         assert actors[actor_id]["groups_put"] == 4 if actor_id == "actor-0" else 3
         assert (actors[actor_id]["refused"], actors[actor_id]["revoked"]) == (0, False)
@@ -182,6 +183,9 @@ def test_relay_status_json_and_table(
     assert main(["status", *watch]) == 0
     table = capsys.readouterr().out
     assert "actor-0" in table and "engine died: boom" in table and "0:2  1:1" in table
+    assert (
+        "actor-0 weights: 12.5 MB/s, last fetch 0.25s, 1 versions behind" in table
+    )  # actor-0's weight link
 
 
 def test_relay_status_without_a_buffer_says_where_to_point_it(

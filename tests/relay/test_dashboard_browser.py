@@ -70,6 +70,8 @@ def test_page_shows_the_buffer_live(make_buffer, browser_page, tmp_path: Path) -
             assert cell("restarts") == str(health["restarts"])
             assert cell("idle") == f"{100 * health['idle_fraction']:.1f}%"
             assert cell("error") == health["last_error"]
+            assert cell("link_mb_per_s") == f"{health['weight_bytes_per_s'] / 1e6:.1f}"
+            assert cell("last_fetch_s") == f"{health['last_weight_fetch_s']:.2f}"
 
         # Live: two more fresh groups arrive and the histogram follows without a reload.
         buffer.put([versioned_group("x", 5), versioned_group("y", 5)], "actor-1")

@@ -152,13 +152,16 @@ function renderActors(actors) {
     if (a.silent) row.className = "silent";
     const cells = [
       a.actor_id, fmt.int(a.version), fmt.int(a.version_lag), fmt.num(a.tokens_per_s, 0),
-      fmt.num(a.groups_per_s), fmt.pct(a.idle_fraction), fmt.int(a.in_flight_groups),
+      fmt.num(a.groups_per_s), fmt.pct(a.idle_fraction),
+      a.weight_bytes_per_s == null ? "–" : fmt.num(a.weight_bytes_per_s / 1e6, 1),
+      fmt.num(a.last_weight_fetch_s),
+      fmt.int(a.in_flight_groups),
       fmt.int(a.groups_put), fmt.int(a.refused), fmt.int(a.quarantined),
       a.revoked ? "revoked" : "", fmt.int(a.weight_loads), fmt.int(a.restarts),
       fmt.int(a.errors), fmt.age(a.health_age_s), a.last_error,
     ];
     const names = ["actor", "version", "lag", "tokens_per_s", "groups_per_s", "idle",
-      "in_flight", "groups_put", "refused", "quarantined", "credential", "weight_loads",
+      "link_mb_per_s", "last_fetch_s", "in_flight", "groups_put", "refused", "quarantined", "credential", "weight_loads",
       "restarts", "errors", "age", "error"];
     cells.forEach((text, i) => {
       const cell = document.createElement("td");
