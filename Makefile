@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := configs/demo.yaml
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test gpu-check lint format clean
 
 setup: $(INSTALLED)
 	@deploy/setup/ensure_command.sh redis-server redis-server "Relay's embedded buffer"
@@ -38,6 +38,16 @@ test: setup
 	@deploy/setup/ensure_command.sh rsync rsync "the ray up test"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The GPU smoke suite (tests/gpu): vLLM on CUDA, the learner in bf16, a short run. On a
+# machine with CUDA, in a venv of its own with the regular (CUDA) vLLM; within 10 minutes.
+GPU_VENV := .venv-gpu
+gpu-check:
+	@$(PYTHON) -c "import shutil, sys; sys.exit(shutil.which('nvidia-smi') is None)" || { echo "gpu-check needs a machine with an NVIDIA GPU (nvidia-smi not found)" >&2; exit 1; }
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet -e ".[gpu,dev]"
+	@deploy/setup/ensure_command.sh redis-server redis-server "Relay's embedded buffer"
+	timeout 600 $(GPU_VENV)/bin/python -m pytest tests/gpu -m gpu -x -v
 
 lint: setup
 	$(BIN)/ruff check .

@@ -51,6 +51,8 @@ _PROMPTS_PER_DRAW = 64
 _IDLE_SLEEP_S = 0.02
 _ADMIT_RETRY_S = 0.025  # after a reservation got fewer leases than asked
 _LOAD_ATTEMPTS = 5
+_FETCH_INLINE_S = 0.05
+"""A source whose last fetch took less is fetched from inline, not in the background."""
 
 
 @dataclass
@@ -406,6 +408,13 @@ class RolloutWorker:
         if wait:
             self._load(self._pending_version)
             return
+        if self._fetching is None and self.weights.link.last_fetch_s < _FETCH_INLINE_S:
+            # A fetch this quick (the Ray object store, a fast link) is not worth a thread:
+            # load now, so the groups the caller is admitting start on the new version.
+            if self.config.weight_updates == "drain" and self._running:
+                return
+            self._load(self._pending_version)
+            return
         if self._fetching is None:
             if self._fetcher is None:
                 self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="relay-weights")
@@ -507,6 +516,7 @@ class RolloutWorker:
             "weight_full_fetches": link.full_fetches,
             "weight_delta_fetches": link.delta_fetches,
             "last_weight_fetch_s": link.last_fetch_s,
+            "last_weight_latency_s": link.last_latency_s,
             "last_weight_at": link.last_at,
         }
 

@@ -37,6 +37,7 @@ from relay.tiny_model import TinyModelConfig, build_tiny_model
 from weights.engine import load_chunks
 from weights.ray_store import RayObjectTransport, RayWeightSource
 from weights.redis_store import RedisWeightSource, RedisWeightStore
+from weights.wire import WIRE_DTYPES, FrameEncoder
 
 GROUPS, GROUP_SIZE, TOKENS = 32, 8, 48
 MODELS = {
@@ -123,26 +124,65 @@ def weight_updates(llm, model_dir: Path, server: RedisServer, repeats: int) -> d
         "memory_copy_ms": round(copy_s * 1e3, 2),
         "memory_copy_gb_per_s": round(nbytes / copy_s / 1e9, 2),
     }
+    results["loopback_tcp_gb_per_s"] = round(loopback_tcp_gb_per_s(nbytes), 3)
     store = RedisWeightStore(server.client(), f"bench-weights-{nbytes}")
     transports = {
-        "redis": (store.publish, RedisWeightSource(store)),
-        "ray": (RayObjectTransport(f"bench-{nbytes}").publish, RayWeightSource(f"bench-{nbytes}")),
+        "redis": (store, RedisWeightSource(store)),
+        "ray": (RayObjectTransport(f"bench-{nbytes}"), RayWeightSource(f"bench-{nbytes}")),
     }
-    for name, (publish, source) in transports.items():
-        publish_s, load_s = [], []
-        for version in range(1, repeats + 1):
-            started = time.perf_counter()
-            publish(version, params)
-            publish_s.append(time.perf_counter() - started)
-            load_s.append(load_chunks(llm, source.chunks(version)).seconds)
-        publish_median, load_median = statistics.median(publish_s), statistics.median(load_s)
-        results[name] = {
-            "publish_ms": round(publish_median * 1e3, 1),
-            "fetch_and_load_ms": round(load_median * 1e3, 1),
-            "end_to_end_gb_per_s": round(nbytes / (publish_median + load_median) / 1e9, 3),
-            "vs_memory_copy": round(copy_s / (publish_median + load_median), 4),
-        }
+    version = 0
+    for wire in ("float32", "bfloat16"):
+        for name, (transport, source) in transports.items():
+            # Full frames only (a joining actor's case): no deltas.
+            encoder = FrameEncoder(WIRE_DTYPES[wire], deltas=False)
+            publish_s, load_s = [], []
+            for _ in range(repeats):
+                version += 1
+                started = time.perf_counter()
+                transport.publish(encoder.encode(version, params))
+                publish_s.append(time.perf_counter() - started)
+                load_s.append(load_chunks(llm, source.chunks(version)).seconds)
+            publish_median, load_median = statistics.median(publish_s), statistics.median(load_s)
+            total = publish_median + load_median
+            results[name if wire == "float32" else f"{name}_bf16"] = {
+                "wire_bytes": encoder.layout.nbytes,
+                "publish_ms": round(publish_median * 1e3, 1),
+                "fetch_and_load_ms": round(load_median * 1e3, 1),
+                "end_to_end_gb_per_s": round(encoder.layout.nbytes / total / 1e9, 3),
+                "model_gb_per_s": round(nbytes / total / 1e9, 3),
+                "vs_memory_copy": round(copy_s / total, 4),
+            }
     return results
+
+
+def loopback_tcp_gb_per_s(nbytes: int) -> float:
+    """One TCP stream over loopback, `nbytes` from a buffer into a buffer: the ceiling for
+    any transport that crosses a socket (Redis both ways) on this machine."""
+    import socket
+    import threading
+
+    source = torch.empty(nbytes, dtype=torch.uint8)
+    target = torch.empty(nbytes, dtype=torch.uint8)
+    out, into = memoryview(source.numpy()), memoryview(target.numpy())
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def receive() -> None:
+        connection, _ = listener.accept()
+        got = 0
+        while got < nbytes:
+            got += connection.recv_into(into[got:], min(nbytes - got, 4 << 20))
+        connection.close()
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    sender = socket.create_connection(listener.getsockname())
+    started = time.perf_counter()
+    sender.sendall(out)
+    receiver.join()
+    seconds = time.perf_counter() - started
+    sender.close()
+    listener.close()
+    return nbytes / seconds / 1e9
 
 
 def plot(results: dict, path: Path) -> None:

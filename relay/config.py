@@ -184,6 +184,21 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _uncommitted_groups_fit_the_buffer(self) -> RunConfig:
+        # Trained groups stay in the buffer until the checkpoint that holds their update
+        # is saved (exactly-once); if they alone fill it, actors block and the run stalls.
+        learner, capacity = self.learner, self.buffer.capacity_groups
+        waiting = learner.checkpoint.every_steps * learner.batch_groups * learner.world_size
+        if waiting >= capacity:
+            raise ValueError(
+                f"learner.checkpoint.every_steps={learner.checkpoint.every_steps} keeps "
+                f"{waiting} trained groups in the buffer until each checkpoint, and "
+                f"buffer.capacity_groups={capacity} would be full before it: the run would "
+                "stall. Checkpoint more often, or raise buffer.capacity_groups"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _placement_needs_a_cluster(self) -> RunConfig:
         if (self.ray.learner_resources or self.ray.learner_num_gpus) and self.ray.address is None:
             raise ValueError(

@@ -86,6 +86,12 @@ def learn(
     buffer.fence_out_older_learners(int(learner.all_reduce_sum(epoch)))
     publisher = None
     if rank == 0:
+        if config.actors.transport == "nccl" and config.actors.num_actors > 0:
+            raise RelayError(
+                "actors.transport: nccl is accepted on CUDA machines, but relay run does not "
+                "drive weights/nccl.py's NcclTransport yet (it was never run: this project's "
+                "machines have no GPU); use ray inside one Ray cluster"
+            )
         publish_experiment(client, config, run_id=config.run_dir.name)
         store = RedisWeightStore(client, config.buffer.key_prefix)
         store.epoch = buffer.epoch

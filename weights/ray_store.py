@@ -10,12 +10,20 @@ it between nodes. Works on CPU and GPU alike; across clusters use the Redis stor
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
 
 from buffer.polling import poll
-from weights.wire import Frame, Layout, WeightsUnavailable, readonly_tensor, tensor_chunks
+from weights.wire import (
+    Frame,
+    Layout,
+    LinkStats,
+    WeightsUnavailable,
+    readonly_tensor,
+    tensor_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ class RayWeightSource:
         self.chunk_bytes = int(chunk_mib * 1024 * 1024)
         self.held: tuple[int, Layout, object] | None = None
         """(version, layout, the frame's array in the object store) last fetched."""
+        self.link = LinkStats()
 
     def latest_version(self) -> int | None:
         import ray
@@ -100,9 +109,11 @@ class RayWeightSource:
         entry = ray.get(self.registry.get.remote(version), timeout=self.timeout_s)
         if entry is None:
             raise WeightsUnavailable(f"weights v{version} are no longer in the Ray object store")
-        layout, ref = entry
+        started = time.perf_counter()
+        layout, ref = Layout.from_json(entry[0]), entry[1]
         self.held = None  # let go of the previous frame before mapping the next
-        self.held = (version, Layout.from_json(layout), ray.get(ref, timeout=self.timeout_s))
+        self.held = (version, layout, ray.get(ref, timeout=self.timeout_s))
+        self.link.record(version, layout.nbytes, time.perf_counter() - started, full=True)
         return version
 
     def chunks(self, version: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

@@ -34,6 +34,7 @@ from weights.wire import (
     Frame,
     FrameEncoder,
     Layout,
+    LinkStats,
     Mirror,
     WeightsUnavailable,
     checksum,
@@ -100,6 +101,7 @@ class RedisWeightStore:
             "layout": frame.layout.to_json(),
             "sums": [f"{s:016x}" for s in frame.sums],
             "part_bytes": self.part_bytes,
+            "published_at": time.time(),
             "full": self._write_parts(version, "full", frame.payload),
             "delta": None,
         }
@@ -261,24 +263,6 @@ class RedisWeightStore:
         return mirror.tensors()
 
 
-@dataclass
-class LinkStats:
-    """What crossed the link from the weight store to this actor."""
-
-    bytes: int = 0
-    seconds: float = 0.0
-    full_fetches: int = 0
-    delta_fetches: int = 0
-    last_version: int | None = None
-    last_fetch_s: float = 0.0
-    last_at: float = 0.0
-    """time.time() of the last completed fetch."""
-
-    @property
-    def bytes_per_s(self) -> float:
-        return self.bytes / self.seconds if self.seconds > 0 else 0.0
-
-
 class RedisWeightSource:
     """Follows the Redis weight store: all an actor outside the Ray cluster needs."""
 
@@ -322,13 +306,10 @@ class RedisWeightSource:
                     log.info("delta to v%d failed (%s); fetching the full weights", version, error)
         if full:
             nbytes += self.store.read_full(version, self.mirror)
-        seconds = time.perf_counter() - started
-        link = self.link
-        link.bytes += nbytes
-        link.seconds += seconds
-        link.full_fetches += full
-        link.delta_fetches += not full
-        link.last_version, link.last_fetch_s, link.last_at = version, seconds, time.time()
+        self.link.record(version, nbytes, time.perf_counter() - started, full)
+        manifest = self.store.manifest(version)
+        if manifest is not None and "published_at" in manifest:
+            self.link.last_latency_s = time.time() - manifest["published_at"]
         return version
 
     def chunks(self, version: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

@@ -17,6 +17,7 @@ bfloat16's rounding); in float32 nearly all change, and a delta is not worth sen
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -277,6 +278,34 @@ def tensor_chunks(
         yield chunk
 
 
+@dataclass
+class LinkStats:
+    """What crossed the link from the weight store to this actor."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    full_fetches: int = 0
+    delta_fetches: int = 0
+    last_version: int | None = None
+    last_fetch_s: float = 0.0
+    last_at: float = 0.0
+    """time.time() of the last completed fetch."""
+    last_latency_s: float | None = None
+    """From the learner's publish of the last version fetched to its arrival here (where
+    the source knows when it was published)."""
+
+    def record(self, version: int, nbytes: int, seconds: float, full: bool) -> None:
+        self.bytes += nbytes
+        self.seconds += seconds
+        self.full_fetches += full
+        self.delta_fetches += not full
+        self.last_version, self.last_fetch_s, self.last_at = version, seconds, time.time()
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
 class WeightTransport(Protocol):
     """Where published weights go: a store any actor can read, an object store, NCCL..."""
 
@@ -289,6 +318,9 @@ class WeightTransport(Protocol):
 
 class WeightSource(Protocol):
     """Where an actor follows the learner's versions from (one per transport)."""
+
+    link: LinkStats
+    """What its fetches moved, and how fast."""
 
     def latest_version(self) -> int | None:
         """The newest version ready to fetch, or None before the first publish."""

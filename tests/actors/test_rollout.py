@@ -182,6 +182,62 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
     assert rollout.stats.weight_loads == 2
 
 
+class SlowLink(RedisWeightSource):
+    """The weight store behind a slow link: every fetch after the first takes 1.5 s."""
+
+    def fetch(self, version: int) -> int:
+        if self.mirror.version is not None and version != self.mirror.version:
+            time.sleep(1.5)
+        return super().fetch(version)
+
+
+def test_a_slow_weight_fetch_runs_beside_generation_and_holds_admission(
+    vllm_engine, tokenizer, hf_model, make_buffer, redis_server
+) -> None:
+    buffer = make_buffer(admission_control=False)
+    store = store_at_version_0(buffer, redis_server, hf_model)
+    changed = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    source = SlowLink(store)
+    rollout = worker(
+        vllm_engine, tokenizer, ArithmeticEnv(ArithmeticConfig()), buffer, source,
+        group_size=2, groups_in_flight=2, sampling=SamplingConfig(max_tokens=24, ignore_eos=True),
+    )  # fmt: skip
+    try:
+        rollout._follow_weights(wait=True)
+        source.link.last_fetch_s = 1.0  # as measured on a slow link: fetch in the background
+        put = []
+        while len(put) < 2:
+            put += rollout.step()
+        store.publish_state(1, dict(changed.named_parameters()))
+        rollout._next_poll = 0.0
+        started = time.monotonic()
+        admitted_during_fetch, at_start = set(), None
+        while rollout.version == 0 and time.monotonic() - started < 60:
+            put += rollout.step()
+            if rollout._fetching is not None:
+                running = {g.group_id for g in rollout._groups}
+                at_start = running if at_start is None else at_start
+                admitted_during_fetch |= running
+        fetch_s = time.monotonic() - started
+        while len(put) < 6:
+            put += rollout.step()
+    finally:
+        rollout._abandon_unfinished()
+        update_engine_weights(vllm_engine, dict(hf_model.named_parameters()))
+    assert rollout.version == 1 and fetch_s >= 1.5
+    # While the fetch ran, the groups already running went on (and finished on v0), and
+    # no group was admitted: the groups seen were those running when it started.
+    assert rollout.stats.weight_wait_s > 0
+    assert at_start is not None and admitted_during_fetch == at_start
+    later = [g for g in put if g.group_id not in admitted_during_fetch][-2:]
+    for group in later:  # admitted after the load: the new policy's, all of them
+        assert all(set(c.policy_versions.per_token()) == {1} for c in group.completions)
+        assert behaviour_error(changed, group) < LOGPROB_TOLERANCE
+
+
 def test_multi_turn_groups_mask_environment_tokens(
     vllm_engine, tokenizer, hf_model, make_buffer
 ) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from relay.config import RunConfig, apply_override, dump_config, load_config
@@ -244,3 +245,21 @@ def test_dumped_configs_mask_secrets() -> None:
     assert dumped["buffer"]["url"] == "redis://:***@h:6379/0"
     assert "t0k3n" not in dump_config(config) and "pw@" not in dump_config(config)
     assert "t0k3n" in dump_config(config, redact=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_nccl_transport_without_a_gpu_is_one_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["actors.transport=nccl"])
+    message = str(error.value)
+    assert "actors.transport" in message and "no CUDA device" in message
+    assert message.count("\n") <= 1
+    assert load_config(None, ["actors.weight_dtype=bfloat16"]).actors.weight_dtype == "bfloat16"
+
+
+def test_checkpoints_too_rare_for_the_buffer_are_one_error() -> None:
+    # 400 steps x 16 groups wait for their checkpoint in a buffer of 4,096 groups.
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs" / "demo.yaml", ["learner.checkpoint.every_steps=400"])
+    assert "learner.checkpoint.every_steps=400" in str(error.value)
+    assert "buffer.capacity_groups=4096" in str(error.value)
