@@ -395,12 +395,20 @@ class RolloutWorker:
         engine goes on with the sequences it runs, and no new group is admitted (the
         caller admits only while nothing is pending). Loading from the fetched copy then
         pauses the engine only for a memory copy. `wait`: nothing is loaded yet; fetch
-        and load now. `published`: a version known to be fetchable (the buffer's version
-        is set only once the weights are out), which spares asking the weight source.
+        and load now. `published`: the buffer's version, when the caller just read it.
         """
-        latest = self.weights.latest_version() if published is None else published
-        if wait and latest is None:
-            latest = self.weights.wait_for_version(self.config.weight_timeout_s)
+        if published is not None:
+            latest = published
+        elif wait:
+            latest = self.weights.latest_version()
+            if latest is None:
+                latest = self.weights.wait_for_version(self.config.weight_timeout_s)
+            latest = None if latest is None else min(latest, self.buffer.version())
+        else:
+            # The buffer's version, not the weight source's newest: a transport holds a
+            # version a moment before the learner bumps the buffer to it, and groups
+            # sampled with it then would carry a version the learner has not reached.
+            latest = self.buffer.version()
         if latest is not None and latest > self.version:
             self._pending_version = max(latest, self._pending_version or latest)
         if self._pending_version is None:

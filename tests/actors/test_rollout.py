@@ -159,6 +159,7 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
         for _ in range(3):
             put += rollout.step()
         store.publish_state(1, dict(changed.named_parameters()))
+        buffer.set_version(1)  # as the learner's publisher does, after the store
         rollout._next_poll = 0.0  # check for weights at the next step, not in 0.5 s
         while len(put) < 4:
             put += rollout.step()
@@ -180,6 +181,28 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
         assert behaviour_error(changed, group) < LOGPROB_TOLERANCE
         assert behaviour_error(hf_model, group) > 0.05
     assert rollout.stats.weight_loads == 2
+
+
+def test_a_version_in_the_store_is_loaded_only_once_the_buffer_has_it(
+    vllm_engine, tokenizer, hf_model, make_buffer, redis_server
+) -> None:
+    """The learner writes weights before it bumps the buffer's version; an actor that
+    loaded them in between would put groups of a version the learner has not reached
+    (and have its credential revoked for it)."""
+    buffer = make_buffer(admission_control=False)
+    store = store_at_version_0(buffer, redis_server, hf_model)
+    rollout = worker(vllm_engine, tokenizer, ArithmeticEnv(ArithmeticConfig()), buffer,
+                     RedisWeightSource(store), group_size=2, groups_in_flight=1)  # fmt: skip
+    try:
+        rollout._follow_weights(wait=True)
+        store.publish_state(1, dict(hf_model.named_parameters()))
+        rollout._follow_weights(wait=False)
+        assert (rollout.version, rollout._pending_version) == (0, None)
+        buffer.set_version(1)
+        rollout._follow_weights(wait=False)
+        assert rollout.version == 1
+    finally:
+        rollout._abandon_unfinished()
 
 
 class SlowLink(RedisWeightSource):
@@ -212,6 +235,7 @@ def test_a_slow_weight_fetch_runs_beside_generation_and_holds_admission(
         while len(put) < 2:
             put += rollout.step()
         store.publish_state(1, dict(changed.named_parameters()))
+        buffer.set_version(1)  # as the learner's publisher does, after the store
         rollout._next_poll = 0.0
         started = time.monotonic()
         admitted_during_fetch, at_start = set(), None
@@ -296,6 +320,7 @@ def test_drain_mode_finishes_running_sequences_before_loading(
         for _ in range(3):
             put += rollout.step()
         store.publish_state(1, dict(hf_model.named_parameters()))
+        buffer.set_version(1)  # as the learner's publisher does, after the store
         rollout._next_poll = 0.0
         while len(put) < 4:
             put += rollout.step()
