@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ _PROMPTS_PER_DRAW = 64
 _IDLE_SLEEP_S = 0.02
 _ADMIT_RETRY_S = 0.025  # after a reservation got fewer leases than asked
 _LOAD_ATTEMPTS = 5
+_PUTS_IN_FLIGHT = 4
 _FETCH_INLINE_S = 0.05
 """A source whose last fetch took less is fetched from inline, not in the background."""
 
@@ -145,6 +147,10 @@ class RolloutWorker:
         self._fetching: Future[int] | None = None
         """The background fetch of `_pending_version` (or a newer one), if one runs."""
         self._fetcher: ThreadPoolExecutor | None = None
+        self._sender: ThreadPoolExecutor | None = None
+        self._put_channel: GateClient | None = None
+        self._puts: deque[tuple[Future[list], int]] = deque()
+        """Puts on their way: (their future, groups kept), oldest first."""
         self._next_poll = 0.0
         self._next_report = 0.0
         self._started = time.monotonic()
@@ -166,7 +172,9 @@ class RolloutWorker:
         try:
             if self.weights is not None:
                 self._follow_weights(wait=True)
-            while not stop.is_set() and (max_groups is None or self.stats.groups < max_groups):
+            while not stop.is_set() and (
+                max_groups is None or self.stats.groups + self._sending < max_groups
+            ):
                 self.step()
         finally:
             self._abandon_unfinished()
@@ -187,6 +195,7 @@ class RolloutWorker:
     def step(self) -> list[RolloutGroup]:
         """One iteration: new weights if due, admit groups, one engine step; returns groups put."""
         now = time.monotonic()
+        self._collect_puts()
         fetched = self._fetching is not None and self._fetching.done()
         if self.weights is not None and (now >= self._next_poll or fetched):
             self._follow_weights(wait=False)  # a finished fetch is loaded at once
@@ -222,9 +231,13 @@ class RolloutWorker:
     def _admit(self) -> None:
         free = self.config.groups_in_flight - len(self._groups)
         if self._admit_limit is not None:
-            free = min(free, self._admit_limit - self.stats.groups - len(self._groups))
+            free = min(
+                free, self._admit_limit - self.stats.groups - self._sending - len(self._groups)
+            )
         if free <= 0 or (self._refused and time.monotonic() < self._next_admit):
             return
+        if self._groups and free < max(1, self.config.groups_in_flight // 4):
+            return  # ask for leases a quarter of the engine at a time: fewer round trips
         buffer_version, leases = self.buffer.reserve(free)
         self._refused = len(leases) < free
         if self._refused:
@@ -326,9 +339,14 @@ class RolloutWorker:
         return [group] if group.finished == len(group.episodes) else []
 
     def _put(self, finished: list[_Group]) -> list[RolloutGroup]:
-        """Verify finished groups and write them in one call; a group whose rewards are all
-        equal is dropped instead when `skip_uniform_groups` is set (its lease is given back,
-        counted as `dropped_uniform`)."""
+        """Verify finished groups and send them to the buffer in the background; a group
+        whose rewards are all equal is dropped instead when `skip_uniform_groups` is set
+        (its lease is given back, counted as `dropped_uniform`).
+
+        The engine goes on while a put travels (across a long link a round trip takes as
+        long as many engine steps); at most `_PUTS_IN_FLIGHT` puts are outstanding, and
+        what the buffer answered is counted as each comes back (`_collect_puts`).
+        """
         rollouts = [self._rollout(group) for group in finished]
         keep = [
             not (self.config.skip_uniform_groups and len(set(rollout.rewards)) == 1)
@@ -336,18 +354,39 @@ class RolloutWorker:
         ]
         kept = [r for r, k in zip(rollouts, keep, strict=True) if k]
         leases = [g.lease for g, k in zip(finished, keep, strict=True) if k]
-        refused = self.buffer.put(kept, leases).refused if kept else []
-        if refused:  # quarantined by the buffer, with the reason; the others were stored
-            self.stats.errors += len(refused)
-            self.stats.last_error = f"group {refused[-1][0]} refused: {refused[-1][1]}"[:500]
         dropped = [g.lease for g, k in zip(finished, keep, strict=True) if not k]
-        if dropped:
-            self.buffer.release(dropped, reason="uniform")
         for group in finished:
             self._groups.remove(group)
-        self.stats.groups += len(kept) - len(refused)
         self.stats.uniform_groups += len(dropped)
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="relay-put")
+            self._put_channel = self.buffer.channel("put")
+        self._puts.append((self._sender.submit(self._send, kept, leases, dropped), len(kept)))
+        self._collect_puts(wait=len(self._puts) > _PUTS_IN_FLIGHT)
         return kept
+
+    def _send(self, kept: list[RolloutGroup], leases: list[str], dropped: list[str]) -> list:
+        """On the put thread: store `kept`, give back `dropped`; the refused groups."""
+        refused = self._put_channel.put(kept, leases).refused if kept else []
+        if dropped:
+            self._put_channel.release(dropped, reason="uniform")
+        return refused
+
+    def _collect_puts(self, wait: bool = False) -> None:
+        """Count the puts that came back (all of them with `wait`); re-raise their errors."""
+        while self._puts and (wait or self._puts[0][0].done()):
+            future, n_kept = self._puts.popleft()
+            refused = future.result()
+            if refused:  # quarantined by the buffer, with the reason; the others were stored
+                self.stats.errors += len(refused)
+                self.stats.last_error = f"group {refused[-1][0]} refused: {refused[-1][1]}"[:500]
+            self.stats.groups += n_kept - len(refused)
+            wait = wait and len(self._puts) > _PUTS_IN_FLIGHT
+
+    @property
+    def _sending(self) -> int:
+        """Groups handed to the put thread and not yet counted."""
+        return sum(n for _, n in self._puts)
 
     def _rollout(self, group: _Group) -> RolloutGroup:
         completions = []
@@ -378,7 +417,19 @@ class RolloutWorker:
         )
 
     def _abandon_unfinished(self) -> None:
-        """Stop: abort running requests, give back the leases of unfinished groups."""
+        """Stop: let the puts in flight finish, abort running requests, give back the
+        leases of unfinished groups."""
+        try:
+            while self._puts:
+                self._collect_puts(wait=True)
+        except Exception as error:  # stopping anyway: say what was lost, stop cleanly
+            self._puts.clear()
+            self.stats.errors += 1
+            self.stats.last_error = f"a put failed while stopping: {error}"[:500]
+            log.warning("%s: %s", self.actor_id, self.stats.last_error)
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
         if self._running:
             # The engine knows a group's first turn by its one request id (see _submit).
             self.engine.abort_request(list({key.split("_")[-1] for key in self._running}))

@@ -60,19 +60,33 @@ def producer_id(credential: str, actor_id: str) -> str:
     return credential if actor_id == credential else f"{credential}/{actor_id}"
 
 
+def _reply_to(actor_id: str, box: object) -> str:
+    """Where the gate answers: the actor's outbox, or one of its boxes (`NAME:ACTOR.BOX`)."""
+    return actor_id if box is None else f"{actor_id}.{check_name(box, 'reply box')}"
+
+
 class GateClient:
     """A producer's side of the gate: reserve, put, release and report health, as one
     actor of credential `credential`, through a client logged in with it."""
 
-    def __init__(self, client: redis.Redis, config: Any, credential: str, actor_id: str) -> None:
+    def __init__(
+        self, client: redis.Redis, config: Any, credential: str, actor_id: str,
+        box: str | None = None,
+    ) -> None:  # fmt: skip
         self.client = client
         self.config = config
         self.credential = check_name(credential)
         self.actor_id = check_name(actor_id, "actor id")
         self.producer_id = producer_id(credential, actor_id)
         self.keys = Keyspace(config.key_prefix)
+        self._box = None if box is None else check_name(box, "reply box")
         self._inbox = self.keys.inbox(credential)
-        self._outbox = self.keys.outbox(credential, actor_id)
+        self._outbox = self.keys.outbox(credential, _reply_to(actor_id, self._box))
+
+    def channel(self, box: str) -> GateClient:
+        """The same producer with answers of its own (`box`): one thread's calls, e.g. the
+        puts an actor sends while its engine goes on, never take another thread's replies."""
+        return GateClient(self.client, self.config, self.credential, self.actor_id, box)
 
     def version(self) -> int:
         """The learner's current policy version."""
@@ -134,11 +148,25 @@ class GateClient:
         return int(self._call("restart")["restarts"])
 
     def _call(self, op: str, **fields: object) -> dict:
+        """Send a request and wait for its answer. The request and the first wait go in one
+        round trip (a pipeline whose BLPOP waits on the server): across a long link each
+        call costs one round trip, not two."""
         rid = uuid.uuid4().hex
-        self._send({"op": op, "rid": rid, "actor": self.actor_id, **fields})
+        request = {"op": op, "rid": rid, "actor": self.actor_id, **fields}
+        if self._box is not None:
+            request["box"] = self._box
         started = time.monotonic()
+        first = True
         while (left := started + self._limit_s() - time.monotonic()) > 0:
-            popped = self.client.blpop([self._outbox], timeout=min(_WAIT_SLICE_S, left))
+            wait = max(1, round(min(_WAIT_SLICE_S, left)))
+            if first:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.rpush(self._inbox, msgpack.packb(request, use_bin_type=True))
+                pipe.blpop([self._outbox], timeout=wait)
+                popped = pipe.execute()[1]
+                first = False
+            else:
+                popped = self.client.blpop([self._outbox], timeout=wait)
             if popped is None:
                 continue
             reply = msgpack.unpackb(popped[1], raw=False)
@@ -245,6 +273,7 @@ class Gate:
             return
         producer = producer_id(credential, actor)
         op, rid = request.get("op"), str(request.get("rid", ""))[:64]
+        box = request.get("box")
         try:
             reply = self._do(op, producer, request)
         except (KeyError, TypeError, ValueError, GateError) as error:
@@ -254,7 +283,11 @@ class Gate:
             log.warning("gate: Redis refused %r from %r: %s", op, producer, error)
             reply = {"ok": False, "error": f"the buffer refused it: {error}"[:500]}
         if rid:
-            outbox = self.keys.outbox(credential, actor)
+            try:
+                outbox = self.keys.outbox(credential, _reply_to(actor, box))
+            except (ValueError, TypeError) as error:
+                self._bad_request(credential, f"reply box of {producer!r}: {error}")
+                return
             pipe = self.client.pipeline(transaction=False)
             pipe.rpush(outbox, msgpack.packb({"rid": rid, **reply}, use_bin_type=True))
             pipe.expire(outbox, _REPLY_TTL_S)

@@ -185,22 +185,26 @@ class RedisWeightStore:
         return poll(newer, timeout_s, poll_s)
 
     def manifest(self, version: int) -> dict | None:
-        raw = self.client.get(self.keys.weights_manifest(version))
-        return None if raw is None else json.loads(raw)
+        return self.manifests([version])[0]
 
-    def read_full(self, version: int, mirror: Mirror) -> int:
+    def manifests(self, versions: list[int]) -> list[dict | None]:
+        """Several versions' manifests in one round trip."""
+        raws = self.client.mget([self.keys.weights_manifest(v) for v in versions])
+        return [None if raw is None else json.loads(raw) for raw in raws]
+
+    def read_full(self, version: int, mirror: Mirror, manifest: dict | None = None) -> int:
         """`version`'s full frame into `mirror`; returns the bytes read."""
-        manifest = self._manifest_or_raise(version)
+        manifest = manifest or self.require_manifest(version)
         layout = Layout.from_json(manifest["layout"])
         target = mirror.reset(layout)
         self._read_parts(version, "full", manifest["full"], manifest["part_bytes"], target)
         mirror.version, mirror.deltas_since_full = version, 0
         return layout.nbytes
 
-    def read_delta(self, version: int, mirror: Mirror) -> int:
+    def read_delta(self, version: int, mirror: Mirror, manifest: dict | None = None) -> int:
         """Apply `version`'s delta to `mirror` (which must hold its base); returns the bytes
         read. Checks every tensor it touched against `version`'s checksums."""
-        manifest = self._manifest_or_raise(version)
+        manifest = manifest or self.require_manifest(version)
         delta = manifest["delta"]
         if delta is None or mirror.version != delta["base"] or mirror.layout is None:
             raise WeightsUnavailable(f"weights v{version}: no delta from v{mirror.version}")
@@ -218,17 +222,16 @@ class RedisWeightStore:
         mirror.deltas_since_full += 1
         return nbytes
 
-    def delta_bytes(self, since: int, version: int) -> int | None:
-        """Bytes of the deltas from `since` to `version`, or None where one is missing."""
-        total = 0
-        for v in range(since + 1, version + 1):
-            manifest = self.manifest(v)
+    def delta_chain(self, since: int, version: int) -> list[dict] | None:
+        """The manifests from `since` + 1 to `version` when each has a delta from the one
+        before (one round trip); None where one is missing."""
+        chain = self.manifests(list(range(since + 1, version + 1)))
+        for v, manifest in enumerate(chain, start=since + 1):
             if manifest is None or manifest["delta"] is None or manifest["delta"]["base"] != v - 1:
                 return None
-            total += manifest["delta"]["bytes"]
-        return total
+        return chain
 
-    def _manifest_or_raise(self, version: int) -> dict:
+    def require_manifest(self, version: int) -> dict:
         manifest = self.manifest(version)
         if manifest is None:
             raise WeightsUnavailable(
@@ -289,27 +292,27 @@ class RedisWeightSource:
         if self.mirror.version == version:
             return version
         started = time.perf_counter()
-        nbytes, full = 0, True
+        nbytes, full, last = 0, True, None
         held = self.mirror.version
         if held is not None and held < version and self.mirror.deltas_since_full < self.full_every:
-            chain = self.store.delta_bytes(held, version)
+            chain = self.store.delta_chain(held, version)
+            size = None if chain is None else sum(m["delta"]["bytes"] for m in chain)
             if (
-                chain is not None
+                size is not None
                 and self.mirror.layout is not None
-                and chain < self.mirror.layout.nbytes
+                and size < self.mirror.layout.nbytes
             ):
                 try:
-                    for v in range(held + 1, version + 1):
-                        nbytes += self.store.read_delta(v, self.mirror)
-                    full = False
+                    for v, manifest in enumerate(chain, start=held + 1):
+                        nbytes += self.store.read_delta(v, self.mirror, manifest)
+                    full, last = False, chain[-1]
                 except WeightsUnavailable as error:
                     log.info("delta to v%d failed (%s); fetching the full weights", version, error)
         if full:
-            nbytes += self.store.read_full(version, self.mirror)
+            last = self.store.require_manifest(version)
+            nbytes += self.store.read_full(version, self.mirror, last)
         self.link.record(version, nbytes, time.perf_counter() - started, full)
-        manifest = self.store.manifest(version)
-        if manifest is not None and "published_at" in manifest:
-            self.link.last_latency_s = time.time() - manifest["published_at"]
+        self.link.last_latency_s = time.time() - last["published_at"]
         return version
 
     def chunks(self, version: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

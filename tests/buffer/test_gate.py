@@ -6,6 +6,7 @@ learner re-checks what it samples."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from buffer.codec import encode_groups
 from buffer.config import BufferConfig
 from buffer.credentials import CredentialError, Credentials, credential_url, name_from_url
 from buffer.gate import Gate, GateClient, GateError
+from buffer.polling import poll
 from buffer.replay_buffer import ReplayBuffer
 from buffer.schema import RolloutGroup
 from buffer.server import RedisServer, connect
@@ -268,3 +270,34 @@ def test_a_memory_flood_is_bounded_drained_and_its_producer_revoked(tmp_path) ->
         records = {c.name: c for c in Credentials(buffer.client, "flood").records()}
         assert records["flood"].refused >= 8 and records["flood"].revoked_at is not None
         assert buffer.client.llen(buffer.keyspace.inbox("flood")) == 0
+
+
+def test_channels_of_one_producer_get_their_own_answers(redis_server: RedisServer, gated) -> None:
+    """An actor's put thread and its main thread call the gate at once: each gets the
+    answers to its own requests, and a malformed reply box counts against the credential."""
+    buffer, credentials = gated
+    main = producer(redis_server, buffer, "pool-c", "host-1")
+    puts = main.channel("put")
+    results: dict[str, list] = {"main": [], "put": []}
+
+    def call_many(name: str, client: GateClient) -> None:
+        for _ in range(20):
+            results[name].append(client.reserve(1))
+
+    threads = [threading.Thread(target=call_many, args=item) for item in
+               (("main", main), ("put", puts))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [len(results[n]) for n in ("main", "put")] == [20, 20]
+    leases = [lease for _, granted in results["main"] + results["put"] for lease in granted]
+    assert all(lease.startswith("pool-c/host-1:") for lease in leases)
+    assert len(set(leases)) == len(leases)
+    main._send({"op": "reserve", "rid": "r1", "actor": "host-1", "box": "../x", "n": 1})
+
+    def refused() -> int | None:
+        (record,) = [r for r in credentials.records() if r.name == "pool-c"]
+        return record.refused or None
+
+    assert poll(refused, timeout_s=10) == 1
