@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """A credential's name, and a producer's id inside it."""
-_READ_COMMANDS = ("get", "hget", "hmget", "hgetall", "hlen", "exists")
+_READ_COMMANDS = ("get", "mget", "hget", "hmget", "hgetall", "hlen", "exists")
 _ALWAYS = ("ping", "hello", "echo", "client|setname", "acl|whoami")
 
 

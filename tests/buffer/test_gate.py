@@ -67,6 +67,9 @@ def test_a_credential_puts_through_the_gate_and_can_do_nothing_else(
     assert actor.put(groups, leases).stored == 2
     actor.set_health({"groups": 2})
     assert actor.version() == 0
+    # The weight store's keys it may read, several at once (a delta chain's manifests).
+    weights = buffer.keyspace
+    assert actor.client.mget([weights.weights_manifest(1), weights.weights_latest]) == [None, None]
 
     other = make_buffer()  # another experiment on the same Redis
     other.put([versioned_group("theirs", 0)], "them")
@@ -78,6 +81,7 @@ def test_a_credential_puts_through_the_gate_and_can_do_nothing_else(
         lambda: actor.client.hgetall(keys.of("counters")),
         lambda: actor.client.get(keys.payload("pool-a.g0")),
         lambda: actor.client.get(other.keyspace.of("version")),
+        lambda: actor.client.mget([keys.weights_latest, keys.payload("pool-a.g0")]),
         lambda: actor.client.eval("while true do end", 0),
         lambda: actor.client.script_load("return 1"),
         lambda: actor.client.execute_command("FUNCTION", "LIST"),
