@@ -87,8 +87,9 @@ class ActorConfig(BaseModel):
     outside the Ray cluster (`relay actor --buffer URL`) fetch them. None: only when no
     actor gets them another way (transport redis, num_actors 0, or `relay learn`); False
     with in-cluster actors keeps a model per version out of Redis' append-only file."""
-    weight_poll_s: float = Field(0.5, gt=0)
-    """How often an actor checks for a newer policy version."""
+    weight_poll_s: float = Field(0.2, gt=0)
+    """How often an actor checks for a newer policy version (on a thread of its own, which
+    also fetches it: the actor's loop never waits for weights)."""
     weight_timeout_s: float = Field(300.0, gt=0)
     """Longest a weight fetch or load may take before the actor fails (and is restarted)."""
     metrics_every_s: float = Field(5.0, gt=0)

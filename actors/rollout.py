@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -53,8 +53,6 @@ _IDLE_SLEEP_S = 0.02
 _ADMIT_RETRY_S = 0.025  # after a reservation got fewer leases than asked
 _LOAD_ATTEMPTS = 5
 _PUTS_IN_FLIGHT = 4
-_FETCH_INLINE_S = 0.05
-"""A source whose last fetch took less is fetched from inline, not in the background."""
 
 
 @dataclass
@@ -144,14 +142,13 @@ class RolloutWorker:
         self._groups: list[_Group] = []
         self._running: dict[str, _Running] = {}
         self._pending_version: int | None = None
-        self._fetching: Future[int] | None = None
-        """The background fetch of `_pending_version` (or a newer one), if one runs."""
-        self._fetcher: ThreadPoolExecutor | None = None
+        """A version newer than the loaded one, announced by the buffer: no group is
+        admitted until it is loaded."""
+        self._follower: _Follower | None = None
         self._sender: ThreadPoolExecutor | None = None
         self._put_channel: GateClient | None = None
         self._puts: deque[tuple[Future[list], int]] = deque()
         """Puts on their way: (their future, groups kept), oldest first."""
-        self._next_poll = 0.0
         self._next_report = 0.0
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -171,15 +168,13 @@ class RolloutWorker:
         threading.Thread(target=self._on_stop, args=(stop, finished), daemon=True).start()
         try:
             if self.weights is not None:
-                self._follow_weights(wait=True)
+                self.start_following()
             while not stop.is_set() and (
                 max_groups is None or self.stats.groups + self._sending < max_groups
             ):
                 self.step()
         finally:
             self._abandon_unfinished()
-            if self._fetcher is not None:
-                self._fetcher.shutdown(wait=False, cancel_futures=True)
             self.report()
             finished.set()
         return self.stats
@@ -196,10 +191,8 @@ class RolloutWorker:
         """One iteration: new weights if due, admit groups, one engine step; returns groups put."""
         now = time.monotonic()
         self._collect_puts()
-        fetched = self._fetching is not None and self._fetching.done()
-        if self.weights is not None and (now >= self._next_poll or fetched):
-            self._follow_weights(wait=False)  # a finished fetch is loaded at once
-            self._next_poll = now + self.config.weight_poll_s
+        if self._follower is not None:
+            self._take_weights()
         if self._pending_version is None:
             self._admit()
         if not self._running:
@@ -244,13 +237,14 @@ class RolloutWorker:
             # Room comes back as the learner steps (every ~0.1-1 s): asking again at every
             # engine step would only load the gate, which shares the learner's process.
             self._next_admit = time.monotonic() + _ADMIT_RETRY_S
-        if leases and self.weights is not None and buffer_version > self.version:
+        if leases and self._follower is not None and buffer_version > self.version:
             # New groups start on the newest policy: admission control counts them from
             # the buffer's version, so starting them on older weights would make them
-            # staler than the bound it keeps.
-            self._follow_weights(wait=False, published=buffer_version)
-            if self._pending_version is not None:  # draining before the load
-                self.buffer.release(leases)
+            # staler than the bound it keeps. Not here yet: the leases go back.
+            self._follower.announce(buffer_version)
+            self._take_weights()
+            if self.version < buffer_version:
+                self._send_later(lambda: self._put_channel.release(leases) or [], 0)
                 return
         for lease in leases:
             prompt = next(self._prompts)
@@ -358,12 +352,16 @@ class RolloutWorker:
         for group in finished:
             self._groups.remove(group)
         self.stats.uniform_groups += len(dropped)
+        self._send_later(lambda: self._send(kept, leases, dropped), len(kept))
+        return kept
+
+    def _send_later(self, call: Callable[[], list], n_groups: int) -> None:
+        """Run a gate call (a put, a release) on the put thread, in order."""
         if self._sender is None:
             self._sender = ThreadPoolExecutor(1, thread_name_prefix="relay-put")
             self._put_channel = self.buffer.channel("put")
-        self._puts.append((self._sender.submit(self._send, kept, leases, dropped), len(kept)))
+        self._puts.append((self._sender.submit(call), n_groups))
         self._collect_puts(wait=len(self._puts) > _PUTS_IN_FLIGHT)
-        return kept
 
     def _send(self, kept: list[RolloutGroup], leases: list[str], dropped: list[str]) -> list:
         """On the put thread: store `kept`, give back `dropped`; the refused groups."""
@@ -430,6 +428,9 @@ class RolloutWorker:
         if self._sender is not None:
             self._sender.shutdown(wait=True)
             self._sender = None
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
         if self._running:
             # The engine knows a group's first turn by its one request id (see _submit).
             self.engine.abort_request(list({key.split("_")[-1] for key in self._running}))
@@ -438,58 +439,46 @@ class RolloutWorker:
         self._groups.clear()
 
     # -- weights ----------------------------------------------------------------------------
-    def _follow_weights(self, wait: bool, published: int | None = None) -> None:
-        """Fetch a newer version in the background, then load it (in flight, or once the
-        engine is drained).
+    def start_following(self) -> None:
+        """Before generating: load the newest version the buffer has (waiting for the first
+        publish). From then on a `_Follower` fetches each new version beside generation."""
+        latest = self.weights.latest_version()
+        if latest is None:
+            latest = self.weights.wait_for_version(self.config.weight_timeout_s)
+        if latest is None:
+            raise WeightsUnavailable(
+                f"{self.actor_id}: no weights were published within "
+                f"{self.config.weight_timeout_s:g}s (actors.weight_timeout_s)"
+            )
+        # The buffer's version, not the weight source's newest: a transport holds a
+        # version a moment before the learner bumps the buffer to it, and groups sampled
+        # with it then would carry a version the learner has not reached.
+        self._load(min(latest, self.buffer.version()))
+        self._follower = _Follower(
+            self.weights, self.buffer.version, self.config.weight_poll_s
+        ).start(self.version)
 
-        The fetch crosses the link to the weight store and may take long; meanwhile the
-        engine goes on with the sequences it runs, and no new group is admitted (the
-        caller admits only while nothing is pending). Loading from the fetched copy then
-        pauses the engine only for a memory copy. `wait`: nothing is loaded yet; fetch
-        and load now. `published`: the buffer's version, when the caller just read it.
-        """
-        if published is not None:
-            latest = published
-        elif wait:
-            latest = self.weights.latest_version()
-            if latest is None:
-                latest = self.weights.wait_for_version(self.config.weight_timeout_s)
-            latest = None if latest is None else min(latest, self.buffer.version())
-        else:
-            # The buffer's version, not the weight source's newest: a transport holds a
-            # version a moment before the learner bumps the buffer to it, and groups
-            # sampled with it then would carry a version the learner has not reached.
-            latest = self.buffer.version()
-        if latest is not None and latest > self.version:
-            self._pending_version = max(latest, self._pending_version or latest)
-        if self._pending_version is None:
-            return
-        if wait:
-            self._load(self._pending_version)
-            return
-        if self._fetching is None and self.weights.link.last_fetch_s < _FETCH_INLINE_S:
-            # A fetch this quick (the Ray object store, a fast link) is not worth a thread:
-            # load now, so the groups the caller is admitting start on the new version.
-            if self.config.weight_updates == "drain" and self._running:
-                return
-            self._load(self._pending_version)
-            return
-        if self._fetching is None:
-            if self._fetcher is None:
-                self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="relay-weights")
-            self._fetching = self._fetcher.submit(self.weights.fetch, self._pending_version)
-            return
-        if not self._fetching.done():
+    def _take_weights(self) -> None:
+        """Load the newest version the follower has fetched, if it is newer than the
+        engine's: in flight, or once the engine is drained. No I/O here: the loop never
+        waits on the link for weights."""
+        follower = self._follower
+        if follower.error is not None:
+            raise follower.error
+        latest = follower.latest
+        self._pending_version = latest if latest is not None and latest > self.version else None
+        ready = follower.ready
+        if ready is None or ready <= self.version:
             return
         if self.config.weight_updates == "drain" and self._running:
             return  # admission is paused until the running episodes finish
-        fetching, self._fetching = self._fetching, None
+        if not follower.lock.acquire(blocking=False):
+            return  # a newer version is being written into the fetched copy
         try:
-            fetched = fetching.result()
-        except WeightsUnavailable as error:
-            log.info("%s: %s; fetching the latest instead", self.actor_id, error)
-            return  # the next poll starts a fetch of the latest
-        self._load(fetched)  # a newer version pending meanwhile is fetched at the next poll
+            self._load(follower.ready)
+        finally:
+            follower.lock.release()
+        self._pending_version = latest if latest is not None and latest > self.version else None
 
     def _load(self, version: int) -> None:
         """Load `version`, or a newer one if it was dropped from the transport meanwhile
@@ -582,6 +571,56 @@ class RolloutWorker:
     def report(self) -> None:
         """Write `health()` to the buffer (the dashboard's per-actor table)."""
         self.buffer.set_health(self.health())
+
+
+class _Follower:
+    """Follows the learner's versions on a thread of its own: reads the buffer's version
+    every `poll_s` and fetches each newer one into the weight source's local copy, so the
+    actor's loop loads what is ready and never waits on the link for weights."""
+
+    def __init__(self, weights: WeightSource, version: Callable[[], int], poll_s: float):
+        self.weights = weights
+        self.version = version
+        self.poll_s = poll_s
+        self.latest: int | None = None
+        """The newest version the buffer announced."""
+        self.ready: int | None = None
+        """The newest version fetched and ready to load."""
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        """Held while the source's copy changes (a fetch) or is read (a load)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relay-weights", daemon=True)
+
+    def start(self, loaded: int) -> _Follower:
+        self.latest = self.ready = loaded
+        self._thread.start()
+        return self
+
+    def announce(self, version: int) -> None:
+        """A version the caller learned of (a reservation's answer)."""
+        self.latest = max(version, self.latest or version)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                latest = self.version()
+                self.announce(latest)
+                if latest > self.ready:
+                    with self.lock:
+                        self.weights.fetch(latest)
+                    self.ready = latest
+                    continue  # more may have come meanwhile
+            except WeightsUnavailable as error:
+                log.info("weights: %s; trying the latest again", error)
+            except Exception as error:  # the actor's loop raises it
+                self.error = error
+                return
+            self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _turn_versions(n_tokens: int, start: int, switches: list[tuple[int, int]]) -> list[int]:

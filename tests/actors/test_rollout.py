@@ -151,16 +151,16 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
     rollout = worker(
         vllm_engine, tokenizer, env, buffer, RedisWeightSource(store),
         group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=40, ignore_eos=True),
+        weight_poll_s=0.01,
     )  # fmt: skip
     try:
-        rollout._follow_weights(wait=True)
+        rollout.start_following()
         assert rollout.version == 0
         put = []
         for _ in range(3):
             put += rollout.step()
         store.publish_state(1, dict(changed.named_parameters()))
         buffer.set_version(1)  # as the learner's publisher does, after the store
-        rollout._next_poll = 0.0  # check for weights at the next step, not in 0.5 s
         while len(put) < 4:
             put += rollout.step()
     finally:
@@ -192,14 +192,19 @@ def test_a_version_in_the_store_is_loaded_only_once_the_buffer_has_it(
     buffer = make_buffer(admission_control=False)
     store = store_at_version_0(buffer, redis_server, hf_model)
     rollout = worker(vllm_engine, tokenizer, ArithmeticEnv(ArithmeticConfig()), buffer,
-                     RedisWeightSource(store), group_size=2, groups_in_flight=1)  # fmt: skip
+                     RedisWeightSource(store), group_size=2, groups_in_flight=1,
+                     weight_poll_s=0.2)  # fmt: skip
     try:
-        rollout._follow_weights(wait=True)
+        rollout.start_following()
         store.publish_state(1, dict(hf_model.named_parameters()))
-        rollout._follow_weights(wait=False)
+        deadline = time.monotonic() + 1.0  # five of the follower's polls
+        while time.monotonic() < deadline:
+            rollout.step()
         assert (rollout.version, rollout._pending_version) == (0, None)
         buffer.set_version(1)
-        rollout._follow_weights(wait=False)
+        deadline = time.monotonic() + 30
+        while rollout.version == 0 and time.monotonic() < deadline:
+            rollout.step()
         assert rollout.version == 1
     finally:
         rollout._abandon_unfinished()
@@ -227,21 +232,20 @@ def test_a_slow_weight_fetch_runs_beside_generation_and_holds_admission(
     rollout = worker(
         vllm_engine, tokenizer, ArithmeticEnv(ArithmeticConfig()), buffer, source,
         group_size=2, groups_in_flight=2, sampling=SamplingConfig(max_tokens=24, ignore_eos=True),
+        weight_poll_s=0.01,
     )  # fmt: skip
     try:
-        rollout._follow_weights(wait=True)
-        source.link.last_fetch_s = 1.0  # as measured on a slow link: fetch in the background
+        rollout.start_following()
         put = []
         while len(put) < 2:
             put += rollout.step()
         store.publish_state(1, dict(changed.named_parameters()))
         buffer.set_version(1)  # as the learner's publisher does, after the store
-        rollout._next_poll = 0.0
         started = time.monotonic()
         admitted_during_fetch, at_start = set(), None
         while rollout.version == 0 and time.monotonic() - started < 60:
             put += rollout.step()
-            if rollout._fetching is not None:
+            if rollout._pending_version is not None:
                 running = {g.group_id for g in rollout._groups}
                 at_start = running if at_start is None else at_start
                 admitted_during_fetch |= running
@@ -313,15 +317,15 @@ def test_drain_mode_finishes_running_sequences_before_loading(
     rollout = worker(
         vllm_engine, tokenizer, env, buffer, RedisWeightSource(store), weight_updates="drain",
         group_size=4, groups_in_flight=2, sampling=SamplingConfig(max_tokens=12),
+        weight_poll_s=0.01,
     )  # fmt: skip
     try:
-        rollout._follow_weights(wait=True)
+        rollout.start_following()
         put = []
         for _ in range(3):
             put += rollout.step()
         store.publish_state(1, dict(hf_model.named_parameters()))
         buffer.set_version(1)  # as the learner's publisher does, after the store
-        rollout._next_poll = 0.0
         while len(put) < 4:
             put += rollout.step()
     finally:
