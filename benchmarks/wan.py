@@ -56,7 +56,9 @@ FULL = [
 BLACKOUT_LINK = Link(50, 100)
 
 
-def run_cell(link: Link, run_dir: Path, blackout_s: float, target: float) -> dict:
+def run_cell(
+    link: Link, run_dir: Path, blackout_s: float, target: float, extra: list[str] = ()
+) -> dict:
     """One training run across `link`; its figures."""
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -69,7 +71,7 @@ def run_cell(link: Link, run_dir: Path, blackout_s: float, target: float) -> dic
             "model.path=models/tiny-warm", "actors.num_actors=0", f"redis.bind={LEARNER_IP}",
             "actors.weight_dtype=bfloat16",
             f"learner.steps={STEPS}", f"eval.every_steps={EVAL_EVERY}", "eval.before=false",
-            "eval.n_prompts=200",
+            "eval.n_prompts=200", *extra,
         ], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         _wait_for(lambda: (run_dir / "buffer.url").is_file(), learner, 180)
         port = int((run_dir / "buffer.url").read_text().strip().rsplit(":", 1)[1].split("/")[0])
@@ -172,6 +174,10 @@ def main() -> None:
     parser.add_argument("--grid", choices=("quick", "full"), default="quick")
     parser.add_argument("--blackout-s", type=float, default=30.0)
     parser.add_argument("--target", type=float, default=0.65, help="held-out accuracy to time")
+    parser.add_argument("--links", help="cells as RTT_MS:MBIT:LOSS, comma-separated "
+                        "(MBIT 'none': unshaped), instead of --grid")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every cell")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "wan.json")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "wan")
     args = parser.parse_args()
@@ -180,18 +186,28 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     cells = QUICK if args.grid == "quick" else FULL
+    if args.links:
+        cells = [_parse_link(text) for text in args.links.split(",")]
     results = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "target": args.target,
                "steps": STEPS, "cells": []}  # fmt: skip
-    plan = [(link, 0.0) for link in cells] + [(BLACKOUT_LINK, args.blackout_s)]
+    plan = [(link, 0.0) for link in cells]
+    if args.blackout_s:
+        plan.append((BLACKOUT_LINK, args.blackout_s))
+    results["overrides"] = args.set
     for index, (link, blackout) in enumerate(plan):
         name = f"cell-{index}" + ("-blackout" if blackout else "")
         print(f"[{index + 1}/{len(plan)}] {_label(link.label, blackout)}", flush=True)
-        cell = run_cell(link, args.work / name, blackout, args.target)
+        cell = run_cell(link, args.work / name, blackout, args.target, args.set)
         results["cells"].append(cell)
         print(f"  {cell['steps_per_s']} steps/s, final {cell['final_accuracy']}, "
               f"to {args.target:.0%} in {cell['time_to_target_s']} s", flush=True)  # fmt: skip
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
+
+
+def _parse_link(text: str) -> Link:
+    rtt, mbit, loss = text.split(":")
+    return Link(float(rtt), None if mbit == "none" else float(mbit), float(loss))
 
 
 def _label(link: str, blackout_s: float) -> str:
