@@ -76,7 +76,8 @@ def has_netem() -> bool:
 class Lab:
     link: Link
     emulation: str
-    """What delays and drops: "netem" (kernel) or "proxy" (userspace, see module doc)."""
+    """What delays and drops: "netem" (kernel), "proxy" (userspace, see module doc), or
+    "none" (no delay and no loss asked for)."""
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def popen(self, namespace: str, command: list[str], **kwargs: object) -> subprocess.Popen:
@@ -88,7 +89,7 @@ class Lab:
     def proxy(self, port: int, target_port: int) -> str:
         """host:port in the actors' namespace that reaches LEARNER_IP:target_port over the
         link, through the delay/loss proxy (or directly where netem does that)."""
-        if self.emulation == "netem" or (self.link.rtt_ms == 0 and self.link.loss == 0):
+        if self.emulation != "proxy":
             return f"{LEARNER_IP}:{target_port}"
         self.popen(ACTORS_NS, [
             sys.executable, "-m", "benchmarks.netlab", "proxy", "--listen", f"127.0.0.1:{port}",
@@ -121,7 +122,7 @@ class Lab:
 def two_datacenters(link: Link) -> Iterator[Lab]:
     """The two namespaces and their link; everything is removed on exit."""
     remove_leftovers()
-    emulation = "netem" if (link.rtt_ms or link.loss) and has_netem() else "proxy"
+    emulation = "none" if not (link.rtt_ms or link.loss) else "netem" if has_netem() else "proxy"
     lab = Lab(link, emulation)
     try:
         _run("ip", "netns", "add", LEARNER_NS)
