@@ -193,7 +193,7 @@ class RolloutWorker:
         self._collect_puts()
         if self._follower is not None:
             self._take_weights()
-        if self._pending_version is None or self._may_start_on_loaded(self._pending_version):
+        if self._pending_version is None:
             self._admit()
         if not self._running:
             time.sleep(_IDLE_SLEEP_S)
@@ -238,12 +238,12 @@ class RolloutWorker:
             # engine step would only load the gate, which shares the learner's process.
             self._next_admit = time.monotonic() + _ADMIT_RETRY_S
         if leases and self._follower is not None and buffer_version > self.version:
-            # New groups start on the newest policy where it is here, and on the loaded one
-            # only while that stays within the staleness bound; otherwise the leases go
-            # back until the newest has arrived.
+            # New groups start on the newest policy: admission control counts them from
+            # the buffer's version, so starting them on older weights would make them
+            # staler than the bound it keeps. Not here yet: the leases go back.
             self._follower.announce(buffer_version)
             self._take_weights()
-            if self.version < buffer_version and not self._may_start_on_loaded(buffer_version):
+            if self.version < buffer_version:
                 self._send_later(lambda: self._put_channel.release(leases) or [], 0)
                 return
         for lease in leases:
@@ -255,21 +255,6 @@ class RolloutWorker:
             ]
             self._submit(group.episodes)
             self._groups.append(group)
-
-    def _may_start_on_loaded(self, newest: int) -> bool:
-        """Whether a new group may start on the loaded version while `newest` is on its way
-        (across a long link that takes a good part of a learner step).
-
-        Admission control counts a group from the buffer's newest version and the learner
-        trains it at most `buffer.max_staleness` versions later; a group started one
-        version behind can then be one version too stale, and is dropped rather than
-        trained. So only while the loaded version is fewer than `max_staleness` versions
-        behind, and never in `drain` mode (on-policy: every group on the newest version).
-        The groups dropped for it are counted (`dropped_stale`).
-        """
-        if self.config.weight_updates == "drain":
-            return False
-        return newest - self.version < self.buffer.config.max_staleness
 
     def _submit(self, episodes: list[_Running]) -> None:
         """Send the next turn of `episodes`, which share their context, to the engine.
