@@ -5,8 +5,11 @@
    the same engine, prompts and sampling settings (fixed-length replies: end-of-sequence
    is ignored so both sample the same number of tokens). Rounds alternate; medians.
 2. Weight update latency into a running engine for the tiny model and a ~110M-parameter
-   model (random weights), per transport: publish (learner side) and fetch + load (actor
-   side), in ms and GB/s, against a plain in-memory copy of the same bytes.
+   model (random weights), per transport and wire dtype (float32, bfloat16; full frames,
+   as a joining actor gets them): publish (encoding the frame and handing it over, on the
+   learner's side) and fetch + load (the actor's side), in ms and GB/s, against a plain
+   in-memory copy of the same bytes and one TCP stream over loopback, measured in the
+   same run.
 
     python benchmarks/actor_throughput.py --out benchmarks/results
 """

@@ -164,6 +164,7 @@ def _figures(run_dir: Path, started: float, target: float) -> dict:
         "bytes_per_version_delta_median": sorted(delta)[len(delta) // 2] if delta else None,
         "share_of_versions_with_delta": round(len(delta) / versions, 2) if versions else None,
         "actors": actors,
+        "dropped_stale": accounting["groups_dropped_stale"],
         "acked_lost": accounting["acked_lost"],
         "trained_twice": accounting["trained_twice"],
     }
