@@ -33,8 +33,10 @@ from actors.engine import EngineConfig, build_llm
 from actors.episodes import SamplingConfig, render_prompt
 from actors.rollout import RolloutWorker
 from buffer.config import BufferConfig, RedisServerConfig
+from buffer.credentials import Credentials, credential_url
+from buffer.gate import Gate, GateClient
 from buffer.replay_buffer import ReplayBuffer
-from buffer.server import RedisServer
+from buffer.server import RedisServer, connect
 from envs.arithmetic import ArithmeticConfig, ArithmeticEnv
 from relay.tiny_model import TinyModelConfig, build_tiny_model
 from weights.engine import load_chunks
@@ -66,14 +68,20 @@ def throughput(llm, tokenizer, server: RedisServer, rounds: int) -> dict:
         buffer = ReplayBuffer(
             server.client(), BufferConfig(key_prefix=f"bench{round_}", admission_control=False)
         )
+        # As every actor does: through the learner's gate, with a credential of its own.
+        gate = Gate(buffer).start()
+        password = Credentials(buffer.client, buffer.config.key_prefix).create("bench")
+        url = credential_url(server.url, buffer.config.key_prefix, "bench", password)
+        producer = GateClient(connect(url), buffer.config, "bench", "bench")
         worker = RolloutWorker(
-            llm, tokenizer, env, config, buffer, None, actor_id="bench", run_id="bench",
-            seed=round_, max_model_len=128,
+            llm, tokenizer, env, config, producer, None, run_id="bench", seed=round_,
+            max_model_len=128,
         )  # fmt: skip
         prompts = list(itertools.islice(worker._prompt_stream(), GROUPS))
         started = time.perf_counter()
         stats = worker.run(threading.Event(), max_groups=GROUPS)
         relay_s = time.perf_counter() - started
+        gate.stop()
         token_prompts = [
             TokensPrompt(prompt_token_ids=render_prompt(tokenizer, p.messages)) for p in prompts
         ]
