@@ -156,18 +156,32 @@ class RedisWeightStore:
         return sums
 
     def _drop_old_versions(self) -> None:
+        """Delete the full frames beyond the newest `keep_versions` and everything of the
+        versions beyond the newest `keep_deltas`: part keys named from the manifests
+        (one MGET), not searched for in the keyspace."""
         kept = [int(v) for v in self.client.zrange(self.keys.weights_versions, 0, -1)]
-        for version in kept[: -self.keep_versions]:
-            self._delete_parts(version, "full")
-        for version in kept[: -self.keep_deltas]:
-            self._delete_parts(version, "delta")
-            self.client.delete(self.keys.weights_manifest(version))
-            self.client.zrem(self.keys.weights_versions, str(version))
+        old = kept[: -self.keep_versions]
+        if not old:
+            return
+        expired = set(kept[: -self.keep_deltas])
+        doomed = []
+        for version, manifest in zip(old, self.manifests(old), strict=True):
+            if manifest is not None:
+                doomed += self._part_keys(version, "full", manifest["full"])
+            if version in expired:
+                delta = None if manifest is None else manifest["delta"]
+                if delta is not None:
+                    doomed += self._part_keys(version, "delta", delta["parts"])
+                doomed.append(self.keys.weights_manifest(version))
+        pipe = self.client.pipeline(transaction=False)
+        for first in range(0, len(doomed), 1000):
+            pipe.unlink(*doomed[first : first + 1000])
+        if expired:
+            pipe.zrem(self.keys.weights_versions, *map(str, expired))
+        pipe.execute()
 
-    def _delete_parts(self, version: int, kind: str) -> None:
-        keys = list(self.client.scan_iter(self.keys.weights_part(version, kind, "*"), count=1000))
-        if keys:
-            self.client.delete(*keys)
+    def _part_keys(self, version: int, kind: str, sums: list[str]) -> list[str]:
+        return [self.keys.weights_part(version, kind, index) for index in range(len(sums))]
 
     # -- reading ------------------------------------------------------------------------------
     def latest_version(self) -> int | None:
@@ -244,12 +258,11 @@ class RedisWeightStore:
     ) -> None:
         """Read parts a window at a time into `target`, checking each part's checksum."""
         out = target.numpy()
+        keys = self._part_keys(version, kind, sums)
         for first in range(0, len(sums), self.window):
             indices = range(first, min(first + self.window, len(sums)))
-            pipe = self.client.pipeline(transaction=False)
-            for index in indices:
-                pipe.get(self.keys.weights_part(version, kind, index))
-            for index, part in zip(indices, pipe.execute(), strict=True):
+            parts = self.client.mget(keys[first : first + self.window])
+            for index, part in zip(indices, parts, strict=True):
                 if part is None:
                     raise WeightsUnavailable(f"weights v{version} were dropped while being read")
                 if f"{checksum(part):016x}" != sums[index]:
