@@ -141,9 +141,6 @@ class RolloutWorker:
         self._prompts = self._prompt_stream()
         self._groups: list[_Group] = []
         self._running: dict[str, _Running] = {}
-        self._pending_version: int | None = None
-        """A version newer than the loaded one, announced by the buffer: no group is
-        admitted until it is loaded."""
         self._follower: _Follower | None = None
         self._sender: ThreadPoolExecutor | None = None
         self._put_channel: GateClient | None = None
@@ -465,8 +462,6 @@ class RolloutWorker:
         follower = self._follower
         if follower.error is not None:
             raise follower.error
-        latest = follower.latest
-        self._pending_version = latest if latest is not None and latest > self.version else None
         ready = follower.ready
         if ready is None or ready <= self.version:
             return
@@ -478,7 +473,13 @@ class RolloutWorker:
             self._load(follower.ready)
         finally:
             follower.lock.release()
-        self._pending_version = latest if latest is not None and latest > self.version else None
+
+    @property
+    def _pending_version(self) -> int | None:
+        """A version newer than the loaded one, announced by the buffer: no group is
+        admitted until it is loaded."""
+        latest = None if self._follower is None else self._follower.latest
+        return latest if latest is not None and latest > self.version else None
 
     def _load(self, version: int) -> None:
         """Load `version`, or a newer one if it was dropped from the transport meanwhile
@@ -516,7 +517,6 @@ class RolloutWorker:
                 self.actor_id, version, self.version, len(self._running),
             )  # fmt: skip
             self.version = version
-            self._pending_version = None
             self.stats.weight_loads += 1
             self.stats.weight_load_s += seconds
 

@@ -75,6 +75,16 @@ def behaviour_error(model: torch.nn.Module, group, tokens: slice = slice(None)) 
     return worst
 
 
+def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of `model` with every weight moved by N(0, 0.05²): a clearly different policy."""
+    changed = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return changed
+
+
 def store_at_version_0(buffer, redis_server, model) -> RedisWeightStore:
     """The buffer's weight store holding `model` as version 0."""
     store = RedisWeightStore(redis_server.client(), buffer.config.key_prefix)
@@ -139,11 +149,7 @@ def test_weights_loaded_mid_generation_split_versions_at_the_right_token(
 ) -> None:
     buffer = make_buffer(admission_control=False)
     store = store_at_version_0(buffer, redis_server, hf_model)
-    changed = copy.deepcopy(hf_model)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for parameter in changed.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed = perturbed(hf_model, seed=2)
     env = ArithmeticEnv(ArithmeticConfig())
     # 40 tokens per reply (sampling goes on past end-of-sequence): the switch after three
     # engine steps lands in the middle of every running sequence, although the engine
@@ -224,10 +230,7 @@ def test_a_slow_weight_fetch_runs_beside_generation_and_holds_admission(
 ) -> None:
     buffer = make_buffer(admission_control=False)
     store = store_at_version_0(buffer, redis_server, hf_model)
-    changed = copy.deepcopy(hf_model)
-    with torch.no_grad():
-        for parameter in changed.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed = perturbed(hf_model, seed=3)
     source = SlowLink(store)
     rollout = worker(
         vllm_engine, tokenizer, ArithmeticEnv(ArithmeticConfig()), buffer, source,
