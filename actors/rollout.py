@@ -482,8 +482,8 @@ class RolloutWorker:
         return latest if latest is not None and latest > self.version else None
 
     def _load(self, version: int) -> None:
-        """Load `version`, or a newer one if it was dropped from the transport meanwhile
-        (the learner keeps only the newest few). The scheduler stays paused throughout, so
+        """Load `version`, or the buffer's version if it was dropped from the transport
+        meanwhile (the learner keeps only the newest few). The scheduler stays paused throughout, so
         no step runs on a half-loaded model."""
         with paused_engine(self.llm):
             for _ in range(_LOAD_ATTEMPTS):
@@ -495,7 +495,7 @@ class RolloutWorker:
                     break
                 except WeightsUnavailable as error:
                     log.info("%s: %s; loading the latest instead", self.actor_id, error)
-                    version = self.weights.latest_version()
+                    version = self.buffer.version()  # never one the buffer has not reached
             else:
                 raise WeightsUnavailable(
                     f"{self.actor_id}: weights kept changing under {_LOAD_ATTEMPTS} loads"
